@@ -1,0 +1,76 @@
+//! `client-sync DIR`: sends DIR to a `server-sync`, once or on an interval.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use server_sync::client;
+
+/// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.
+///
+/// Without --once, syncs at start and then every --interval seconds until SIGINT/SIGTERM,
+/// retrying an unreachable server with back-off. Exit status with --once: 0 the server now
+/// mirrors DIR; 1 some entries failed (each is named on stderr); 2 usage or local error
+/// (DIR missing or not a directory); 3 the server cannot be reached.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Directory to mirror to the server
+    dir: PathBuf,
+    /// Server host name or address
+    #[arg(long, default_value = "localhost")]
+    server: String,
+    /// Server control port (the data port is learned from the server)
+    #[arg(long, default_value_t = 7101)]
+    port: u16,
+    /// Run one sync and exit with its status
+    #[arg(long)]
+    once: bool,
+    /// Seconds between syncs when not --once
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    interval: u64,
+    /// More log output (-v debug, -vv trace)
+    #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Less log output: warnings and errors only
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    server_sync::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
+    let cfg = client::Config {
+        root: args.dir,
+        server: args.server,
+        port: args.port,
+    };
+    if !args.once {
+        if let Err(e) = std::fs::read_dir(&cfg.root) {
+            eprintln!("client-sync: cannot read {}: {e}", cfg.root.display());
+            return ExitCode::from(2);
+        }
+        client::run(
+            &cfg,
+            Duration::from_secs(args.interval),
+            server_sync::shutdown_signal(),
+        )
+        .await;
+        return ExitCode::SUCCESS;
+    }
+    match client::sync_once(&cfg).await {
+        Ok(report) => {
+            for (path, why) in report.failures() {
+                eprintln!("client-sync: not synced: {path}: {why}");
+            }
+            tracing::info!("{}", report.summary_line());
+            ExitCode::from(if report.is_clean() { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("client-sync: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! `server-sync DIR`: keeps DIR an exact mirror of what `client-sync` sends.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use server_sync::server;
+
+/// Keep DIR an exact, verified mirror of the directory a `client-sync` sends.
+///
+/// Files the client does not have are deleted; files whose MD5 is already somewhere in DIR
+/// are copied locally instead of transferred. Prints `listening control=HOST:PORT
+/// data=HOST:PORT` once ready. Exit status: 0 after SIGINT/SIGTERM, 2 on a bad DIR or a
+/// port that cannot be bound.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Directory to keep in sync (created when missing)
+    dir: PathBuf,
+    /// Address to listen on
+    #[arg(long, default_value = "localhost")]
+    bind: String,
+    /// Control port (0: any free port)
+    #[arg(long, default_value_t = 7101)]
+    port: u16,
+    /// Data port for file contents (0: any free port)
+    #[arg(long, default_value_t = 7100)]
+    data_port: u16,
+    /// Drop a peer that sends nothing for this many seconds
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
+    /// Most connections served at once; more are refused
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_connections: u64,
+    /// More log output (-v debug, -vv trace)
+    #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Less log output: warnings and errors only
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    server_sync::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
+    match serve(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("server-sync: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let root = server::prepare_root(&args.dir)?;
+    let (control, data) = server::bind(&args.bind, args.port, args.data_port).await?;
+    println!(
+        "listening control={} data={}",
+        control.local_addr()?,
+        data.local_addr()?
+    );
+    std::io::stdout().flush()?;
+    let config = server::Config {
+        root: root.path().to_owned(),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        max_connections: args.max_connections as usize,
+    };
+    server::run(config, control, data, server_sync::shutdown_signal()).await?;
+    Ok(())
+}

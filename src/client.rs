@@ -1,0 +1,239 @@
+//! The client: lists its directory, sends the list to the server, answers its file requests,
+//! and repeats on an interval.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tracing::{error, info, warn};
+
+use crate::manifest::{Kind, RelPath};
+use crate::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
+use crate::root::Root;
+use crate::scan;
+use crate::transfer;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub root: PathBuf,
+    pub server: String,
+    pub port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot read {path}: {source}")]
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach server {addr}: {source}")]
+    Unreachable {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server refused the sync: {0}")]
+    Refused(String),
+    #[error("connection to the server failed: {0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+impl ClientError {
+    /// The documented exit status of `client-sync --once` for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::NotADirectory(_) | ClientError::ReadDir { .. } => 2,
+            ClientError::Unreachable { .. } => 3,
+            ClientError::Refused(_) | ClientError::Protocol(_) => 1,
+        }
+    }
+}
+
+/// The result of one sync.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// What the server did and which entries it could not bring up to date.
+    pub summary: Summary,
+    /// Entries this side could not read (not sent, and not deleted on the server).
+    pub unreadable: Vec<(String, String)>,
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// Every entry that is not mirrored after this sync, with the reason.
+    pub fn failures(&self) -> impl Iterator<Item = &(String, String)> {
+        self.unreadable.iter().chain(&self.summary.failed)
+    }
+
+    pub fn is_clean(&self) -> bool {
+        self.failures().next().is_none()
+    }
+
+    /// The one-line summary ending `client-sync --once`.
+    pub fn summary_line(&self) -> String {
+        let s = &self.summary;
+        format!(
+            "summary: requested={} copied={} renamed={} deleted={} failed={} bytes={} seconds={:.2}",
+            s.requested,
+            s.copied,
+            s.renamed,
+            s.deleted,
+            self.failures().count(),
+            s.bytes,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+/// Runs one complete sync.
+pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
+    let start = Instant::now();
+    let dir = cfg.root.clone();
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(ClientError::NotADirectory(dir)),
+        Err(source) => return Err(ClientError::ReadDir { path: dir, source }),
+    }
+    let scan = tokio::task::spawn_blocking(move || scan::scan(&dir))
+        .await
+        .expect("scan does not panic")
+        .map_err(|source| ClientError::ReadDir {
+            path: cfg.root.clone(),
+            source,
+        })?;
+    for w in &scan.warnings {
+        warn!("{w}");
+    }
+    let mut report = Report::default();
+    for (path, reason) in scan.unreadable() {
+        warn!("cannot read {path}, not syncing it: {reason}");
+        report
+            .unreadable
+            .push((path.to_string(), format!("cannot read: {reason}")));
+    }
+    let offered: HashSet<RelPath> = scan
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::File { .. }))
+        .map(|e| e.path.clone())
+        .collect();
+    let bytes: u64 = scan
+        .entries
+        .iter()
+        .map(|e| match e.kind {
+            Kind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum();
+
+    let addr = format!("{}:{}", cfg.server, cfg.port);
+    let unreachable = |source| ClientError::Unreachable {
+        addr: addr.clone(),
+        source,
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(unreachable)?;
+    let peer = stream.peer_addr().map_err(unreachable)?;
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut wr = BufWriter::new(wr);
+
+    protocol::write(&mut wr, &Message::Hello { version: VERSION }).await?;
+    wr.flush().await.map_err(ProtocolError::from)?;
+    let (data_port, token) = match next(&mut rd).await? {
+        Message::Welcome {
+            data_port, token, ..
+        } => (data_port, token),
+        Message::Error(e) => return Err(ClientError::Refused(e)),
+        m => return Err(m.unexpected("welcome").into()),
+    };
+
+    info!(
+        "Sending file list: {} entries, {bytes} bytes",
+        scan.entries.len()
+    );
+    for batch in scan.entries.chunks(BATCH) {
+        protocol::write(&mut wr, &Message::FileList(batch.to_vec())).await?;
+    }
+    protocol::write(&mut wr, &Message::FileListEnd).await?;
+    wr.flush().await.map_err(ProtocolError::from)?;
+    drop(scan);
+
+    let root = Root::new(&cfg.root);
+    loop {
+        match next(&mut rd).await? {
+            Message::FileRequest(paths) => {
+                let data = TcpStream::connect((peer.ip(), data_port))
+                    .await
+                    .map_err(ProtocolError::from)?;
+                transfer::send(data, &root, token, &paths, &offered).await?;
+            }
+            Message::SyncDone(summary) => {
+                report.summary = summary;
+                break;
+            }
+            Message::Error(e) => return Err(ClientError::Refused(e)),
+            m => return Err(m.unexpected("filerequest or sync:done").into()),
+        }
+    }
+    report.elapsed = start.elapsed();
+    info!("sync:done");
+    Ok(report)
+}
+
+/// The server may work for a long time (hashing its tree) before it answers: no idle limit
+/// here; a dead server shows as a closed connection.
+async fn next<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<Message, ProtocolError> {
+    protocol::read(rd).await?.ok_or(ProtocolError::Truncated)
+}
+
+/// Syncs now and then every `interval` until `shutdown` resolves. An unreachable server is
+/// retried with exponential back-off (1 s doubling, up to `interval`); nothing here exits.
+pub async fn run(cfg: &Config, interval: Duration, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let wait = tokio::select! {
+            _ = &mut shutdown => break,
+            r = sync_once(cfg) => match r {
+                Ok(report) => {
+                    backoff = Duration::from_secs(1);
+                    log_report(&report);
+                    interval
+                }
+                Err(e @ ClientError::Unreachable { .. }) => {
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(interval);
+                    warn!("{e}; retrying in {} s", wait.as_secs());
+                    wait
+                }
+                Err(e) => {
+                    error!("sync failed: {e}");
+                    interval
+                }
+            },
+        };
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    info!("client stopped");
+}
+
+/// Logs each failed entry and the summary line.
+pub fn log_report(report: &Report) {
+    for (path, why) in report.failures() {
+        warn!("not synced: {path}: {why}");
+    }
+    info!("{}", report.summary_line());
+}

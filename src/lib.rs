@@ -1,0 +1,59 @@
+//! server-sync: keeps a server directory an exact, verified mirror of a client directory.
+//!
+//! The binaries are thin: `server-sync` calls [`server::run`], `client-sync` calls
+//! [`client::sync_once`] or [`client::run`]. See ARCHITECTURE.md for the map.
+
+pub mod apply;
+pub mod client;
+pub mod manifest;
+pub mod plan;
+pub mod protocol;
+pub mod root;
+pub mod scan;
+pub mod server;
+pub mod transfer;
+
+/// Sets up logging to stdout, one line per event: time, level, message. `verbosity` is the
+/// number of `-v` minus the number of `-q`; `RUST_LOG`, when set, wins.
+pub fn init_logging(verbosity: i8) {
+    let level = match verbosity {
+        i8::MIN..=-1 => "warn",
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stdout)
+        .init();
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// A number no other session or temporary file in this process uses, and that another
+/// process is unlikely to guess. Not a secret: authentication is not this layer's job.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}

@@ -1,0 +1,350 @@
+//! The vocabulary both sides share: validated relative paths, entries, and a manifest of a tree.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Names starting with this prefix are the server's in-flight temporary files: never listed,
+/// never accepted from a peer, removed at start-up.
+pub const TEMP_PREFIX: &str = ".server-sync-tmp.";
+
+/// Longest relative path accepted from a peer, in bytes (Linux's PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("empty path")]
+    Empty,
+    #[error("path is longer than {MAX_PATH_LEN} bytes")]
+    TooLong,
+    #[error("absolute path {0:?}")]
+    Absolute(String),
+    #[error("path {0:?} contains a NUL byte")]
+    Nul(String),
+    #[error("path {0:?} has an empty, '.' or '..' component")]
+    BadComponent(String),
+    #[error("path {0:?} uses the reserved temporary-file prefix")]
+    Reserved(String),
+}
+
+/// A path relative to the synced directory, `/`-separated, that cannot escape it.
+///
+/// The only way to build one is [`RelPath::new`], which rejects absolute paths, `.`/`..` and
+/// empty components, NUL bytes and the temporary-file prefix; so every `RelPath` joined onto the
+/// root names something inside the root (symlinks aside: see `root::Root`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RelPath(String);
+
+impl RelPath {
+    pub fn new(s: impl Into<String>) -> Result<Self, PathError> {
+        let s = s.into();
+        if s.is_empty() {
+            return Err(PathError::Empty);
+        }
+        if s.len() > MAX_PATH_LEN {
+            return Err(PathError::TooLong);
+        }
+        if s.starts_with('/') {
+            return Err(PathError::Absolute(s));
+        }
+        if s.contains('\0') {
+            return Err(PathError::Nul(s));
+        }
+        for c in s.split('/') {
+            if c.is_empty() || c == "." || c == ".." {
+                return Err(PathError::BadComponent(s));
+            }
+            if c.starts_with(TEMP_PREFIX) {
+                return Err(PathError::Reserved(s));
+            }
+        }
+        Ok(RelPath(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The parent path, or `None` for a top-level entry.
+    pub fn parent(&self) -> Option<RelPath> {
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_owned()))
+    }
+
+    /// The last component.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+
+    pub fn join(&self, name: &str) -> Result<RelPath, PathError> {
+        RelPath::new(format!("{}/{}", self.0, name))
+    }
+
+    /// Number of components; deeper paths are deleted first and created last.
+    pub fn depth(&self) -> usize {
+        self.0.split('/').count()
+    }
+
+    /// True when `self` is `other` or lies below it.
+    pub fn is_within(&self, other: &RelPath) -> bool {
+        self.0 == other.0
+            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+    }
+
+    pub fn to_path(&self, root: &Path) -> PathBuf {
+        root.join(&self.0)
+    }
+
+    /// Ordering used for manifests: component-wise, so a directory sorts right before its
+    /// contents (`a`, `a/b`, `a b`), which keeps parents ahead of children in a sorted stream.
+    pub fn cmp_components(&self, other: &RelPath) -> std::cmp::Ordering {
+        self.0.split('/').cmp(other.0.split('/'))
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl PartialOrd for RelPath {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for RelPath {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.cmp_components(other)
+    }
+}
+
+/// An MD5 digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Md5(pub [u8; 16]);
+
+impl Md5 {
+    pub fn of(data: &[u8]) -> Md5 {
+        use md5::Digest;
+        Md5(md5::Md5::digest(data).into())
+    }
+}
+
+impl fmt::Display for Md5 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Md5 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Metadata mirrored along with content: permission bits and modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// Permission bits (`mode & 0o7777`).
+    pub mode: u32,
+    pub mtime_secs: i64,
+    pub mtime_nanos: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File {
+        size: u64,
+        md5: Md5,
+    },
+    Dir,
+    Symlink {
+        target: String,
+    },
+    /// Present on the sending side but could not be read (permissions, I/O error). The receiver
+    /// keeps whatever it has at this path and below: an unreadable file is no reason to delete.
+    Unreadable {
+        reason: String,
+    },
+}
+
+impl Kind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::File { .. } => "file",
+            Kind::Dir => "dir",
+            Kind::Symlink { .. } => "symlink",
+            Kind::Unreadable { .. } => "unreadable",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub path: RelPath,
+    pub kind: Kind,
+    pub meta: Meta,
+}
+
+impl Entry {
+    pub fn md5(&self) -> Option<Md5> {
+        match self.kind {
+            Kind::File { md5, .. } => Some(md5),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("path {0} is listed twice")]
+    Duplicate(RelPath),
+    #[error("path {0} is listed but its parent is not a directory in the list")]
+    Orphan(RelPath),
+    #[error("file list has more than {0} entries")]
+    TooMany(usize),
+}
+
+/// A whole tree's listing, keyed by path, checked to be a tree: no duplicates, and every
+/// entry's parent is a directory listed too. A peer cannot make the plan reason about a path
+/// whose parent is a file or missing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    entries: BTreeMap<RelPath, Entry>,
+}
+
+impl Manifest {
+    pub fn from_entries(entries: impl IntoIterator<Item = Entry>) -> Result<Self, ManifestError> {
+        let mut map = BTreeMap::new();
+        for e in entries {
+            if let Some(old) = map.insert(e.path.clone(), e) {
+                return Err(ManifestError::Duplicate(old.path));
+            }
+        }
+        for e in map.values() {
+            if let Some(parent) = e.path.parent() {
+                match map.get(&parent) {
+                    Some(Entry {
+                        kind: Kind::Dir, ..
+                    }) => {}
+                    _ => return Err(ManifestError::Orphan(e.path.clone())),
+                }
+            }
+        }
+        Ok(Manifest { entries: map })
+    }
+
+    pub fn get(&self, path: &RelPath) -> Option<&Entry> {
+        self.entries.get(path)
+    }
+
+    /// Entries in component order: every directory before its contents.
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total bytes of regular files.
+    pub fn file_bytes(&self) -> u64 {
+        self.iter()
+            .map(|e| match e.kind {
+                Kind::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, ok: bool) {
+        assert_eq!(RelPath::new(input).is_ok(), ok, "{input:?}");
+    }
+
+    #[test]
+    fn rel_path_validation() {
+        check("a", true);
+        check("a/b c/ü.txt", true);
+        check("a\\b", true);
+        check("..a", true);
+        check("", false);
+        check("/etc/passwd", false);
+        check("a/../b", false);
+        check("..", false);
+        check("./a", false);
+        check("a//b", false);
+        check("a/", false);
+        check("a\0b", false);
+        check(".server-sync-tmp.x", false);
+        check("d/.server-sync-tmp.x", false);
+        check(&"x".repeat(MAX_PATH_LEN + 1), false);
+    }
+
+    #[test]
+    fn component_order_puts_parents_first() {
+        let mut v: Vec<RelPath> = ["a b", "a/b", "a", "a.txt", "a/b/c"]
+            .into_iter()
+            .map(|s| RelPath::new(s).unwrap())
+            .collect();
+        v.sort();
+        let got: Vec<&str> = v.iter().map(|p| p.as_str()).collect();
+        assert_eq!(got, ["a", "a/b", "a/b/c", "a b", "a.txt"]);
+    }
+
+    #[test]
+    fn within() {
+        let p = |s| RelPath::new(s).unwrap();
+        assert!(p("a/b").is_within(&p("a")));
+        assert!(p("a").is_within(&p("a")));
+        assert!(!p("ab").is_within(&p("a")));
+        assert!(!p("a").is_within(&p("a/b")));
+    }
+
+    #[test]
+    fn manifest_must_be_a_tree() {
+        let dir = |s: &str| Entry {
+            path: RelPath::new(s).unwrap(),
+            kind: Kind::Dir,
+            meta: Meta::default(),
+        };
+        let file = |s: &str| Entry {
+            path: RelPath::new(s).unwrap(),
+            kind: Kind::File {
+                size: 0,
+                md5: Md5::of(b""),
+            },
+            meta: Meta::default(),
+        };
+        assert!(Manifest::from_entries([dir("a"), file("a/b")]).is_ok());
+        assert_eq!(
+            Manifest::from_entries([file("a/b")]),
+            Err(ManifestError::Orphan(RelPath::new("a/b").unwrap()))
+        );
+        assert_eq!(
+            Manifest::from_entries([file("a"), file("a/b")]),
+            Err(ManifestError::Orphan(RelPath::new("a/b").unwrap()))
+        );
+        assert_eq!(
+            Manifest::from_entries([file("a"), file("a")]),
+            Err(ManifestError::Duplicate(RelPath::new("a").unwrap()))
+        );
+    }
+}

@@ -1,0 +1,398 @@
+//! Decides what the server must do to mirror the client: two manifests in, actions out, no I/O.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+
+use crate::manifest::{Entry, Kind, Manifest, Md5, Meta, RelPath};
+
+/// A file whose content the server already holds under another path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalCopy {
+    pub src: RelPath,
+    pub dst: RelPath,
+    pub size: u64,
+    pub md5: Md5,
+    pub meta: Meta,
+    /// The source was going to be deleted: move it instead of copying it.
+    pub is_move: bool,
+}
+
+/// A file the server must ask the client for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub path: RelPath,
+    pub size: u64,
+    pub md5: Md5,
+    pub meta: Meta,
+}
+
+/// The actions, grouped by the phase that runs them. The executor runs the phases in this
+/// order, which is what makes every case safe:
+/// 1. `copies`: read every local source into a staging area (copies before moves) before
+///    anything is deleted or overwritten, so a source may be due for deletion, or be
+///    another copy's target (a swap), and still be read intact;
+/// 2. `deletes`, deepest first: what the client lacks, and whatever stands where the client
+///    has an entry of another kind;
+/// 3. `mkdirs`, shallowest first;
+/// 4. staged copies are renamed into place, `symlinks` created or replaced;
+/// 5. `requests` are fetched from the client;
+/// 6. `file_meta` for entries whose content was already right, then `dir_meta` deepest
+///    first, last because every change inside a directory moves its mtime.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub copies: Vec<LocalCopy>,
+    pub deletes: Vec<RelPath>,
+    pub mkdirs: Vec<RelPath>,
+    pub symlinks: Vec<(RelPath, String)>,
+    pub requests: Vec<Request>,
+    pub file_meta: Vec<(RelPath, Meta)>,
+    pub dir_meta: Vec<(RelPath, Meta)>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        *self == Plan::default()
+    }
+}
+
+/// Which entries can stand in for each other at one path without deleting first.
+fn same_category(a: &Kind, b: &Kind) -> bool {
+    matches!(
+        (a, b),
+        (Kind::File { .. }, Kind::File { .. })
+            | (Kind::Dir, Kind::Dir)
+            | (Kind::Symlink { .. }, Kind::Symlink { .. })
+    )
+}
+
+pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
+    let mut p = Plan::default();
+
+    // What the client could not read keeps whatever the server has there, and below it.
+    let protected: Vec<&RelPath> = client
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Unreadable { .. }))
+        .map(|e| &e.path)
+        .collect();
+    let is_protected = |path: &RelPath| protected.iter().any(|q| path.is_within(q));
+
+    let mut deletes: BTreeSet<RelPath> = server
+        .iter()
+        .filter(|s| !is_protected(&s.path))
+        .filter(|s| match client.get(&s.path) {
+            None => true,
+            Some(c) => !same_category(&c.kind, &s.kind),
+        })
+        .map(|s| s.path.clone())
+        .collect();
+
+    // Directories whose listing changes: their mtime must be put back at the end.
+    let mut touched: BTreeSet<RelPath> = deletes.iter().filter_map(RelPath::parent).collect();
+    let mut needs_content: Vec<&Entry> = Vec::new();
+
+    for c in client.iter() {
+        let s = server
+            .get(&c.path)
+            .filter(|s| same_category(&s.kind, &c.kind));
+        let meta_differs = s.is_some_and(|s| s.meta != c.meta);
+        match &c.kind {
+            Kind::Unreadable { .. } => continue,
+            Kind::Dir => {
+                if s.is_none() {
+                    p.mkdirs.push(c.path.clone());
+                    touched.insert(c.path.clone());
+                } else if meta_differs {
+                    touched.insert(c.path.clone());
+                }
+                continue;
+            }
+            Kind::Symlink { target } => match s.map(|s| &s.kind) {
+                Some(Kind::Symlink { target: t }) if t == target => {
+                    // Permission bits mean nothing on a Linux symlink: only its mtime.
+                    if s.is_some_and(|s| {
+                        (s.meta.mtime_secs, s.meta.mtime_nanos)
+                            != (c.meta.mtime_secs, c.meta.mtime_nanos)
+                    }) {
+                        p.file_meta.push((c.path.clone(), c.meta));
+                    }
+                    continue;
+                }
+                _ => {
+                    p.symlinks.push((c.path.clone(), target.clone()));
+                    p.file_meta.push((c.path.clone(), c.meta));
+                }
+            },
+            Kind::File { .. } => {
+                if s.is_some_and(|s| s.kind == c.kind) {
+                    if meta_differs {
+                        p.file_meta.push((c.path.clone(), c.meta));
+                    }
+                    continue;
+                }
+                needs_content.push(c);
+            }
+        }
+        if let Some(parent) = c.path.parent() {
+            touched.insert(parent);
+        }
+    }
+
+    // Content the server already has, by MD5: sources sorted so the choice is deterministic,
+    // and a source due for deletion preferred (it can be moved rather than copied).
+    let mut by_md5: HashMap<Md5, Vec<&RelPath>> = HashMap::new();
+    for s in server.iter() {
+        if let Some(md5) = s.md5() {
+            by_md5.entry(md5).or_default().push(&s.path);
+        }
+    }
+    let mut moves: HashMap<&RelPath, usize> = HashMap::new();
+    for c in needs_content {
+        let Kind::File { size, md5 } = c.kind else {
+            unreachable!("only files need content")
+        };
+        match by_md5.get(&md5) {
+            Some(sources) => {
+                let src = sources
+                    .iter()
+                    .find(|s| deletes.contains(**s))
+                    .unwrap_or(&sources[0]);
+                if deletes.contains(*src) {
+                    moves.insert(src, p.copies.len());
+                }
+                p.copies.push(LocalCopy {
+                    src: (*src).clone(),
+                    dst: c.path.clone(),
+                    size,
+                    md5,
+                    meta: c.meta,
+                    is_move: false,
+                });
+            }
+            None => p.requests.push(Request {
+                path: c.path.clone(),
+                size,
+                md5,
+                meta: c.meta,
+            }),
+        }
+    }
+    // The last use of a source due for deletion takes it: a move instead of copy + delete.
+    for (src, i) in moves {
+        p.copies[i].is_move = true;
+        deletes.remove(src);
+    }
+    p.copies
+        .sort_by(|a, b| (a.is_move, &a.dst).cmp(&(b.is_move, &b.dst)));
+
+    p.deletes = deletes.into_iter().rev().collect();
+    p.dir_meta = client
+        .iter()
+        .filter(|c| c.kind == Kind::Dir && touched.contains(&c.path))
+        .map(|c| (c.path.clone(), c.meta))
+        .collect();
+    p.dir_meta.reverse();
+    p
+}
+
+impl fmt::Display for Plan {
+    /// One line per action, in execution order: the form the table tests compare.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.copies {
+            let verb = if c.is_move { "move" } else { "copy" };
+            writeln!(f, "{verb} {} -> {}", c.src, c.dst)?;
+        }
+        for d in &self.deletes {
+            writeln!(f, "delete {d}")?;
+        }
+        for d in &self.mkdirs {
+            writeln!(f, "mkdir {d}")?;
+        }
+        for (l, t) in &self.symlinks {
+            writeln!(f, "symlink {l} -> {t}")?;
+        }
+        for r in &self.requests {
+            writeln!(f, "request {}", r.path)?;
+        }
+        for (path, m) in &self.file_meta {
+            writeln!(f, "meta {path} {:o} {}", m.mode, m.mtime_secs)?;
+        }
+        for (path, m) in &self.dir_meta {
+            writeln!(f, "dirmeta {path} {:o} {}", m.mode, m.mtime_secs)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses a compact tree: entries separated by `;`, each `f PATH CONTENT`, `d PATH`,
+    /// `l PATH TARGET` or `u PATH`, optionally followed by `m=MODE` (octal) and `t=MTIME`.
+    /// Defaults: files 644, dirs 755, mtime 0.
+    fn tree(spec: &str) -> Manifest {
+        let entries = spec
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|item| {
+                let mut words: Vec<&str> = item.split_whitespace().collect();
+                let mut meta = Meta {
+                    mode: if words[0] == "d" { 0o755 } else { 0o644 },
+                    ..Meta::default()
+                };
+                words.retain(|w| {
+                    if let Some(m) = w.strip_prefix("m=") {
+                        meta.mode = u32::from_str_radix(m, 8).unwrap();
+                    } else if let Some(t) = w.strip_prefix("t=") {
+                        meta.mtime_secs = t.parse().unwrap();
+                    } else {
+                        return true;
+                    }
+                    false
+                });
+                let kind = match words[0] {
+                    "f" => {
+                        let content = words.get(2).copied().unwrap_or("");
+                        Kind::File {
+                            size: content.len() as u64,
+                            md5: Md5::of(content.as_bytes()),
+                        }
+                    }
+                    "d" => Kind::Dir,
+                    "l" => Kind::Symlink {
+                        target: words[2].into(),
+                    },
+                    "u" => Kind::Unreadable {
+                        reason: "denied".into(),
+                    },
+                    k => panic!("unknown kind {k}"),
+                };
+                Entry {
+                    path: RelPath::new(words[1]).unwrap(),
+                    kind,
+                    meta,
+                }
+            });
+        Manifest::from_entries(entries).unwrap()
+    }
+
+    fn check(client: &str, server: &str, expected: &str) {
+        let got = plan(&tree(client), &tree(server)).to_string();
+        let want: String = expected
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(got, want, "\nclient: {client}\nserver: {server}");
+    }
+
+    #[test]
+    fn seed_cases() {
+        // 001 add, 002 delete, 003 rename, 004 modify, 005 duplicate MD5.
+        check("f a.txt x", "", "request a.txt");
+        check("", "f a.txt x", "delete a.txt");
+        check("f b.txt x", "f a.txt x", "move a.txt -> b.txt");
+        check("f a.txt y", "f a.txt x", "request a.txt");
+        check("f a x; f b x", "f a x", "copy a -> b");
+        // 006 a file added on the server goes; 007 one deleted there comes back.
+        check("f a x", "f a x; f extra y", "delete extra");
+        check("f a x; f b y", "f a x", "request b");
+    }
+
+    #[test]
+    fn nothing_to_do() {
+        check("", "", "");
+        check("d d; f d/a x; l s d/a", "d d; f d/a x; l s d/a", "");
+    }
+
+    #[test]
+    fn directories() {
+        check(
+            "d a; d a/b; f a/b/c x",
+            "",
+            "mkdir a; mkdir a/b; request a/b/c; dirmeta a/b 755 0; dirmeta a 755 0",
+        );
+        check(
+            "",
+            "d a; d a/b; f a/b/c x",
+            "delete a/b/c; delete a/b; delete a",
+        );
+        check("d e", "", "mkdir e; dirmeta e 755 0");
+        check("d e m=700 t=9", "d e", "dirmeta e 700 9");
+    }
+
+    #[test]
+    fn rename_across_directories() {
+        check(
+            "d a; d b; f b/f x",
+            "d a; d b; f a/f x",
+            "move a/f -> b/f; dirmeta b 755 0; dirmeta a 755 0",
+        );
+    }
+
+    #[test]
+    fn duplicate_md5() {
+        // Several targets, one source due for deletion: copy all but the last, which moves it.
+        check("f b x; f c x", "f a x", "copy a -> b; move a -> c");
+        // A source that stays is copied, even if another candidate is kept too.
+        check("f a x; f c x; f d x", "f a x; f c x", "copy a -> d");
+        // The source may be a file being overwritten: staging reads it before.
+        check("f a y; f b x", "f a x", "copy a -> b; request a");
+        // A swap: both are read before either is replaced.
+        check("f a y; f b x", "f a x; f b y", "copy b -> a; copy a -> b");
+        // Empty files are content too.
+        check("f e1; f e2", "f e1", "copy e1 -> e2");
+    }
+
+    #[test]
+    fn kind_changes_delete_first() {
+        check(
+            "d a; f a/x 1",
+            "f a 0",
+            "delete a; mkdir a; request a/x; dirmeta a 755 0",
+        );
+        check("f a 0", "d a; f a/x 1", "delete a/x; delete a; request a");
+        check("l a t", "f a 0", "delete a; symlink a -> t; meta a 644 0");
+        check("f a 0", "l a t", "delete a; request a");
+        check("l a new", "l a old", "symlink a -> new; meta a 644 0");
+    }
+
+    #[test]
+    fn server_symlink_where_client_has_a_directory() {
+        // The escape case: the link is replaced by a real directory before anything is written.
+        check(
+            "d link; f link/x 1",
+            "l link /elsewhere",
+            "delete link; mkdir link; request link/x; dirmeta link 755 0",
+        );
+    }
+
+    #[test]
+    fn metadata_only() {
+        check("f a x m=600", "f a x", "meta a 600 0");
+        check("f a x t=7", "f a x", "meta a 644 7");
+        check("l s t t=7", "l s t", "meta s 644 7");
+        check("l s t m=777", "l s t", "");
+        check("d d m=700; f d/a x", "d d; f d/a x", "dirmeta d 700 0");
+    }
+
+    #[test]
+    fn unreadable_on_client_keeps_server_copy() {
+        check("u a", "f a x", "");
+        check("u d", "d d; f d/a x; d d/e", "");
+        check(
+            "d d; u d/a",
+            "d d; f d/a x; f d/b y",
+            "delete d/b; dirmeta d 755 0",
+        );
+        check("u a", "", "");
+    }
+
+    #[test]
+    fn unreadable_on_server_is_replaced() {
+        check("f a x", "u a", "delete a; request a");
+        check("", "u a", "delete a");
+    }
+}

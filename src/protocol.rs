@@ -1,0 +1,639 @@
+//! Wire format: the messages of the control and data connections and their byte layout.
+//!
+//! Every message travels in one frame: a big-endian `u32` length, then that many bytes, the
+//! first of which is the message tag. Integers are big-endian; strings and byte strings are a
+//! `u32` length followed by the bytes; lists are a `u32` count followed by the items. This is
+//! the only module that knows that layout.
+//!
+//! Control connection (port 7101 by default), client → server unless noted:
+//! `Hello` · server: `Welcome` (or `Error`) · `FileList`* · `FileListEnd` ·
+//! server: (`FileRequest`)* `SyncDone`. For every `FileRequest` the client opens a data
+//! connection (port 7100 by default) and sends `DataHello` then, per requested file,
+//! `FileBegin`, `Chunk`*, then `FileEnd` or `FileAbort`; then it closes the data connection.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::manifest::{Entry, Kind, Md5, Meta, PathError, RelPath};
+
+/// Bumped on any incompatible change; the server refuses other versions in its `Welcome`.
+pub const VERSION: u32 = 1;
+/// Opens every `Hello` and `DataHello`, so a stray connection is recognised at its first bytes.
+pub const MAGIC: [u8; 4] = *b"SSYN";
+/// Largest frame accepted. File lists and requests are sent in batches well below it, and
+/// file data in chunks of [`CHUNK_SIZE`].
+pub const MAX_FRAME: usize = 1 << 20;
+/// File data per `Chunk` frame: memory per transfer stays bounded whatever the file size.
+pub const CHUNK_SIZE: usize = 256 << 10;
+/// Entries per `FileList` frame and paths per `FileRequest` frame.
+pub const BATCH: usize = 512;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello {
+        version: u32,
+    },
+    Welcome {
+        version: u32,
+        data_port: u16,
+        token: u64,
+    },
+    FileList(Vec<Entry>),
+    FileListEnd,
+    FileRequest(Vec<RelPath>),
+    SyncDone(Summary),
+    Error(String),
+    DataHello {
+        token: u64,
+    },
+    FileBegin {
+        path: RelPath,
+    },
+    Chunk(Vec<u8>),
+    FileEnd,
+    FileAbort {
+        reason: String,
+    },
+}
+
+/// What a session did, sent with `SyncDone` so the client can report it and pick its exit code.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub requested: u64,
+    pub received: u64,
+    pub copied: u64,
+    pub renamed: u64,
+    pub deleted: u64,
+    pub bytes: u64,
+    /// Entries the server could not bring up to date, with the reason; retried next cycle.
+    pub failed: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    Oversized(usize),
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+    #[error("malformed {0} message")]
+    Malformed(&'static str),
+    #[error("not a server-sync peer (bad magic)")]
+    BadMagic,
+    #[error("invalid path in message: {0}")]
+    Path(#[from] PathError),
+    #[error("invalid UTF-8 in {0}")]
+    Utf8(&'static str),
+    #[error("peer went silent for {0} s")]
+    Idle(u64),
+    #[error("unexpected {got} message, expected {expected}")]
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+    },
+    #[error("peer sent {0}, which was not requested")]
+    Unrequested(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::FileList(_) => "filelist",
+            Message::FileListEnd => "filelist-end",
+            Message::FileRequest(_) => "filerequest",
+            Message::SyncDone(_) => "sync:done",
+            Message::Error(_) => "error",
+            Message::DataHello { .. } => "data-hello",
+            Message::FileBegin { .. } => "file-begin",
+            Message::Chunk(_) => "chunk",
+            Message::FileEnd => "file-end",
+            Message::FileAbort { .. } => "file-abort",
+        }
+    }
+
+    /// An `Unexpected` error for this message in a place that wanted `expected`.
+    pub fn unexpected(&self, expected: &'static str) -> ProtocolError {
+        ProtocolError::Unexpected {
+            got: self.name(),
+            expected,
+        }
+    }
+
+    /// Appends the whole frame (length prefix included) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let mut w = Writer(out);
+        match self {
+            Message::Hello { version } => {
+                w.u8(1);
+                w.bytes_raw(&MAGIC);
+                w.u32(*version);
+            }
+            Message::Welcome {
+                version,
+                data_port,
+                token,
+            } => {
+                w.u8(2);
+                w.u32(*version);
+                w.u16(*data_port);
+                w.u64(*token);
+            }
+            Message::FileList(entries) => {
+                w.u8(3);
+                w.u32(entries.len() as u32);
+                for e in entries {
+                    w.entry(e);
+                }
+            }
+            Message::FileListEnd => w.u8(4),
+            Message::FileRequest(paths) => {
+                w.u8(5);
+                w.u32(paths.len() as u32);
+                for p in paths {
+                    w.str(p.as_str());
+                }
+            }
+            Message::SyncDone(s) => {
+                w.u8(6);
+                for n in [
+                    s.requested,
+                    s.received,
+                    s.copied,
+                    s.renamed,
+                    s.deleted,
+                    s.bytes,
+                ] {
+                    w.u64(n);
+                }
+                w.u32(s.failed.len() as u32);
+                for (path, why) in &s.failed {
+                    w.str(path);
+                    w.str(why);
+                }
+            }
+            Message::Error(msg) => {
+                w.u8(7);
+                w.str(msg);
+            }
+            Message::DataHello { token } => {
+                w.u8(8);
+                w.bytes_raw(&MAGIC);
+                w.u64(*token);
+            }
+            Message::FileBegin { path } => {
+                w.u8(9);
+                w.str(path.as_str());
+            }
+            Message::Chunk(data) => {
+                w.u8(10);
+                w.bytes(data);
+            }
+            Message::FileEnd => w.u8(11),
+            Message::FileAbort { reason } => {
+                w.u8(12);
+                w.str(reason);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Decodes one frame's body (without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
+        let (&tag, rest) = body.split_first().ok_or(ProtocolError::Empty)?;
+        let mut r = Reader { buf: rest };
+        let msg = match tag {
+            1 => {
+                r.magic()?;
+                Message::Hello { version: r.u32()? }
+            }
+            2 => Message::Welcome {
+                version: r.u32()?,
+                data_port: r.u16()?,
+                token: r.u64()?,
+            },
+            3 => {
+                let n = r.count(MIN_ENTRY_LEN)?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(r.entry()?);
+                }
+                Message::FileList(entries)
+            }
+            4 => Message::FileListEnd,
+            5 => {
+                let n = r.count(4)?;
+                let mut paths = Vec::with_capacity(n);
+                for _ in 0..n {
+                    paths.push(RelPath::new(r.str("path")?)?);
+                }
+                Message::FileRequest(paths)
+            }
+            6 => {
+                let mut s = Summary {
+                    requested: r.u64()?,
+                    received: r.u64()?,
+                    copied: r.u64()?,
+                    renamed: r.u64()?,
+                    deleted: r.u64()?,
+                    bytes: r.u64()?,
+                    failed: Vec::new(),
+                };
+                let n = r.count(8)?;
+                for _ in 0..n {
+                    s.failed.push((r.str("failure")?, r.str("failure")?));
+                }
+                Message::SyncDone(s)
+            }
+            7 => Message::Error(r.str("error")?),
+            8 => {
+                r.magic()?;
+                Message::DataHello { token: r.u64()? }
+            }
+            9 => Message::FileBegin {
+                path: RelPath::new(r.str("path")?)?,
+            },
+            10 => Message::Chunk(r.bytes()?.to_vec()),
+            11 => Message::FileEnd,
+            12 => Message::FileAbort {
+                reason: r.str("abort reason")?,
+            },
+            t => return Err(ProtocolError::UnknownTag(t)),
+        };
+        if !r.buf.is_empty() {
+            return Err(ProtocolError::Malformed(msg.name()));
+        }
+        Ok(msg)
+    }
+}
+
+// Smallest encoding of an entry: path length, kind tag, mode, mtime; bounds a peer-announced
+// count by the bytes actually present, so a forged count cannot make us allocate.
+const MIN_ENTRY_LEN: usize = 4 + 1 + 4 + 8 + 4;
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn bytes_raw(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+    fn entry(&mut self, e: &Entry) {
+        self.str(e.path.as_str());
+        match &e.kind {
+            Kind::File { size, md5 } => {
+                self.u8(1);
+                self.u64(*size);
+                self.bytes_raw(&md5.0);
+            }
+            Kind::Dir => self.u8(2),
+            Kind::Symlink { target } => {
+                self.u8(3);
+                self.str(target);
+            }
+            Kind::Unreadable { reason } => {
+                self.u8(4);
+                self.str(reason);
+            }
+        }
+        self.u32(e.meta.mode);
+        self.u64(e.meta.mtime_secs as u64);
+        self.u32(e.meta.mtime_nanos);
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.buf.len() < n {
+            return Err(ProtocolError::Malformed("short"));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn magic(&mut self) -> Result<(), ProtocolError> {
+        if self.take(4).map_err(|_| ProtocolError::BadMagic)? != MAGIC {
+            return Err(ProtocolError::BadMagic);
+        }
+        Ok(())
+    }
+    /// A list count, checked against the bytes left so that it cannot force a huge allocation.
+    fn count(&mut self, min_item: usize) -> Result<usize, ProtocolError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item) > self.buf.len() {
+            return Err(ProtocolError::Malformed("list count"));
+        }
+        Ok(n)
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], ProtocolError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn str(&mut self, what: &'static str) -> Result<String, ProtocolError> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| ProtocolError::Utf8(what))
+    }
+    fn entry(&mut self) -> Result<Entry, ProtocolError> {
+        let path = RelPath::new(self.str("path")?)?;
+        let kind = match self.u8()? {
+            1 => Kind::File {
+                size: self.u64()?,
+                md5: Md5(self.take(16)?.try_into().unwrap()),
+            },
+            2 => Kind::Dir,
+            3 => Kind::Symlink {
+                target: self.str("symlink target")?,
+            },
+            4 => Kind::Unreadable {
+                reason: self.str("reason")?,
+            },
+            _ => return Err(ProtocolError::Malformed("entry kind")),
+        };
+        let meta = Meta {
+            mode: self.u32()? & 0o7777,
+            mtime_secs: self.u64()? as i64,
+            mtime_nanos: self.u32()?,
+        };
+        if meta.mtime_nanos >= 1_000_000_000 {
+            return Err(ProtocolError::Malformed("entry mtime"));
+        }
+        Ok(Entry { path, kind, meta })
+    }
+}
+
+/// Reads one message; `Ok(None)` on a clean end of stream between frames.
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, ProtocolError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut len[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(ProtocolError::Truncated)
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::Oversized(len));
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+        _ => ProtocolError::Io(e),
+    })?;
+    Message::decode(&body).map(Some)
+}
+
+/// Like [`read`], but gives up when the peer sends nothing for `idle`, and treats the end of
+/// the stream as an error: callers use it where a message is due.
+pub async fn read_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    idle: std::time::Duration,
+) -> Result<Message, ProtocolError> {
+    match tokio::time::timeout(idle, read(r)).await {
+        Err(_) => Err(ProtocolError::Idle(idle.as_secs())),
+        Ok(Ok(None)) => Err(ProtocolError::Truncated),
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<(), ProtocolError> {
+    let mut buf = Vec::new();
+    msg.encode(&mut buf);
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Writes a `Chunk` frame straight from `data`, sparing the copy that building a
+/// `Message::Chunk` would make on the hot path.
+pub async fn write_chunk<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+) -> Result<(), ProtocolError> {
+    debug_assert!(data.len() <= CHUNK_SIZE);
+    let mut head = [0u8; 9];
+    head[..4].copy_from_slice(&(data.len() as u32 + 5).to_be_bytes());
+    head[4] = 10;
+    head[5..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+    w.write_all(&head).await?;
+    w.write_all(data).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn round_trip(m: Message) {
+        let mut buf = Vec::new();
+        m.encode(&mut buf);
+        assert_eq!(
+            u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize,
+            buf.len() - 4
+        );
+        assert_eq!(Message::decode(&buf[4..]).unwrap(), m);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let meta = Meta {
+            mode: 0o754,
+            mtime_secs: -5,
+            mtime_nanos: 999_999_999,
+        };
+        let entries = vec![
+            Entry {
+                path: p("d"),
+                kind: Kind::Dir,
+                meta,
+            },
+            Entry {
+                path: p("d/ü x.txt"),
+                kind: Kind::File {
+                    size: 12,
+                    md5: Md5::of(b"hello world\n"),
+                },
+                meta,
+            },
+            Entry {
+                path: p("l"),
+                kind: Kind::Symlink {
+                    target: "../x".into(),
+                },
+                meta,
+            },
+            Entry {
+                path: p("u"),
+                kind: Kind::Unreadable {
+                    reason: "permission denied".into(),
+                },
+                meta,
+            },
+        ];
+        for m in [
+            Message::Hello { version: VERSION },
+            Message::Welcome {
+                version: 1,
+                data_port: 7100,
+                token: u64::MAX,
+            },
+            Message::FileList(entries),
+            Message::FileList(vec![]),
+            Message::FileListEnd,
+            Message::FileRequest(vec![p("a"), p("b/c")]),
+            Message::SyncDone(Summary {
+                requested: 1,
+                received: 2,
+                copied: 3,
+                renamed: 4,
+                deleted: 5,
+                bytes: 6,
+                failed: vec![("a".into(), "md5 mismatch".into())],
+            }),
+            Message::Error("nope".into()),
+            Message::DataHello { token: 42 },
+            Message::FileBegin { path: p("x") },
+            Message::Chunk(vec![1, 2, 3]),
+            Message::FileEnd,
+            Message::FileAbort {
+                reason: "gone".into(),
+            },
+        ] {
+            round_trip(m);
+        }
+    }
+
+    fn decode_err(body: &[u8]) -> String {
+        Message::decode(body).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn hostile_bodies_are_refused() {
+        let path_frame = |tag: u8, s: &[u8]| {
+            let mut b = vec![tag];
+            b.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            b.extend_from_slice(s);
+            b
+        };
+        for (body, want) in [
+            (vec![], "empty frame"),
+            (vec![99], "unknown message tag 99"),
+            (vec![1, b'X', b'X', b'X', b'X', 0, 0, 0, 1], "bad magic"),
+            (path_frame(9, b"../etc/passwd"), "'..' component"),
+            (path_frame(9, b"/etc/passwd"), "absolute path"),
+            (path_frame(9, b"a\0b"), "NUL"),
+            (path_frame(9, b""), "empty path"),
+            (path_frame(9, &[0xff, 0xfe]), "invalid UTF-8"),
+            (vec![9, 0, 0, 0, 9, b'a'], "malformed"),
+            // A forged count must not be believed: 4 billion entries in 5 bytes.
+            (vec![3, 0xff, 0xff, 0xff, 0xff, 0], "list count"),
+            (vec![4, 0], "malformed filelist-end"),
+        ] {
+            let err = decode_err(&body);
+            assert!(err.contains(want), "{body:?}: {err:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn request_with_escaping_path_is_refused() {
+        let mut body = vec![5, 0, 0, 0, 2];
+        for s in ["ok", "a/../../x"] {
+            body.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            body.extend_from_slice(s.as_bytes());
+        }
+        assert!(decode_err(&body).contains("'..' component"));
+    }
+
+    #[tokio::test]
+    async fn framing_handles_truncation_and_size_limit() {
+        let mut buf = Vec::new();
+        Message::FileEnd.encode(&mut buf);
+        Message::Chunk(vec![7; 10]).encode(&mut buf);
+        let mut r = &buf[..];
+        assert_eq!(read(&mut r).await.unwrap(), Some(Message::FileEnd));
+        assert_eq!(
+            read(&mut r).await.unwrap(),
+            Some(Message::Chunk(vec![7; 10]))
+        );
+        assert_eq!(read(&mut r).await.unwrap(), None);
+
+        let mut fast = Vec::new();
+        write_chunk(&mut fast, &[7; 10]).await.unwrap();
+        let mut slow = Vec::new();
+        Message::Chunk(vec![7; 10]).encode(&mut slow);
+        assert_eq!(fast, slow);
+
+        let cut = &buf[..buf.len() - 1];
+        let mut r = &cut[5..];
+        assert!(matches!(read(&mut r).await, Err(ProtocolError::Truncated)));
+        let mut r = &buf[..2];
+        assert!(matches!(read(&mut r).await, Err(ProtocolError::Truncated)));
+
+        let big = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        let mut r = &big[..];
+        assert!(matches!(
+            read(&mut r).await,
+            Err(ProtocolError::Oversized(n)) if n == MAX_FRAME + 1
+        ));
+    }
+
+    #[tokio::test]
+    async fn silent_peer_times_out() {
+        let (mut a, _b) = tokio::io::duplex(64);
+        let err = read_within(&mut a, std::time::Duration::from_millis(20))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProtocolError::Idle(_)));
+    }
+}

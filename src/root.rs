@@ -1,0 +1,331 @@
+//! The synced directory as a write target: every change to it goes through [`Root`], which
+//! refuses to act through a symlink and writes content only via verified temporary files.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use crate::manifest::{Meta, RelPath, TEMP_PREFIX};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    #[error(
+        "{path}: parent {ancestor} is a symlink or not a directory; refusing to write through it"
+    )]
+    UnsafeParent { path: RelPath, ancestor: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl RootError {
+    fn io(path: impl ToString, source: io::Error) -> Self {
+        RootError::Io {
+            path: path.to_string(),
+            source,
+        }
+    }
+}
+
+/// A directory that writes are confined to.
+#[derive(Clone, Debug)]
+pub struct Root {
+    dir: PathBuf,
+}
+
+impl Root {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Root { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The absolute path of `rel`, after checking that every ancestor of it below the root is a
+    /// real directory. Checking with `lstat` component by component is what stops a server-side
+    /// `link -> /elsewhere` from turning a write to `link/x` into a write to `/elsewhere/x`.
+    pub fn resolve(&self, rel: &RelPath) -> Result<PathBuf, RootError> {
+        let mut cur = self.dir.clone();
+        let comps: Vec<&str> = rel.as_str().split('/').collect();
+        for (i, c) in comps[..comps.len() - 1].iter().enumerate() {
+            cur.push(c);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(_) => {
+                    return Err(RootError::UnsafeParent {
+                        path: rel.clone(),
+                        ancestor: comps[..=i].join("/"),
+                    });
+                }
+                Err(e) => return Err(RootError::io(rel, e)),
+            }
+        }
+        cur.push(comps[comps.len() - 1]);
+        Ok(cur)
+    }
+
+    /// A new, empty temporary file in the directory that will hold `rel`, so that the final
+    /// rename stays within one file system and is atomic.
+    pub fn temp_for(&self, rel: &RelPath) -> Result<TempFile, RootError> {
+        let target = self.resolve(rel)?;
+        let dir = target.parent().expect("resolved paths are below the root");
+        TempFile::new_in(dir).map_err(|e| RootError::io(rel, e))
+    }
+
+    /// Moves a finished temporary file onto `rel`, replacing what was there (a file or a
+    /// symlink; never following it).
+    pub fn place(&self, tmp: TempFile, rel: &RelPath) -> Result<(), RootError> {
+        let target = self.resolve(rel)?;
+        tmp.persist(&target).map_err(|e| RootError::io(rel, e))
+    }
+
+    /// Removes a file, symlink or (empty) directory; a missing entry is not an error.
+    pub fn remove(&self, rel: &RelPath) -> Result<(), RootError> {
+        let p = self.resolve(rel)?;
+        let res = match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_dir() => fs::remove_dir(&p),
+            Ok(_) => fs::remove_file(&p),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        res.map_err(|e| RootError::io(rel, e))
+    }
+
+    pub fn mkdir(&self, rel: &RelPath) -> Result<(), RootError> {
+        let p = self.resolve(rel)?;
+        match fs::create_dir(&p) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && is_real_dir(&p) => Ok(()),
+            r => r.map_err(|e| RootError::io(rel, e)),
+        }
+    }
+
+    /// Creates or atomically replaces a symlink at `rel`.
+    pub fn symlink(&self, rel: &RelPath, target: &str) -> Result<(), RootError> {
+        let p = self.resolve(rel)?;
+        let dir = p.parent().expect("resolved paths are below the root");
+        let tmp = dir.join(temp_name());
+        symlink(target, &tmp).map_err(|e| RootError::io(rel, e))?;
+        fs::rename(&tmp, &p).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            RootError::io(rel, e)
+        })
+    }
+
+    /// Applies permission bits (not to symlinks, which have none) and the modification time
+    /// (to symlinks too, without following them).
+    pub fn set_meta(&self, rel: &RelPath, meta: &Meta) -> Result<(), RootError> {
+        let p = self.resolve(rel)?;
+        let m = fs::symlink_metadata(&p).map_err(|e| RootError::io(rel, e))?;
+        if !m.file_type().is_symlink() {
+            fs::set_permissions(&p, fs::Permissions::from_mode(meta.mode))
+                .map_err(|e| RootError::io(rel, e))?;
+        }
+        set_mtime_nofollow(&p, meta).map_err(|e| RootError::io(rel, e))
+    }
+
+    /// Deletes temporary files left by a crash or a kill, anywhere in the tree.
+    /// Returns how many were removed.
+    pub fn remove_stale_temps(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        let mut stack = vec![self.dir.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for ent in rd.flatten() {
+                let Ok(ft) = ent.file_type() else { continue };
+                let is_temp = ent
+                    .file_name()
+                    .as_bytes()
+                    .starts_with(TEMP_PREFIX.as_bytes());
+                if is_temp {
+                    if ft.is_dir() {
+                        fs::remove_dir_all(ent.path())?;
+                    } else {
+                        fs::remove_file(ent.path())?;
+                    }
+                    removed += 1;
+                } else if ft.is_dir() {
+                    stack.push(ent.path());
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Flushes the whole file system holding the root: one call makes every file written in a
+    /// session durable, instead of one fsync per file.
+    pub fn sync_filesystem(&self) -> io::Result<()> {
+        let f = File::open(&self.dir)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
+        if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn is_real_dir(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_dir())
+}
+
+fn temp_name() -> String {
+    format!("{TEMP_PREFIX}{:016x}", crate::random_u64())
+}
+
+/// Sets the modification time of `p` itself, even when `p` is a symlink.
+pub fn set_mtime_nofollow(p: &Path, meta: &Meta) -> io::Result<()> {
+    let c = CString::new(p.as_os_str().as_bytes())?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: meta.mtime_secs as libc::time_t,
+            tv_nsec: meta.mtime_nanos as _,
+        },
+    ];
+    // SAFETY: `c` is a valid NUL-terminated path and `times` has the two entries utimensat reads.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A file being written under a reserved name; removed on drop unless persisted. Dropping it is
+/// how an abandoned or failed transfer leaves nothing behind.
+#[derive(Debug)]
+pub struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl TempFile {
+    pub fn new_in(dir: &Path) -> io::Result<TempFile> {
+        let path = dir.join(temp_name());
+        let file = File::options().write(true).create_new(true).open(&path)?;
+        Ok(TempFile {
+            path,
+            file: Some(file),
+        })
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("open until persisted")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Gives the finished file its final permission bits and mtime before it becomes visible.
+    pub fn set_meta(&self, meta: &Meta) -> io::Result<()> {
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(meta.mode))?;
+        set_mtime_nofollow(&self.path, meta)
+    }
+
+    /// Takes charge of an existing file under a reserved name (a staged move).
+    pub fn adopt(path: PathBuf) -> TempFile {
+        TempFile { path, file: None }
+    }
+
+    fn persist(mut self, target: &Path) -> io::Result<()> {
+        drop(self.file.take());
+        fs::rename(&self.path, target)?;
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn refuses_to_write_through_a_symlinked_ancestor() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        symlink(outside.path(), root.path().join("link")).unwrap();
+        let r = Root::new(root.path());
+        for res in [
+            r.temp_for(&p("link/x")).map(|_| ()),
+            r.mkdir(&p("link/d")),
+            r.symlink(&p("link/s"), "/etc"),
+            r.remove(&p("link/y")),
+        ] {
+            let err = res.unwrap_err().to_string();
+            assert!(err.contains("parent link is a symlink"), "{err}");
+        }
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+        // The link itself may be replaced, never followed.
+        r.remove(&p("link")).unwrap();
+        assert!(outside.path().exists());
+    }
+
+    #[test]
+    fn temp_file_vanishes_unless_placed() {
+        let root = tempfile::tempdir().unwrap();
+        let r = Root::new(root.path());
+        let t = r.temp_for(&p("a")).unwrap();
+        let tp = t.path().to_owned();
+        assert!(tp.exists());
+        drop(t);
+        assert!(!tp.exists());
+
+        let mut t = r.temp_for(&p("a")).unwrap();
+        use std::io::Write;
+        t.file().write_all(b"x").unwrap();
+        t.set_meta(&Meta {
+            mode: 0o600,
+            mtime_secs: 1_000_000_000,
+            mtime_nanos: 5,
+        })
+        .unwrap();
+        r.place(t, &p("a")).unwrap();
+        let m = fs::metadata(root.path().join("a")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o600);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1_000_000_000, 5));
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn stale_temps_are_swept() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("d")).unwrap();
+        fs::write(root.path().join("d/.server-sync-tmp.1"), "x").unwrap();
+        fs::create_dir(root.path().join(".server-sync-tmp.stage")).unwrap();
+        fs::write(root.path().join(".server-sync-tmp.stage/f"), "x").unwrap();
+        fs::write(root.path().join("keep"), "x").unwrap();
+        assert_eq!(Root::new(root.path()).remove_stale_temps().unwrap(), 2);
+        assert!(root.path().join("keep").exists());
+        assert_eq!(fs::read_dir(root.path().join("d")).unwrap().count(), 0);
+    }
+}

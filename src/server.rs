@@ -1,0 +1,409 @@
+//! The server: accepts control and data connections and runs sync sessions against its
+//! directory, one at a time.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::apply;
+use crate::manifest::{Manifest, ManifestError};
+use crate::plan;
+use crate::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
+use crate::root::Root;
+use crate::scan;
+use crate::transfer;
+
+/// Most entries accepted in one client file list: bounds a session's memory against a peer
+/// that never stops listing.
+pub const MAX_ENTRIES: usize = 10_000_000;
+/// How long in-flight sessions may go on after a shutdown signal before they are abandoned.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub root: PathBuf,
+    /// A peer that sends nothing for this long loses its connection.
+    pub idle_timeout: Duration,
+    /// Control plus data connections served at once; more are refused.
+    pub max_connections: usize,
+}
+
+impl Config {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Config {
+            root: root.into(),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0} exists and is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot create directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot resolve bind address {host}: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {what} port {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot clean stale temporary files in {path}: {source}")]
+    Clean {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a session ended early. Logged by the server; the other sessions go on.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("client speaks protocol version {0}, this server speaks {VERSION}")]
+    Version(u32),
+    #[error("invalid file list: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("file list longer than {MAX_ENTRIES} entries")]
+    TooManyEntries,
+    #[error("client did not open the data connection")]
+    NoDataConnection,
+    #[error("cannot scan the server directory: {0}")]
+    Scan(std::io::Error),
+}
+
+/// Creates the directory if needed and removes temporary files left by an earlier crash.
+pub fn prepare_root(dir: &Path) -> Result<Root, ServerError> {
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => return Err(ServerError::NotADirectory(dir.into())),
+        Ok(_) => {}
+        Err(_) => std::fs::create_dir_all(dir).map_err(|source| ServerError::CreateDir {
+            path: dir.into(),
+            source,
+        })?,
+    }
+    let root = Root::new(dir);
+    let n = root
+        .remove_stale_temps()
+        .map_err(|source| ServerError::Clean {
+            path: dir.into(),
+            source,
+        })?;
+    if n > 0 {
+        info!("removed {n} stale temporary file(s) left by an earlier run");
+    }
+    Ok(root)
+}
+
+/// Binds the control and data listeners on `host` (the first address it resolves to).
+pub async fn bind(
+    host: &str,
+    port: u16,
+    data_port: u16,
+) -> Result<(TcpListener, TcpListener), ServerError> {
+    let resolve = |source| ServerError::Resolve {
+        host: host.into(),
+        source,
+    };
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+        .await
+        .map_err(resolve)?
+        .collect();
+    // `localhost` may resolve to ::1 first; prefer IPv4 so the default client finds us.
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    let ip = addrs
+        .first()
+        .ok_or_else(|| resolve(std::io::Error::other("no address")))?
+        .ip();
+    let listen = |what, port| async move {
+        let addr = SocketAddr::new(ip, port);
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { what, addr, source })
+    };
+    Ok((
+        listen("control", port).await?,
+        listen("data", data_port).await?,
+    ))
+}
+
+struct Shared {
+    root: Root,
+    idle: Duration,
+    data_port: u16,
+    /// Held for a whole session: two clients never interleave their changes.
+    session: tokio::sync::Mutex<()>,
+    /// Sessions waiting for data connections, by token.
+    waiting: Mutex<HashMap<u64, mpsc::Sender<TcpStream>>>,
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight sessions finish
+/// (abandoning them after a grace period) and removes any temporary file left.
+pub async fn run(
+    config: Config,
+    control: TcpListener,
+    data: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let shared = Arc::new(Shared {
+        root: Root::new(&config.root),
+        idle: config.idle_timeout,
+        data_port: data.local_addr().map(|a| a.port()).unwrap_or(0),
+        session: tokio::sync::Mutex::new(()),
+        waiting: Mutex::new(HashMap::new()),
+    });
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr, is_data) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = control.accept() => match r {
+                Ok((s, a)) => (s, a, false),
+                Err(e) => { accept_failed(e).await; continue; }
+            },
+            r = data.accept() => match r {
+                Ok((s, a)) => (s, a, true),
+                Err(e) => { accept_failed(e).await; continue; }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(
+                "refusing connection from {addr}: already serving {} connections",
+                config.max_connections
+            );
+            continue;
+        };
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            if is_data {
+                route_data(&shared, stream, addr).await;
+            } else if let Err(e) = session(&shared, stream, addr).await {
+                warn!("session with {addr} ended: {e}");
+            }
+        });
+    }
+    drop((control, data));
+    if !tasks.is_empty() {
+        info!("shutting down: waiting for {} connection(s)", tasks.len());
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            warn!("shutting down: abandoning sessions still in flight");
+            tasks.shutdown().await;
+        }
+    }
+    let root = shared.root.clone();
+    let cleaned = tokio::task::spawn_blocking(move || root.remove_stale_temps()).await;
+    if let Ok(Err(e)) = cleaned {
+        warn!("failed to remove temporary files at shutdown: {e}");
+    }
+    info!("server stopped");
+    Ok(())
+}
+
+async fn accept_failed(e: std::io::Error) {
+    // Typically out of file descriptors: back off instead of spinning.
+    warn!("failed to accept a connection: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Reads a data connection's `DataHello` and hands the stream to the session it names.
+async fn route_data(shared: &Shared, mut stream: TcpStream, addr: SocketAddr) {
+    let token = match protocol::read_within(&mut stream, shared.idle).await {
+        Ok(Message::DataHello { token }) => token,
+        Ok(m) => {
+            return warn!(
+                "data connection from {addr} closed: {}",
+                m.unexpected("data-hello")
+            );
+        }
+        Err(e) => return warn!("data connection from {addr} closed: {e}"),
+    };
+    let tx = shared.waiting.lock().unwrap().get(&token).cloned();
+    match tx {
+        Some(tx) => {
+            let _ = tx.send(stream).await;
+        }
+        None => warn!("data connection from {addr} closed: unknown session token"),
+    }
+}
+
+/// Removes a session's token when the session ends, however it ends.
+struct Registration<'a> {
+    shared: &'a Shared,
+    token: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.shared.waiting.lock().unwrap().remove(&self.token);
+    }
+}
+
+async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result<(), SessionError> {
+    let idle = shared.idle;
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut wr = BufWriter::new(wr);
+
+    match protocol::read_within(&mut rd, idle).await? {
+        Message::Hello { version } if version == VERSION => {}
+        Message::Hello { version } => {
+            let err = SessionError::Version(version);
+            protocol::write(&mut wr, &Message::Error(err.to_string())).await?;
+            wr.flush().await.map_err(ProtocolError::from)?;
+            return Err(err);
+        }
+        m => return Err(m.unexpected("hello").into()),
+    }
+
+    let _turn = match shared.session.try_lock() {
+        Ok(g) => g,
+        Err(_) => {
+            info!("client {addr} waits for another session to finish");
+            shared.session.lock().await
+        }
+    };
+    info!("client {addr} connected");
+    let token = crate::random_u64();
+    let (tx, mut rx) = mpsc::channel(1);
+    shared.waiting.lock().unwrap().insert(token, tx);
+    let _registration = Registration { shared, token };
+    protocol::write(
+        &mut wr,
+        &Message::Welcome {
+            version: VERSION,
+            data_port: shared.data_port,
+            token,
+        },
+    )
+    .await?;
+    wr.flush().await.map_err(ProtocolError::from)?;
+
+    let result = sync(shared, &mut rd, &mut wr, &mut rx, addr).await;
+    if let Err(e) = &result {
+        // Tell the client why, if it still listens; the error itself is what we report.
+        let _ = protocol::write(&mut wr, &Message::Error(e.to_string())).await;
+        let _ = wr.flush().await;
+    }
+    result
+}
+
+async fn sync(
+    shared: &Shared,
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    data: &mut mpsc::Receiver<TcpStream>,
+    addr: SocketAddr,
+) -> Result<(), SessionError> {
+    let idle = shared.idle;
+    let mut entries = Vec::new();
+    loop {
+        match protocol::read_within(rd, idle).await? {
+            Message::FileList(batch) => {
+                if entries.len() + batch.len() > MAX_ENTRIES {
+                    return Err(SessionError::TooManyEntries);
+                }
+                entries.extend(batch);
+            }
+            Message::FileListEnd => break,
+            m => return Err(m.unexpected("filelist").into()),
+        }
+    }
+    let client = Manifest::from_entries(entries)?;
+    info!(
+        "Received file list from {addr}: {} entries, {} bytes",
+        client.len(),
+        client.file_bytes()
+    );
+
+    let root = shared.root.clone();
+    let (mut outcome, plan) = tokio::task::spawn_blocking(move || {
+        let scan = scan::scan(root.path()).map_err(SessionError::Scan)?;
+        for w in &scan.warnings {
+            warn!("{w}");
+        }
+        let server = Manifest::from_entries(scan.entries)?;
+        let plan = plan::plan(&client, &server);
+        Ok::<_, SessionError>((apply::apply_local(&root, &plan), plan))
+    })
+    .await
+    .expect("scan and apply do not panic")?;
+
+    let mut summary = Summary {
+        copied: outcome.copied,
+        renamed: outcome.renamed,
+        deleted: outcome.deleted,
+        ..Summary::default()
+    };
+    let mut requests = plan.requests.clone();
+    requests.append(&mut outcome.refetch);
+    summary.requested = requests.len() as u64;
+    for batch in requests.chunks(BATCH) {
+        for r in batch {
+            info!("Requesting file: {}", r.path);
+        }
+        let paths = batch.iter().map(|r| r.path.clone()).collect();
+        protocol::write(wr, &Message::FileRequest(paths)).await?;
+        wr.flush().await.map_err(ProtocolError::from)?;
+        let stream = match tokio::time::timeout(idle, data.recv()).await {
+            Ok(Some(s)) => s,
+            _ => return Err(SessionError::NoDataConnection),
+        };
+        let mut stream = BufReader::with_capacity(256 << 10, stream);
+        let got = transfer::receive(&mut stream, &shared.root, batch, idle).await?;
+        summary.received += got.files;
+        summary.bytes += got.bytes;
+        outcome.failed.extend(got.failed);
+    }
+
+    let root = shared.root.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        apply::apply_meta(&root, &plan, &mut outcome);
+        if let Err(e) = root.sync_filesystem() {
+            warn!("failed to flush the file system: {e}");
+            outcome
+                .failed
+                .push((String::new(), format!("failed to flush to disk: {e}")));
+        }
+        outcome
+    })
+    .await
+    .expect("apply does not panic");
+    summary.failed = outcome.failed;
+
+    protocol::write(wr, &Message::SyncDone(summary.clone())).await?;
+    wr.flush().await.map_err(ProtocolError::from)?;
+    info!(
+        "sync:done with {addr}: requested={} received={} copied={} renamed={} deleted={} failed={} bytes={}",
+        summary.requested,
+        summary.received,
+        summary.copied,
+        summary.renamed,
+        summary.deleted,
+        summary.failed.len(),
+        summary.bytes
+    );
+    Ok(())
+}
