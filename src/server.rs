@@ -358,6 +358,7 @@ async fn sync(
         ..Summary::default()
     };
     let mut requests = plan.requests.clone();
+    let refetched = outcome.refetch.len();
     requests.append(&mut outcome.refetch);
     summary.requested = requests.len() as u64;
     for batch in requests.chunks(BATCH) {
@@ -381,6 +382,10 @@ async fn sync(
     let root = shared.root.clone();
     let outcome = tokio::task::spawn_blocking(move || {
         apply::apply_meta(&root, &plan, &mut outcome);
+        // An unchanged tree costs no flush: nothing of ours is dirty.
+        if plan.is_empty() && refetched == 0 {
+            return outcome;
+        }
         if let Err(e) = root.sync_filesystem() {
             warn!("failed to flush the file system: {e}");
             outcome
