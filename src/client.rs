@@ -23,6 +23,8 @@ pub struct Config {
     pub root: PathBuf,
     pub server: String,
     pub port: u16,
+    /// Where the hash cache of `root` is kept; `None` hashes every file on every sync.
+    pub cache_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +103,8 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
         Ok(_) => return Err(ClientError::NotADirectory(dir)),
         Err(source) => return Err(ClientError::ReadDir { path: dir, source }),
     }
-    let scan = tokio::task::spawn_blocking(move || scan::scan(&dir))
+    let cache_file = cfg.cache_file.clone();
+    let scan = tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file))
         .await
         .expect("scan does not panic")
         .map_err(|source| ClientError::ReadDir {

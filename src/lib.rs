@@ -4,6 +4,7 @@
 //! [`client::sync_once`] or [`client::run`]. See ARCHITECTURE.md for the map.
 
 pub mod apply;
+pub mod cache;
 pub mod client;
 pub mod manifest;
 pub mod plan;

@@ -83,7 +83,7 @@ impl Root {
     /// symlink; never following it).
     pub fn place(&self, tmp: TempFile, rel: &RelPath) -> Result<(), RootError> {
         let target = self.resolve(rel)?;
-        tmp.persist(&target).map_err(|e| RootError::io(rel, e))
+        tmp.persist_to(&target).map_err(|e| RootError::io(rel, e))
     }
 
     /// Removes a file, symlink or (empty) directory; a missing entry is not an error.
@@ -244,7 +244,8 @@ impl TempFile {
         TempFile { path, file: None }
     }
 
-    fn persist(mut self, target: &Path) -> io::Result<()> {
+    /// Renames the finished file to `target`; from then on it is no longer temporary.
+    pub fn persist_to(mut self, target: &Path) -> io::Result<()> {
         drop(self.file.take());
         fs::rename(&self.path, target)?;
         self.path = PathBuf::new();

@@ -4,10 +4,11 @@
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use md5::Digest;
 
+use crate::cache::HashCache;
 use crate::manifest::{Entry, Kind, Md5, Meta, RelPath, TEMP_PREFIX};
 
 /// What a walk found: entries in component order (parents first), and warnings about what it
@@ -38,11 +39,80 @@ pub fn meta_of(m: &Metadata) -> Meta {
 
 /// Lists the tree below `root` (the root itself is not an entry). Fails only when the root
 /// cannot be read at all; anything below that cannot be read becomes an `Unreadable` entry.
-pub fn scan(root: &Path) -> io::Result<Scan> {
+///
+/// Files are hashed after the metadata walk, on every core, except those `cache` vouches for.
+pub fn scan(root: &Path, mut cache: Option<&mut HashCache>) -> io::Result<Scan> {
     let mut scan = Scan::default();
+    let mut pending = Vec::new();
     let top = read_dir_sorted(root)?;
-    walk(root, None, top, &mut scan);
+    walk(root, None, top, &mut scan, &mut pending, &mut cache);
+    hash_pending(&mut scan, pending, cache);
     Ok(scan)
+}
+
+/// Scans `dir`, using and then updating the hash cache in `cache_file` if there is one.
+pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>) -> io::Result<Scan> {
+    let Some(file) = cache_file else {
+        return scan(dir, None);
+    };
+    let mut cache = HashCache::load(file);
+    let found = scan(dir, Some(&mut cache))?;
+    tracing::debug!("hash cache: {} hits, {} misses", cache.hits, cache.misses);
+    if let Err(e) = cache.save() {
+        tracing::warn!("failed to save the hash cache: {e}");
+    }
+    Ok(found)
+}
+
+/// A file the walk found that the cache could not vouch for.
+struct Pending {
+    index: usize,
+    path: PathBuf,
+    md: Metadata,
+}
+
+fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, mut cache: Option<&mut HashCache>) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = pending.len().div_ceil(threads).max(1);
+    let results: Vec<(usize, io::Result<(u64, Md5)>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = pending
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|p| (p.index, hash_file(&p.path)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("hashing does not panic"))
+            .collect()
+    });
+    let mut vanished = Vec::new();
+    for ((index, res), p) in results.into_iter().zip(&pending) {
+        let e = &mut scan.entries[index];
+        match res {
+            Ok((size, md5)) => {
+                // A file that changed size while read is hashed again next time, not cached.
+                if let Some(c) = cache.as_deref_mut().filter(|_| size == p.md.len()) {
+                    c.record(e.path.as_str(), &p.md, md5);
+                }
+                e.kind = Kind::File { size, md5 };
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => vanished.push(index),
+            Err(err) => {
+                e.kind = Kind::Unreadable {
+                    reason: err.to_string(),
+                };
+                e.meta = Meta::default();
+            }
+        }
+    }
+    for index in vanished.into_iter().rev() {
+        scan.entries.remove(index);
+    }
 }
 
 fn read_dir_sorted(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
@@ -51,7 +121,14 @@ fn read_dir_sorted(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
     Ok(v)
 }
 
-fn walk(root: &Path, parent: Option<&RelPath>, children: Vec<fs::DirEntry>, scan: &mut Scan) {
+fn walk(
+    root: &Path,
+    parent: Option<&RelPath>,
+    children: Vec<fs::DirEntry>,
+    scan: &mut Scan,
+    pending: &mut Vec<Pending>,
+    cache: &mut Option<&mut HashCache>,
+) {
     for ent in children {
         let name = ent.file_name();
         let Some(name) = name.to_str() else {
@@ -102,20 +179,30 @@ fn walk(root: &Path, parent: Option<&RelPath>, children: Vec<fs::DirEntry>, scan
                         kind: Kind::Dir,
                         meta,
                     });
-                    walk(root, Some(&rel), kids, scan);
+                    walk(root, Some(&rel), kids, scan, pending, cache);
                 }
                 Err(e) => scan.entries.push(unreadable(e)),
             }
         } else if ft.is_file() {
-            match hash_file(&path) {
-                Ok((size, md5)) => scan.entries.push(Entry {
-                    path: rel,
-                    kind: Kind::File { size, md5 },
-                    meta,
-                }),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => scan.entries.push(unreadable(e)),
-            }
+            let cached = cache
+                .as_deref_mut()
+                .and_then(|c| c.lookup(rel.as_str(), &md));
+            let md5 = cached.unwrap_or_else(|| {
+                pending.push(Pending {
+                    index: scan.entries.len(),
+                    path,
+                    md: md.clone(),
+                });
+                Md5([0; 16])
+            });
+            scan.entries.push(Entry {
+                path: rel,
+                kind: Kind::File {
+                    size: md.len(),
+                    md5,
+                },
+                meta,
+            });
         } else if ft.is_symlink() {
             match fs::read_link(&path) {
                 Ok(t) => match t.into_os_string().into_string() {
@@ -189,7 +276,7 @@ mod tests {
         fs::create_dir(r.join("empty")).unwrap();
         symlink("/etc", r.join("link")).unwrap();
         fs::write(r.join(".server-sync-tmp.123"), "partial").unwrap();
-        let s = scan(r).unwrap();
+        let s = scan(r, None).unwrap();
         assert_eq!(
             listing(&s),
             [
@@ -204,11 +291,78 @@ mod tests {
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     }
 
+    /// Scans `dir` through a cache whose clock runs far ahead, so files just written by the
+    /// test are old enough to be cached.
+    fn scan_through(dir: &Path, cache_file: &Path) -> (Scan, u64) {
+        let mut cache = HashCache::load(cache_file.to_owned());
+        cache.now_ns += 3600 * 1_000_000_000;
+        let s = scan(dir, Some(&mut cache)).unwrap();
+        cache.save().unwrap();
+        (s, cache.hits)
+    }
+
+    /// Warms a cache on `a` = "old content", applies `change`, and checks that the next
+    /// cached scan reports the true MD5 of `a`.
+    fn check_cache(change: impl FnOnce(&Path, &Path), want: &[u8]) {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, cache) = (d.path().join("t"), d.path().join("cache"));
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("a"), "old content").unwrap();
+        fs::write(dir.join("b"), "stays").unwrap();
+        scan_through(&dir, &cache);
+        assert_eq!(scan_through(&dir, &cache).1, 2, "warm cache answers both files");
+        change(&dir, &cache);
+        let (s, _) = scan_through(&dir, &cache);
+        let a = s.entries.iter().find(|e| e.path.as_str() == "a").unwrap();
+        assert_eq!(a.md5(), Some(Md5::of(want)));
+    }
+
+    #[test]
+    fn cache_never_hides_a_change() {
+        let restore_mtime = |p: &Path, f: &dyn Fn()| {
+            let before = fs::metadata(p).unwrap();
+            f();
+            let t = before.modified().unwrap();
+            fs::File::options().write(true).open(p).unwrap().set_modified(t).unwrap();
+        };
+        // Size changed, mtime put back.
+        check_cache(
+            |d, _| restore_mtime(&d.join("a"), &|| fs::write(d.join("a"), "new").unwrap()),
+            b"new",
+        );
+        // Same size, mtime put back: only ctime tells.
+        check_cache(
+            |d, _| restore_mtime(&d.join("a"), &|| fs::write(d.join("a"), "new content").unwrap()),
+            b"new content",
+        );
+        // Replaced by another file with the same size and mtime: inode and ctime differ.
+        check_cache(
+            |d, _| {
+                let t = fs::metadata(d.join("a")).unwrap().modified().unwrap();
+                fs::write(d.join("n"), "NEW CONTENT").unwrap();
+                fs::File::options().write(true).open(d.join("n")).unwrap().set_modified(t).unwrap();
+                fs::rename(d.join("n"), d.join("a")).unwrap();
+            },
+            b"NEW CONTENT",
+        );
+        // Cache deleted, truncated or corrupted: rebuilt, not trusted.
+        check_cache(|_, c| fs::remove_file(c).unwrap(), b"old content");
+        check_cache(
+            |d, c| {
+                fs::write(d.join("a"), "changed").unwrap();
+                let b = fs::read(c).unwrap();
+                fs::write(c, &b[..b.len() / 2]).unwrap();
+            },
+            b"changed",
+        );
+        check_cache(|_, c| fs::write(c, "garbage").unwrap(), b"old content");
+    }
+
     #[test]
     fn special_files_are_skipped_with_a_warning() {
         let d = tempfile::tempdir().unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
-        let s = scan(d.path()).unwrap();
+        let s = scan(d.path(), None).unwrap();
         assert!(s.entries.is_empty());
         assert_eq!(s.warnings, ["skipping sock: a socket is not synced"]);
     }

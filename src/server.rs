@@ -19,7 +19,6 @@ use crate::manifest::{Manifest, ManifestError};
 use crate::plan;
 use crate::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
 use crate::root::Root;
-use crate::scan;
 use crate::transfer;
 
 /// Most entries accepted in one client file list: bounds a session's memory against a peer
@@ -35,6 +34,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Control plus data connections served at once; more are refused.
     pub max_connections: usize,
+    /// Where the hash cache of `root` is kept; `None` hashes every file on every session.
+    pub cache_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -43,6 +44,7 @@ impl Config {
             root: root.into(),
             idle_timeout: Duration::from_secs(60),
             max_connections: 64,
+            cache_file: None,
         }
     }
 }
@@ -150,6 +152,7 @@ struct Shared {
     root: Root,
     idle: Duration,
     data_port: u16,
+    cache_file: Option<PathBuf>,
     /// Held for a whole session: two clients never interleave their changes.
     session: tokio::sync::Mutex<()>,
     /// Sessions waiting for data connections, by token.
@@ -168,6 +171,7 @@ pub async fn run(
         root: Root::new(&config.root),
         idle: config.idle_timeout,
         data_port: data.local_addr().map(|a| a.port()).unwrap_or(0),
+        cache_file: config.cache_file.clone(),
         session: tokio::sync::Mutex::new(()),
         waiting: Mutex::new(HashMap::new()),
     });
@@ -339,8 +343,9 @@ async fn sync(
     );
 
     let root = shared.root.clone();
+    let cache_file = shared.cache_file.clone();
     let (mut outcome, plan) = tokio::task::spawn_blocking(move || {
-        let scan = scan::scan(root.path()).map_err(SessionError::Scan)?;
+        let scan = crate::scan::scan_cached(root.path(), cache_file).map_err(SessionError::Scan)?;
         for w in &scan.warnings {
             warn!("{w}");
         }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use server_sync::cache::HashCache;
 use server_sync::client;
 
 /// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.
@@ -30,6 +31,12 @@ struct Args {
     /// Seconds between syncs when not --once
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     interval: u64,
+    /// Keep the hash cache here [default: $XDG_CACHE_HOME/server-sync or ~/.cache/server-sync]
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Hash every file on every sync instead of trusting the hash cache
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
     /// More log output (-v debug, -vv trace)
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
@@ -42,10 +49,22 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     server_sync::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
+    let cache_file = if args.no_cache {
+        None
+    } else {
+        match HashCache::file_for_dir(args.cache_dir.as_deref(), &args.dir) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("client-sync: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
     let cfg = client::Config {
         root: args.dir,
         server: args.server,
         port: args.port,
+        cache_file,
     };
     if !args.once {
         if let Err(e) = std::fs::read_dir(&cfg.root) {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use server_sync::cache::HashCache;
 use server_sync::server;
 
 /// Keep DIR an exact, verified mirror of the directory a `client-sync` sends.
@@ -34,6 +35,12 @@ struct Args {
     /// Most connections served at once; more are refused
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     max_connections: u64,
+    /// Keep the hash cache here [default: $XDG_CACHE_HOME/server-sync or ~/.cache/server-sync]
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Hash every file on every sync instead of trusting the hash cache
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
     /// More log output (-v debug, -vv trace)
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
@@ -57,6 +64,12 @@ async fn main() -> ExitCode {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let root = server::prepare_root(&args.dir)?;
+    let cache_file = if args.no_cache {
+        None
+    } else {
+        HashCache::file_for_dir(args.cache_dir.as_deref(), root.path())
+            .map_err(anyhow::Error::msg)?
+    };
     let (control, data) = server::bind(&args.bind, args.port, args.data_port).await?;
     println!(
         "listening control={} data={}",
@@ -68,6 +81,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         root: root.path().to_owned(),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_connections: args.max_connections as usize,
+        cache_file,
     };
     server::run(config, control, data, server_sync::shutdown_signal()).await?;
     Ok(())
