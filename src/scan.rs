@@ -45,7 +45,7 @@ pub fn scan(root: &Path, mut cache: Option<&mut HashCache>) -> io::Result<Scan> 
     let mut scan = Scan::default();
     let mut pending = Vec::new();
     let top = read_dir_sorted(root)?;
-    walk(root, None, top, &mut scan, &mut pending, &mut cache);
+    walk(None, top, &mut scan, &mut pending, &mut cache);
     hash_pending(&mut scan, pending, cache);
     Ok(scan)
 }
@@ -122,7 +122,6 @@ fn read_dir_sorted(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
 }
 
 fn walk(
-    root: &Path,
     parent: Option<&RelPath>,
     children: Vec<fs::DirEntry>,
     scan: &mut Scan,
@@ -179,7 +178,7 @@ fn walk(
                         kind: Kind::Dir,
                         meta,
                     });
-                    walk(root, Some(&rel), kids, scan, pending, cache);
+                    walk(Some(&rel), kids, scan, pending, cache);
                 }
                 Err(e) => scan.entries.push(unreadable(e)),
             }
