@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
@@ -121,12 +122,13 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
             .unreadable
             .push((path.to_string(), format!("cannot read: {reason}")));
     }
-    let offered: HashSet<RelPath> = scan
+    let offered: Arc<HashSet<RelPath>> = scan
         .entries
         .iter()
         .filter(|e| matches!(e.kind, Kind::File { .. }))
         .map(|e| e.path.clone())
-        .collect();
+        .collect::<HashSet<_>>()
+        .into();
     let bytes: u64 = scan
         .entries
         .iter()
@@ -175,10 +177,20 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     loop {
         match next(&mut rd).await? {
             Message::FileRequest(paths) => {
-                let data = TcpStream::connect((peer.ip(), data_port))
+                let connect = TcpStream::connect((peer.ip(), data_port));
+                let data = tokio::time::timeout(CONNECT_TIMEOUT, connect)
                     .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
+                    .and_then(|r| r)
+                    .and_then(|s| s.into_std())
                     .map_err(ProtocolError::from)?;
-                transfer::send(data, &root, token, &paths, &offered).await?;
+                data.set_nonblocking(false).map_err(ProtocolError::from)?;
+                let (root, offered) = (root.clone(), offered.clone());
+                tokio::task::spawn_blocking(move || {
+                    transfer::send(data, &root, token, &paths, &offered)
+                })
+                .await
+                .expect("send does not panic")?;
             }
             Message::SyncDone(summary) => {
                 report.summary = summary;

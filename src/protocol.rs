@@ -11,6 +11,8 @@
 //! connection (port 7100 by default) and sends `DataHello` then, per requested file,
 //! `FileBegin`, `Chunk`*, then `FileEnd` or `FileAbort`; then it closes the data connection.
 
+use std::io::{Read, Write};
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::manifest::{Entry, Kind, Md5, Meta, PathError, RelPath};
@@ -86,8 +88,8 @@ pub enum ProtocolError {
     Path(#[from] PathError),
     #[error("invalid UTF-8 in {0}")]
     Utf8(&'static str),
-    #[error("peer went silent for {0} s")]
-    Idle(u64),
+    #[error("peer went silent for longer than the idle timeout")]
+    Idle,
     #[error("unexpected {got} message, expected {expected}")]
     Unexpected {
         got: &'static str,
@@ -403,6 +405,21 @@ impl<'a> Reader<'a> {
     }
 }
 
+fn frame_len(len: [u8; 4]) -> Result<usize, ProtocolError> {
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::Oversized(len));
+    }
+    Ok(len)
+}
+
+fn truncated_or_io(e: std::io::Error) -> ProtocolError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+        _ => ProtocolError::Io(e),
+    }
+}
+
 /// Reads one message; `Ok(None)` on a clean end of stream between frames.
 pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, ProtocolError> {
     let mut len = [0u8; 4];
@@ -418,16 +435,40 @@ pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, Pr
         }
         got += n;
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(ProtocolError::Oversized(len));
-    }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
-        _ => ProtocolError::Io(e),
-    })?;
+    let mut body = vec![0; frame_len(len)?];
+    r.read_exact(&mut body).await.map_err(truncated_or_io)?;
     Message::decode(&body).map(Some)
+}
+
+/// [`read`] for blocking streams (the data connections run on their own threads). A read
+/// timeout set on the socket surfaces as [`ProtocolError::Idle`].
+pub fn read_blocking<R: Read>(r: &mut R) -> Result<Option<Message>, ProtocolError> {
+    let idle = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ProtocolError::Idle,
+        _ => truncated_or_io(e),
+    };
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(ProtocolError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(idle(e)),
+        }
+    }
+    let mut body = vec![0; frame_len(len)?];
+    r.read_exact(&mut body).map_err(idle)?;
+    Message::decode(&body).map(Some)
+}
+
+/// [`write`] for blocking streams.
+pub fn write_blocking<W: Write>(w: &mut W, msg: &Message) -> Result<(), ProtocolError> {
+    let mut buf = Vec::new();
+    msg.encode(&mut buf);
+    w.write_all(&buf)?;
+    Ok(())
 }
 
 /// Like [`read`], but gives up when the peer sends nothing for `idle`, and treats the end of
@@ -437,7 +478,7 @@ pub async fn read_within<R: AsyncRead + Unpin>(
     idle: std::time::Duration,
 ) -> Result<Message, ProtocolError> {
     match tokio::time::timeout(idle, read(r)).await {
-        Err(_) => Err(ProtocolError::Idle(idle.as_secs())),
+        Err(_) => Err(ProtocolError::Idle),
         Ok(Ok(None)) => Err(ProtocolError::Truncated),
         Ok(Ok(Some(m))) => Ok(m),
         Ok(Err(e)) => Err(e),
@@ -452,18 +493,15 @@ pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<()
 }
 
 /// Writes a `Chunk` frame straight from `data`, sparing the copy that building a
-/// `Message::Chunk` would make on the hot path.
-pub async fn write_chunk<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    data: &[u8],
-) -> Result<(), ProtocolError> {
+/// `Message::Chunk` would make on the hot path. Blocking: file data moves on its own threads.
+pub fn write_chunk<W: Write>(w: &mut W, data: &[u8]) -> Result<(), ProtocolError> {
     debug_assert!(data.len() <= CHUNK_SIZE);
     let mut head = [0u8; 9];
     head[..4].copy_from_slice(&(data.len() as u32 + 5).to_be_bytes());
     head[4] = 10;
     head[5..].copy_from_slice(&(data.len() as u32).to_be_bytes());
-    w.write_all(&head).await?;
-    w.write_all(data).await?;
+    w.write_all(&head)?;
+    w.write_all(data)?;
     Ok(())
 }
 
@@ -609,7 +647,7 @@ mod tests {
         assert_eq!(read(&mut r).await.unwrap(), None);
 
         let mut fast = Vec::new();
-        write_chunk(&mut fast, &[7; 10]).await.unwrap();
+        write_chunk(&mut fast, &[7; 10]).unwrap();
         let mut slow = Vec::new();
         Message::Chunk(vec![7; 10]).encode(&mut slow);
         assert_eq!(fast, slow);
@@ -628,12 +666,36 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn blocking_framing_matches_async() {
+        let mut buf = Vec::new();
+        write_blocking(&mut buf, &Message::FileEnd).unwrap();
+        write_chunk(&mut buf, b"abc").unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_blocking(&mut r).unwrap(), Some(Message::FileEnd));
+        assert_eq!(
+            read_blocking(&mut r).unwrap(),
+            Some(Message::Chunk(b"abc".to_vec()))
+        );
+        assert_eq!(read_blocking(&mut r).unwrap(), None);
+        let mut r = &buf[..3];
+        assert!(matches!(
+            read_blocking(&mut r),
+            Err(ProtocolError::Truncated)
+        ));
+        let big = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            read_blocking(&mut &big[..]),
+            Err(ProtocolError::Oversized(_))
+        ));
+    }
+
     #[tokio::test]
     async fn silent_peer_times_out() {
         let (mut a, _b) = tokio::io::duplex(64);
         let err = read_within(&mut a, std::time::Duration::from_millis(20))
             .await
             .unwrap_err();
-        assert!(matches!(err, ProtocolError::Idle(_)));
+        assert!(matches!(err, ProtocolError::Idle));
     }
 }

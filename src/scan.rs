@@ -309,7 +309,11 @@ mod tests {
         fs::write(dir.join("a"), "old content").unwrap();
         fs::write(dir.join("b"), "stays").unwrap();
         scan_through(&dir, &cache);
-        assert_eq!(scan_through(&dir, &cache).1, 2, "warm cache answers both files");
+        assert_eq!(
+            scan_through(&dir, &cache).1,
+            2,
+            "warm cache answers both files"
+        );
         change(&dir, &cache);
         let (s, _) = scan_through(&dir, &cache);
         let a = s.entries.iter().find(|e| e.path.as_str() == "a").unwrap();
@@ -322,7 +326,12 @@ mod tests {
             let before = fs::metadata(p).unwrap();
             f();
             let t = before.modified().unwrap();
-            fs::File::options().write(true).open(p).unwrap().set_modified(t).unwrap();
+            fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
         };
         // Size changed, mtime put back.
         check_cache(
@@ -331,7 +340,11 @@ mod tests {
         );
         // Same size, mtime put back: only ctime tells.
         check_cache(
-            |d, _| restore_mtime(&d.join("a"), &|| fs::write(d.join("a"), "new content").unwrap()),
+            |d, _| {
+                restore_mtime(&d.join("a"), &|| {
+                    fs::write(d.join("a"), "new content").unwrap()
+                })
+            },
             b"new content",
         );
         // Replaced by another file with the same size and mtime: inode and ctime differ.
@@ -339,7 +352,12 @@ mod tests {
             |d, _| {
                 let t = fs::metadata(d.join("a")).unwrap().modified().unwrap();
                 fs::write(d.join("n"), "NEW CONTENT").unwrap();
-                fs::File::options().write(true).open(d.join("n")).unwrap().set_modified(t).unwrap();
+                fs::File::options()
+                    .write(true)
+                    .open(d.join("n"))
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
                 fs::rename(d.join("n"), d.join("a")).unwrap();
             },
             b"NEW CONTENT",

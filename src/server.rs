@@ -253,6 +253,15 @@ async fn route_data(shared: &Shared, mut stream: TcpStream, addr: SocketAddr) {
     }
 }
 
+/// Turns a data connection into a blocking socket for its own thread; `idle` becomes the
+/// read timeout.
+fn blocking(stream: TcpStream, idle: Duration) -> std::io::Result<std::net::TcpStream> {
+    let s = stream.into_std()?;
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(idle))?;
+    Ok(s)
+}
+
 /// Removes a session's token when the session ends, however it ends.
 struct Registration<'a> {
     shared: &'a Shared,
@@ -377,8 +386,14 @@ async fn sync(
             Ok(Some(s)) => s,
             _ => return Err(SessionError::NoDataConnection),
         };
-        let mut stream = BufReader::with_capacity(256 << 10, stream);
-        let got = transfer::receive(&mut stream, &shared.root, batch, idle).await?;
+        let stream = blocking(stream, idle).map_err(ProtocolError::from)?;
+        let (root, batch) = (shared.root.clone(), batch.to_vec());
+        let got = tokio::task::spawn_blocking(move || {
+            let mut stream = std::io::BufReader::with_capacity(256 << 10, stream);
+            transfer::receive(&mut stream, &root, &batch)
+        })
+        .await
+        .expect("receive does not panic")?;
         summary.received += got.files;
         summary.bytes += got.bytes;
         outcome.failed.extend(got.failed);

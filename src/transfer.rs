@@ -1,14 +1,16 @@
 //! File data over a data connection: the client streams requested files in bounded chunks; the
 //! server writes each to a temporary file next to its target, hashing as it writes, and renames
 //! it into place only when size and MD5 match what the client announced.
+//!
+//! Both ends are blocking code run on a thread of their own per connection: per file this is a
+//! handful of system calls, where async file I/O would add a thread-pool hop to each of them.
 
 use std::collections::{HashMap, HashSet};
-use std::io;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Duration;
 
 use md5::Digest;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tracing::{info, warn};
 
 use crate::manifest::{Md5, RelPath};
@@ -28,7 +30,7 @@ pub struct Received {
 struct Incoming<'a> {
     want: &'a Request,
     /// `None` once the file is known to be bad: its remaining chunks are read and dropped.
-    sink: Option<(TempFile, tokio::fs::File)>,
+    sink: Option<TempFile>,
     hasher: md5::Md5,
     bytes: u64,
     error: Option<String>,
@@ -37,47 +39,36 @@ struct Incoming<'a> {
 /// Receives the files of one data connection, which may carry only files from `wanted`,
 /// each at most once. Returns when the client closes the connection. A file that fails
 /// (aborted by the client, changed while being sent, cannot be written) is recorded and the
-/// connection goes on; a protocol violation ends it.
-pub async fn receive<S: AsyncRead + Unpin>(
+/// connection goes on; a protocol violation ends it. Set a read timeout on the stream to
+/// bound how long a silent client can hold it.
+pub fn receive<S: Read>(
     conn: &mut S,
     root: &Root,
     wanted: &[Request],
-    idle: Duration,
 ) -> Result<Received, ProtocolError> {
     let mut pending: HashMap<&RelPath, &Request> = wanted.iter().map(|r| (&r.path, r)).collect();
     let mut out = Received::default();
     let mut cur: Option<Incoming> = None;
-    loop {
-        let msg = match tokio::time::timeout(idle, protocol::read(conn)).await {
-            Err(_) => return Err(ProtocolError::Idle(idle.as_secs())),
-            Ok(r) => r?,
-        };
-        let Some(msg) = msg else {
-            if let Some(inc) = cur {
-                out.failed.push((
-                    inc.want.path.to_string(),
-                    "connection closed in the middle of the file".into(),
-                ));
-            }
-            break;
-        };
+    while let Some(msg) = protocol::read_blocking(conn)? {
         match (msg, cur.as_mut()) {
             (Message::FileBegin { path }, None) => {
                 let want = pending
                     .remove(&path)
                     .ok_or_else(|| ProtocolError::Unrequested(path.to_string()))?;
-                let mut inc = Incoming {
+                let (sink, error) = match root.temp_for(&path) {
+                    Ok(t) => (Some(t), None),
+                    Err(e) => (
+                        None,
+                        Some(format!("failed to create a temporary file: {e}")),
+                    ),
+                };
+                cur = Some(Incoming {
                     want,
-                    sink: None,
+                    sink,
                     hasher: md5::Md5::new(),
                     bytes: 0,
-                    error: None,
-                };
-                match open_sink(root, &path) {
-                    Ok(s) => inc.sink = Some(s),
-                    Err(e) => inc.error = Some(format!("failed to create a temporary file: {e}")),
-                }
-                cur = Some(inc);
+                    error,
+                });
             }
             (Message::Chunk(data), Some(inc)) => {
                 inc.bytes += data.len() as u64;
@@ -92,17 +83,17 @@ pub async fn receive<S: AsyncRead + Unpin>(
                     continue;
                 }
                 inc.hasher.update(&data);
-                if let Some((_, f)) = inc.sink.as_mut() {
-                    if let Err(e) = f.write_all(&data).await {
-                        inc.error = Some(format!("failed to write: {e}"));
-                        inc.sink = None;
-                    }
+                if let Some(t) = inc.sink.as_mut()
+                    && let Err(e) = t.file().write_all(&data)
+                {
+                    inc.error = Some(format!("failed to write: {e}"));
+                    inc.sink = None;
                 }
             }
             (Message::FileEnd, Some(_)) => {
                 let inc = cur.take().expect("matched Some");
                 let path = inc.want.path.to_string();
-                match finish(root, inc).await {
+                match finish(root, inc) {
                     Ok(n) => {
                         info!("Received file: {path} ({n} bytes, md5 ok)");
                         out.files += 1;
@@ -125,6 +116,12 @@ pub async fn receive<S: AsyncRead + Unpin>(
             (m, Some(_)) => return Err(m.unexpected("chunk, file-end or file-abort")),
         }
     }
+    if let Some(inc) = cur {
+        out.failed.push((
+            inc.want.path.to_string(),
+            "connection closed in the middle of the file".into(),
+        ));
+    }
     for r in pending.into_values() {
         out.failed.push((
             r.path.to_string(),
@@ -134,18 +131,12 @@ pub async fn receive<S: AsyncRead + Unpin>(
     Ok(out)
 }
 
-fn open_sink(root: &Root, path: &RelPath) -> Result<(TempFile, tokio::fs::File), String> {
-    let mut tmp = root.temp_for(path).map_err(|e| e.to_string())?;
-    let f = tmp.file().try_clone().map_err(|e| e.to_string())?;
-    Ok((tmp, tokio::fs::File::from_std(f)))
-}
-
 /// Verifies a completely received file and renames it into place. Returns its size.
-async fn finish(root: &Root, inc: Incoming<'_>) -> Result<u64, String> {
+fn finish(root: &Root, inc: Incoming<'_>) -> Result<u64, String> {
     if let Some(e) = inc.error {
         return Err(e);
     }
-    let (tmp, mut f) = inc.sink.ok_or("no temporary file")?;
+    let tmp = inc.sink.ok_or("no temporary file")?;
     let got = Md5(inc.hasher.finalize().into());
     if inc.bytes != inc.want.size || got != inc.want.md5 {
         return Err(format!(
@@ -153,11 +144,6 @@ async fn finish(root: &Root, inc: Incoming<'_>) -> Result<u64, String> {
             inc.bytes, inc.want.size, inc.want.md5
         ));
     }
-    // tokio's File completes writes in the background: wait for the last one.
-    f.flush()
-        .await
-        .map_err(|e| format!("failed to write: {e}"))?;
-    drop(f);
     tmp.set_meta(&inc.want.meta)
         .map_err(|e| format!("failed to set metadata: {e}"))?;
     root.place(tmp, &inc.want.path).map_err(|e| e.to_string())?;
@@ -175,7 +161,7 @@ pub struct Sent {
 /// Sends the requested files over a data connection, then closes it. Only files in `offered`
 /// (the regular files of the list this client announced) are sent: a server cannot use a
 /// request to read anything else, such as a path through a client-side symlink.
-pub async fn send<S: AsyncWrite + Unpin>(
+pub fn send<S: Write>(
     conn: S,
     root: &Root,
     token: u64,
@@ -183,68 +169,64 @@ pub async fn send<S: AsyncWrite + Unpin>(
     offered: &HashSet<RelPath>,
 ) -> Result<Sent, ProtocolError> {
     let mut w = BufWriter::with_capacity(64 << 10, conn);
-    protocol::write(&mut w, &Message::DataHello { token }).await?;
+    protocol::write_blocking(&mut w, &Message::DataHello { token })?;
     let mut out = Sent::default();
     let mut buf = vec![0u8; CHUNK_SIZE];
     for path in paths {
-        protocol::write(&mut w, &Message::FileBegin { path: path.clone() }).await?;
+        protocol::write_blocking(&mut w, &Message::FileBegin { path: path.clone() })?;
         info!("Sending file: {path}");
         let res = if offered.contains(path) {
-            send_one(&mut w, root, path, &mut buf).await?
+            send_one(&mut w, root, path, &mut buf)?
         } else {
             Err("not a file this client offered".to_string())
         };
         match res {
             Ok(n) => {
-                protocol::write(&mut w, &Message::FileEnd).await?;
+                protocol::write_blocking(&mut w, &Message::FileEnd)?;
                 out.files += 1;
                 out.bytes += n;
             }
             Err(reason) => {
                 warn!("failed to send {path}: {reason}");
-                protocol::write(
-                    &mut w,
-                    &Message::FileAbort {
-                        reason: reason.clone(),
-                    },
-                )
-                .await?;
+                let abort = Message::FileAbort {
+                    reason: reason.clone(),
+                };
+                protocol::write_blocking(&mut w, &abort)?;
                 out.failed.push((path.to_string(), reason));
             }
         }
     }
-    w.flush().await?;
-    w.into_inner().shutdown().await?;
+    w.flush()?;
     Ok(out)
 }
 
 /// Streams one file's chunks. The outer error is the connection's; the inner one the file's.
-async fn send_one<W: AsyncWrite + Unpin>(
+fn send_one<W: Write>(
     w: &mut W,
     root: &Root,
     path: &RelPath,
     buf: &mut [u8],
 ) -> Result<Result<u64, String>, ProtocolError> {
-    let open = async {
+    let open = || {
         let p = root.resolve(path).map_err(io::Error::other)?;
-        let f = std::fs::File::options()
+        File::options()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
-            .open(p)?;
-        io::Result::Ok(tokio::fs::File::from_std(f))
+            .open(p)
     };
-    let mut f = match open.await {
+    let mut f = match open() {
         Ok(f) => f,
         Err(e) => return Ok(Err(format!("failed to open: {e}"))),
     };
     let mut sent = 0u64;
     loop {
-        let n = match f.read(buf).await {
+        let n = match f.read(buf) {
             Ok(0) => return Ok(Ok(sent)),
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Ok(Err(format!("failed to read: {e}"))),
         };
-        protocol::write_chunk(w, &buf[..n]).await?;
+        protocol::write_chunk(w, &buf[..n])?;
         sent += n as u64;
     }
 }
