@@ -18,6 +18,9 @@ use crate::scan;
 use crate::transfer;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an empty file-list batch is sent while a long scan runs; well under the server's
+/// idle timeout.
+const KEEPALIVE: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -104,14 +107,47 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
         Ok(_) => return Err(ClientError::NotADirectory(dir)),
         Err(source) => return Err(ClientError::ReadDir { path: dir, source }),
     }
-    let cache_file = cfg.cache_file.clone();
-    let scan = tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file))
+    let addr = format!("{}:{}", cfg.server, cfg.port);
+    let unreachable = |source| ClientError::Unreachable {
+        addr: addr.clone(),
+        source,
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
         .await
-        .expect("scan does not panic")
-        .map_err(|source| ClientError::ReadDir {
-            path: cfg.root.clone(),
-            source,
-        })?;
+        .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(unreachable)?;
+    let peer = stream.peer_addr().map_err(unreachable)?;
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut wr = BufWriter::new(wr);
+
+    protocol::write(&mut wr, &Message::Hello { version: VERSION }).await?;
+    wr.flush().await.map_err(ProtocolError::from)?;
+    let (data_port, token) = match next(&mut rd).await? {
+        Message::Welcome {
+            data_port, token, ..
+        } => (data_port, token),
+        Message::Error(e) => return Err(ClientError::Refused(e)),
+        m => return Err(m.unexpected("welcome").into()),
+    };
+
+    // Scan only now that the session has started: the server walks its own tree meanwhile.
+    let cache_file = cfg.cache_file.clone();
+    let mut scanning = tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file));
+    let scan = loop {
+        tokio::select! {
+            r = &mut scanning => break r.expect("scan does not panic"),
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                // An empty batch tells the server we are still here during a long scan.
+                protocol::write(&mut wr, &Message::FileList(Vec::new())).await?;
+                wr.flush().await.map_err(ProtocolError::from)?;
+            }
+        }
+    }
+    .map_err(|source| ClientError::ReadDir {
+        path: cfg.root.clone(),
+        source,
+    })?;
     for w in &scan.warnings {
         warn!("{w}");
     }
@@ -137,30 +173,6 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
             _ => 0,
         })
         .sum();
-
-    let addr = format!("{}:{}", cfg.server, cfg.port);
-    let unreachable = |source| ClientError::Unreachable {
-        addr: addr.clone(),
-        source,
-    };
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
-        .await
-        .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(unreachable)?;
-    let peer = stream.peer_addr().map_err(unreachable)?;
-    let (rd, wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
-    let mut wr = BufWriter::new(wr);
-
-    protocol::write(&mut wr, &Message::Hello { version: VERSION }).await?;
-    wr.flush().await.map_err(ProtocolError::from)?;
-    let (data_port, token) = match next(&mut rd).await? {
-        Message::Welcome {
-            data_port, token, ..
-        } => (data_port, token),
-        Message::Error(e) => return Err(ClientError::Refused(e)),
-        m => return Err(m.unexpected("welcome").into()),
-    };
 
     info!(
         "Sending file list: {} entries, {bytes} bytes",

@@ -331,6 +331,15 @@ async fn sync(
     addr: SocketAddr,
 ) -> Result<(), SessionError> {
     let idle = shared.idle;
+    // Walk our own tree while the client walks its own and sends the list.
+    let (root, cache_file) = (shared.root.clone(), shared.cache_file.clone());
+    let scanning = tokio::task::spawn_blocking(move || {
+        let scan = crate::scan::scan_cached(root.path(), cache_file).map_err(SessionError::Scan)?;
+        for w in &scan.warnings {
+            warn!("{w}");
+        }
+        Ok::<_, SessionError>(Manifest::from_entries(scan.entries)?)
+    });
     let mut entries = Vec::new();
     loop {
         match protocol::read_within(rd, idle).await? {
@@ -350,20 +359,15 @@ async fn sync(
         client.len(),
         client.file_bytes()
     );
+    let server = scanning.await.expect("scan does not panic")?;
 
     let root = shared.root.clone();
-    let cache_file = shared.cache_file.clone();
     let (mut outcome, plan) = tokio::task::spawn_blocking(move || {
-        let scan = crate::scan::scan_cached(root.path(), cache_file).map_err(SessionError::Scan)?;
-        for w in &scan.warnings {
-            warn!("{w}");
-        }
-        let server = Manifest::from_entries(scan.entries)?;
         let plan = plan::plan(&client, &server);
-        Ok::<_, SessionError>((apply::apply_local(&root, &plan), plan))
+        (apply::apply_local(&root, &plan), plan)
     })
     .await
-    .expect("scan and apply do not panic")?;
+    .expect("plan and apply do not panic");
 
     let mut summary = Summary {
         copied: outcome.copied,
