@@ -6,7 +6,7 @@
 //! (rename over it) changes inode. The cache lives outside the synced tree, is written
 //! atomically (temp file, rename), and a missing, truncated or corrupt cache is simply rebuilt.
 
-use std::collections::HashMap;
+use std::cmp::Ordering;
 use std::fs::{self, Metadata};
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
@@ -14,43 +14,55 @@ use std::path::{Path, PathBuf};
 
 use md5::Digest;
 
-use crate::manifest::Md5;
+use crate::manifest::{Md5, cmp_components};
 
-const MAGIC: &[u8; 8] = b"SSHCACH1";
+const MAGIC: &[u8; 8] = b"SSHCACH2";
 
 /// Files modified this close to the scan are not cached: a write later in the same clock tick
 /// would leave size and mtime unchanged (git's "racily clean" problem).
-const RACY_NS: i128 = 2_000_000_000;
+const RACY_NS: i64 = 2_000_000_000;
 
+/// What identifies one version of a file without reading it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
+pub struct Stamp {
     size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
+    mtime_ns: i64,
+    ctime_ns: i64,
     ino: u64,
     dev: u64,
 }
 
 impl Stamp {
-    fn of(m: &Metadata) -> Stamp {
+    pub fn of(m: &Metadata) -> Stamp {
         Stamp {
             size: m.size(),
-            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec(),
+            ctime_ns: m.ctime().saturating_mul(1_000_000_000) + m.ctime_nsec(),
             ino: m.ino(),
             dev: m.dev(),
         }
     }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
 }
 
-/// The cache of one directory tree.
+#[derive(Debug)]
+struct Record {
+    path: String,
+    stamp: Stamp,
+    md5: Md5,
+}
+
+/// The cache of one directory tree, as loaded. Records are kept in walk order (component
+/// order), so a scan, which asks in that same order, finds each one by advancing a cursor.
 #[derive(Debug)]
 pub struct HashCache {
     file: PathBuf,
-    old: HashMap<String, (Stamp, Md5)>,
-    /// What this scan saw; saving keeps only these, so deleted files drop out.
-    new: HashMap<String, (Stamp, Md5)>,
-    pub(crate) now_ns: i128,
+    old: Vec<Record>,
+    cursor: usize,
+    pub(crate) now_ns: i64,
     pub hits: u64,
     pub misses: u64,
 }
@@ -99,151 +111,192 @@ impl HashCache {
             .unwrap_or_default();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i128);
+            .map_or(0, |d| d.as_nanos() as i64);
         HashCache {
             file,
             old,
-            new: HashMap::new(),
+            cursor: 0,
             now_ns: now,
             hits: 0,
             misses: 0,
         }
     }
 
-    /// The MD5 recorded for `rel`, if its metadata is unchanged since it was hashed.
-    pub fn lookup(&mut self, rel: &str, m: &Metadata) -> Option<Md5> {
-        let stamp = Stamp::of(m);
-        match self.old.get(rel) {
-            Some((s, md5)) if *s == stamp => {
-                self.hits += 1;
-                self.new.insert(rel.to_owned(), (stamp, *md5));
-                Some(*md5)
-            }
-            _ => {
-                self.misses += 1;
-                None
+    /// The MD5 recorded for `rel`, if its stamp is unchanged since it was hashed. Calls must
+    /// come in component order (as a walk makes them); out of order, they only miss.
+    pub fn lookup(&mut self, rel: &str, stamp: &Stamp) -> Option<Md5> {
+        while let Some(r) = self.old.get(self.cursor) {
+            match cmp_components(&r.path, rel) {
+                Ordering::Less => self.cursor += 1,
+                Ordering::Equal if r.stamp == *stamp => {
+                    self.hits += 1;
+                    return Some(r.md5);
+                }
+                _ => break,
             }
         }
+        self.misses += 1;
+        None
     }
 
-    /// Remembers a freshly computed MD5, unless the file changed too recently to be sure.
-    pub fn record(&mut self, rel: &str, m: &Metadata, md5: Md5) {
-        let stamp = Stamp::of(m);
-        if self.now_ns - stamp.mtime_ns.max(stamp.ctime_ns) < RACY_NS {
-            return;
+    /// Whether a freshly hashed file may be recorded: not if it changed too recently to be
+    /// sure the stamp will change with its next write.
+    pub fn may_record(&self, stamp: &Stamp) -> bool {
+        self.now_ns - stamp.mtime_ns.max(stamp.ctime_ns) >= RACY_NS
+    }
+
+    /// Replaces the cache file with `records` (in walk order), atomically; skipped when they
+    /// are exactly what was loaded.
+    pub fn save<'a>(&self, records: impl Iterator<Item = (&'a str, Stamp, Md5)>) -> io::Result<()> {
+        let mut body = Vec::with_capacity(16 + self.old.len() * 80);
+        body.extend_from_slice(MAGIC);
+        let mut n = 0usize;
+        let mut same = true;
+        for (path, s, md5) in records {
+            same &= self
+                .old
+                .get(n)
+                .is_some_and(|r| r.path == path && r.stamp == s && r.md5 == md5);
+            n += 1;
+            body.extend_from_slice(&(path.len() as u32).to_le_bytes());
+            body.extend_from_slice(path.as_bytes());
+            for v in [s.size, s.mtime_ns as u64, s.ctime_ns as u64, s.ino, s.dev] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+            body.extend_from_slice(&md5.0);
         }
-        self.new.insert(rel.to_owned(), (stamp, md5));
-    }
-
-    /// Writes what this scan saw, atomically.
-    pub fn save(&self) -> io::Result<()> {
-        if self.new == self.old {
+        if same && n == self.old.len() {
             return Ok(());
         }
+        let sum = Md5::of(&body);
+        body.extend_from_slice(&sum.0);
         let dir = self.file.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir)?;
         let mut tmp = crate::root::TempFile::new_in(dir)?;
-        tmp.file().write_all(&encode(&self.new))?;
+        tmp.file().write_all(&body)?;
         tmp.persist_to(&self.file)
     }
 }
 
-fn encode(map: &HashMap<String, (Stamp, Md5)>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + map.len() * 96);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(map.len() as u64).to_le_bytes());
-    for (path, (s, md5)) in map {
-        out.extend_from_slice(&(path.len() as u32).to_le_bytes());
-        out.extend_from_slice(path.as_bytes());
-        out.extend_from_slice(&s.size.to_le_bytes());
-        out.extend_from_slice(&s.mtime_ns.to_le_bytes());
-        out.extend_from_slice(&s.ctime_ns.to_le_bytes());
-        out.extend_from_slice(&s.ino.to_le_bytes());
-        out.extend_from_slice(&s.dev.to_le_bytes());
-        out.extend_from_slice(&md5.0);
-    }
-    let sum = Md5::of(&out);
-    out.extend_from_slice(&sum.0);
-    out
+fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let (head, tail) = r.split_at_checked(n)?;
+    *r = tail;
+    Some(head)
 }
 
-fn decode(b: &[u8]) -> Option<HashMap<String, (Stamp, Md5)>> {
+fn take_u64(r: &mut &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(take(r, 8)?.try_into().ok()?))
+}
+
+fn decode(b: &[u8]) -> Option<Vec<Record>> {
     let (body, sum) = b.split_at_checked(b.len().checked_sub(16)?)?;
     if md5::Md5::digest(body).as_slice() != sum || !body.starts_with(MAGIC) {
         return None;
     }
     let mut r = &body[MAGIC.len()..];
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let (h, t) = r.split_at_checked(n)?;
-        r = t;
-        Some(h)
-    };
-    let n = u64::from_le_bytes(take(8)?.try_into().ok()?);
-    let mut map = HashMap::new();
-    for _ in 0..n {
-        let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-        let path = String::from_utf8(take(len)?.to_vec()).ok()?;
+    let mut out: Vec<Record> = Vec::new();
+    while !r.is_empty() {
+        let len = u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?) as usize;
+        let path = String::from_utf8(take(&mut r, len)?.to_vec()).ok()?;
         let stamp = Stamp {
-            size: u64::from_le_bytes(take(8)?.try_into().ok()?),
-            mtime_ns: i128::from_le_bytes(take(16)?.try_into().ok()?),
-            ctime_ns: i128::from_le_bytes(take(16)?.try_into().ok()?),
-            ino: u64::from_le_bytes(take(8)?.try_into().ok()?),
-            dev: u64::from_le_bytes(take(8)?.try_into().ok()?),
+            size: take_u64(&mut r)?,
+            mtime_ns: take_u64(&mut r)? as i64,
+            ctime_ns: take_u64(&mut r)? as i64,
+            ino: take_u64(&mut r)?,
+            dev: take_u64(&mut r)?,
         };
-        let md5 = Md5(take(16)?.try_into().ok()?);
-        map.insert(path, (stamp, md5));
+        let md5 = Md5(take(&mut r, 16)?.try_into().ok()?);
+        // Out of order means not ours, or damaged: start afresh.
+        if out
+            .last()
+            .is_some_and(|p| cmp_components(&p.path, &path) != Ordering::Less)
+        {
+            return None;
+        }
+        out.push(Record { path, stamp, md5 });
     }
-    Some(map)
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A cache whose clock is far enough ahead that fresh test files are not "racy".
-    fn cache(file: &Path) -> HashCache {
-        let mut c = HashCache::load(file.to_owned());
-        c.now_ns += 10 * RACY_NS;
-        c
+    fn stamp(size: u64) -> Stamp {
+        Stamp {
+            size,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            ino: 7,
+            dev: 1,
+        }
     }
 
     #[test]
-    fn round_trip_and_corruption() {
+    fn round_trip_lookup_in_walk_order_and_corruption() {
         let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("a");
-        fs::write(&f, "x").unwrap();
         let file = d.path().join("c/cache");
-        let mut c = cache(&file);
-        let m = fs::metadata(&f).unwrap();
-        assert_eq!(c.lookup("a", &m), None);
-        c.record("a", &m, Md5::of(b"x"));
-        c.save().unwrap();
+        let c = HashCache::load(file.clone());
+        let recs = [("a", 1), ("a/b", 2), ("a b", 3)];
+        c.save(
+            recs.iter()
+                .map(|(p, n)| (*p, stamp(*n), Md5::of(p.as_bytes()))),
+        )
+        .unwrap();
 
-        let mut c = cache(&file);
-        assert_eq!(c.lookup("a", &m), Some(Md5::of(b"x")));
-        assert_eq!(c.lookup("b", &m), None);
+        let mut c = HashCache::load(file.clone());
+        assert_eq!(c.lookup("a", &stamp(1)), Some(Md5::of(b"a")));
+        assert_eq!(c.lookup("a/a", &stamp(2)), None, "absent");
+        assert_eq!(c.lookup("a/b", &stamp(9)), None, "stamp differs");
+        assert_eq!(c.lookup("a b", &stamp(3)), Some(Md5::of(b"a b")));
+        assert_eq!((c.hits, c.misses), (2, 2));
 
-        // Any flipped byte is detected by the trailing checksum: the cache starts empty.
-        let mut bytes = fs::read(&file).unwrap();
-        bytes[20] ^= 1;
-        fs::write(&file, &bytes).unwrap();
-        assert_eq!(cache(&file).lookup("a", &m), None);
-        fs::write(&file, &bytes[..10]).unwrap();
-        assert_eq!(cache(&file).lookup("a", &m), None);
-        fs::write(&file, "").unwrap();
-        assert_eq!(cache(&file).lookup("a", &m), None);
+        // Any flipped byte is caught by the trailing checksum; anything short is refused.
+        let bytes = fs::read(&file).unwrap();
+        for bad in [
+            {
+                let mut b = bytes.clone();
+                b[20] ^= 1;
+                b
+            },
+            bytes[..10].to_vec(),
+            Vec::new(),
+            b"garbage that is long enough to hold a checksum".to_vec(),
+        ] {
+            fs::write(&file, &bad).unwrap();
+            assert!(HashCache::load(file.clone()).old.is_empty());
+        }
     }
 
     #[test]
-    fn racy_files_are_not_recorded() {
+    fn unchanged_cache_is_not_rewritten() {
         let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("a");
-        fs::write(&f, "x").unwrap();
         let file = d.path().join("cache");
-        let mut c = HashCache::load(file.clone());
-        c.record("a", &fs::metadata(&f).unwrap(), Md5::of(b"x"));
-        c.save().unwrap();
-        let mut c = cache(&file);
-        assert_eq!(c.lookup("a", &fs::metadata(&f).unwrap()), None);
+        let recs = || [("a", stamp(1), Md5::of(b"a"))].into_iter();
+        HashCache::load(file.clone()).save(recs()).unwrap();
+        let before = fs::metadata(&file).unwrap().ino();
+        HashCache::load(file.clone()).save(recs()).unwrap();
+        assert_eq!(fs::metadata(&file).unwrap().ino(), before, "not replaced");
+        HashCache::load(file.clone())
+            .save(std::iter::empty())
+            .unwrap();
+        assert_ne!(
+            fs::metadata(&file).unwrap().ino(),
+            before,
+            "a file dropped out"
+        );
+    }
+
+    #[test]
+    fn racy_stamps_are_not_recorded() {
+        let c = HashCache::load(PathBuf::from("/nonexistent"));
+        let mut s = stamp(1);
+        s.mtime_ns = c.now_ns - 1;
+        assert!(!c.may_record(&s));
+        s.mtime_ns = c.now_ns - 3 * RACY_NS;
+        s.ctime_ns = c.now_ns - 1;
+        assert!(!c.may_record(&s), "ctime counts too");
+        s.ctime_ns = s.mtime_ns;
+        assert!(c.may_record(&s));
     }
 }

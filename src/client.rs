@@ -1,7 +1,6 @@
 //! The client: lists its directory, sends the list to the server, answers its file requests,
 //! and repeats on an interval.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +10,7 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tracing::{error, info, warn};
 
-use crate::manifest::{Kind, RelPath};
+use crate::manifest::Kind;
 use crate::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
 use crate::root::Root;
 use crate::scan;
@@ -158,13 +157,6 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
             .unreadable
             .push((path.to_string(), format!("cannot read: {reason}")));
     }
-    let offered: Arc<HashSet<RelPath>> = scan
-        .entries
-        .iter()
-        .filter(|e| matches!(e.kind, Kind::File { .. }))
-        .map(|e| e.path.clone())
-        .collect::<HashSet<_>>()
-        .into();
     let bytes: u64 = scan
         .entries
         .iter()
@@ -179,11 +171,11 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
         scan.entries.len()
     );
     for batch in scan.entries.chunks(BATCH) {
-        protocol::write(&mut wr, &Message::FileList(batch.to_vec())).await?;
+        protocol::write_file_list(&mut wr, batch).await?;
     }
     protocol::write(&mut wr, &Message::FileListEnd).await?;
     wr.flush().await.map_err(ProtocolError::from)?;
-    drop(scan);
+    let listed = Arc::new(scan.entries);
 
     let root = Root::new(&cfg.root);
     loop {
@@ -197,9 +189,9 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                     .and_then(|s| s.into_std())
                     .map_err(ProtocolError::from)?;
                 data.set_nonblocking(false).map_err(ProtocolError::from)?;
-                let (root, offered) = (root.clone(), offered.clone());
+                let (root, listed) = (root.clone(), listed.clone());
                 tokio::task::spawn_blocking(move || {
-                    transfer::send(data, &root, token, &paths, &offered)
+                    transfer::send(data, &root, token, &paths, &listed)
                 })
                 .await
                 .expect("send does not panic")?;

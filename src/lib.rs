@@ -32,6 +32,17 @@ pub fn init_logging(verbosity: i8) {
         .init();
 }
 
+/// Caps glibc's malloc arenas. By default each thread that allocates may get its own arena
+/// (up to 8 per core), and memory freed in one is not reused by another: with the runtime's
+/// workers, the blocking pool and the hashing threads, that alone can double peak RSS.
+pub fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter; called before other threads start.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

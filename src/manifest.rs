@@ -1,6 +1,5 @@
 //! The vocabulary both sides share: validated relative paths, entries, and a manifest of a tree.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -97,7 +96,26 @@ impl RelPath {
     /// Ordering used for manifests: component-wise, so a directory sorts right before its
     /// contents (`a`, `a/b`, `a b`), which keeps parents ahead of children in a sorted stream.
     pub fn cmp_components(&self, other: &RelPath) -> std::cmp::Ordering {
-        self.0.split('/').cmp(other.0.split('/'))
+        cmp_components(&self.0, &other.0)
+    }
+}
+
+/// Component-wise order of two `/`-separated paths, computed byte by byte: it equals the
+/// order of their component lists because `/` is made to sort below every byte a name can
+/// hold (names hold no NUL). Hot: manifests and the hash cache order by it.
+pub fn cmp_components(a: &str, b: &str) -> std::cmp::Ordering {
+    let key = |c: u8| if c == b'/' { 0 } else { c };
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len().min(b.len());
+    // Skip the common prefix at memcmp speed; only the first difference needs the mapping.
+    let i = a[..n]
+        .iter()
+        .zip(&b[..n])
+        .position(|(x, y)| x != y)
+        .unwrap_or(n);
+    match (a.get(i), b.get(i)) {
+        (Some(&x), Some(&y)) => key(x).cmp(&key(y)),
+        _ => a.len().cmp(&b.len()),
     }
 }
 
@@ -204,6 +222,14 @@ impl Entry {
     }
 }
 
+/// The entry for `path` in `entries`, which must be in component order (as a scan lists them).
+pub fn find_sorted<'a>(entries: &'a [Entry], path: &RelPath) -> Option<&'a Entry> {
+    entries
+        .binary_search_by(|e| e.path.cmp(path))
+        .ok()
+        .map(|i| &entries[i])
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
     #[error("path {0} is listed twice")]
@@ -214,25 +240,29 @@ pub enum ManifestError {
     TooMany(usize),
 }
 
-/// A whole tree's listing, keyed by path, checked to be a tree: no duplicates, and every
+/// A whole tree's listing in component order, checked to be a tree: no duplicates, and every
 /// entry's parent is a directory listed too. A peer cannot make the plan reason about a path
-/// whose parent is a file or missing.
+/// whose parent is a file or missing. A sorted vector rather than a map: lists arrive sorted,
+/// and it costs no per-entry node or key copy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Manifest {
-    entries: BTreeMap<RelPath, Entry>,
+    entries: Vec<Entry>,
 }
 
 impl Manifest {
     pub fn from_entries(entries: impl IntoIterator<Item = Entry>) -> Result<Self, ManifestError> {
-        let mut map = BTreeMap::new();
-        for e in entries {
-            if let Some(old) = map.insert(e.path.clone(), e) {
-                return Err(ManifestError::Duplicate(old.path));
-            }
+        let mut entries: Vec<Entry> = entries.into_iter().collect();
+        // Scans and well-behaved peers send sorted lists; only others pay for the sort.
+        if !entries.is_sorted_by(|a, b| a.path <= b.path) {
+            entries.sort_by(|a, b| a.path.cmp(&b.path));
         }
-        for e in map.values() {
+        if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
+            return Err(ManifestError::Duplicate(w[0].path.clone()));
+        }
+        let m = Manifest { entries };
+        for e in &m.entries {
             if let Some(parent) = e.path.parent() {
-                match map.get(&parent) {
+                match m.get(&parent) {
                     Some(Entry {
                         kind: Kind::Dir, ..
                     }) => {}
@@ -240,16 +270,16 @@ impl Manifest {
                 }
             }
         }
-        Ok(Manifest { entries: map })
+        Ok(m)
     }
 
     pub fn get(&self, path: &RelPath) -> Option<&Entry> {
-        self.entries.get(path)
+        find_sorted(&self.entries, path)
     }
 
     /// Entries in component order: every directory before its contents.
-    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.values()
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Entry> {
+        self.entries.iter()
     }
 
     pub fn len(&self) -> usize {
@@ -307,6 +337,22 @@ mod tests {
         v.sort();
         let got: Vec<&str> = v.iter().map(|p| p.as_str()).collect();
         assert_eq!(got, ["a", "a/b", "a/b/c", "a b", "a.txt"]);
+    }
+
+    #[test]
+    fn byte_order_equals_component_order() {
+        let names = [
+            "a", "a b", "a/b", "a/b/c", "a.b", "a-", "ab", "b", "a/ b", "a/!", "é", "z/a",
+        ];
+        for x in names {
+            for y in names {
+                assert_eq!(
+                    cmp_components(x, y),
+                    x.split('/').cmp(y.split('/')),
+                    "{x:?} vs {y:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -137,25 +137,34 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
         }
     }
 
-    // Content the server already has, by MD5: sources sorted so the choice is deterministic,
-    // and a source due for deletion preferred (it can be moved rather than copied).
-    let mut by_md5: HashMap<Md5, Vec<&RelPath>> = HashMap::new();
-    for s in server.iter() {
-        if let Some(md5) = s.md5() {
-            by_md5.entry(md5).or_default().push(&s.path);
-        }
+    // Content the server already has, by MD5, sorted so that a lookup is a binary search and
+    // the choice among equal candidates is by path. Built only when some file needs content.
+    let mut by_md5: Vec<(Md5, &RelPath)> = Vec::new();
+    if !needs_content.is_empty() {
+        by_md5 = server
+            .iter()
+            .filter_map(|s| Some((s.md5()?, &s.path)))
+            .collect();
+        by_md5.sort_unstable();
     }
     let mut moves: HashMap<&RelPath, usize> = HashMap::new();
     for c in needs_content {
         let Kind::File { size, md5 } = c.kind else {
             unreachable!("only files need content")
         };
-        match by_md5.get(&md5) {
-            Some(sources) => {
-                let src = sources
-                    .iter()
-                    .find(|s| deletes.contains(**s))
-                    .unwrap_or(&sources[0]);
+        let first = by_md5.partition_point(|(m, _)| *m < md5);
+        let sources: Vec<&RelPath> = by_md5[first..]
+            .iter()
+            .take_while(|(m, _)| *m == md5)
+            .map(|(_, p)| *p)
+            .collect();
+        // A source due for deletion is preferred: it can be moved rather than copied.
+        match sources
+            .iter()
+            .find(|s| deletes.contains(**s))
+            .or(sources.first())
+        {
+            Some(src) => {
                 if deletes.contains(*src) {
                     moves.insert(src, p.copies.len());
                 }

@@ -148,13 +148,7 @@ impl Message {
                 w.u16(*data_port);
                 w.u64(*token);
             }
-            Message::FileList(entries) => {
-                w.u8(3);
-                w.u32(entries.len() as u32);
-                for e in entries {
-                    w.entry(e);
-                }
-            }
+            Message::FileList(entries) => w.file_list(entries),
             Message::FileListEnd => w.u8(4),
             Message::FileRequest(paths) => {
                 w.u8(5);
@@ -306,6 +300,14 @@ impl Writer<'_> {
     fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());
     }
+    fn file_list(&mut self, entries: &[Entry]) {
+        self.u8(3);
+        self.u32(entries.len() as u32);
+        for e in entries {
+            self.entry(e);
+        }
+    }
+
     fn entry(&mut self, e: &Entry) {
         self.str(e.path.as_str());
         match &e.kind {
@@ -468,6 +470,20 @@ pub fn write_blocking<W: Write>(w: &mut W, msg: &Message) -> Result<(), Protocol
     let mut buf = Vec::new();
     msg.encode(&mut buf);
     w.write_all(&buf)?;
+    Ok(())
+}
+
+/// Writes a `FileList` frame from borrowed entries, sparing the clone of a whole batch that
+/// building a `Message::FileList` would need.
+pub async fn write_file_list<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    entries: &[Entry],
+) -> Result<(), ProtocolError> {
+    let mut buf = vec![0; 4];
+    Writer(&mut buf).file_list(entries);
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    w.write_all(&buf).await?;
     Ok(())
 }
 
@@ -645,6 +661,17 @@ mod tests {
             Some(Message::Chunk(vec![7; 10]))
         );
         assert_eq!(read(&mut r).await.unwrap(), None);
+
+        let entries = vec![Entry {
+            path: p("x"),
+            kind: Kind::Dir,
+            meta: Meta::default(),
+        }];
+        let mut fast = Vec::new();
+        write_file_list(&mut fast, &entries).await.unwrap();
+        let mut slow = Vec::new();
+        Message::FileList(entries).encode(&mut slow);
+        assert_eq!(fast, slow);
 
         let mut fast = Vec::new();
         write_chunk(&mut fast, &[7; 10]).unwrap();

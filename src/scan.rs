@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use md5::Digest;
 
-use crate::cache::HashCache;
+use crate::cache::{HashCache, Stamp};
 use crate::manifest::{Entry, Kind, Md5, Meta, RelPath, TEMP_PREFIX};
 
 /// What a walk found: entries in component order (parents first), and warnings about what it
@@ -17,6 +17,8 @@ use crate::manifest::{Entry, Kind, Md5, Meta, RelPath, TEMP_PREFIX};
 pub struct Scan {
     pub entries: Vec<Entry>,
     pub warnings: Vec<String>,
+    /// Files whose MD5 may go into the hash cache: (index in `entries`, stamp), in order.
+    cacheable: Vec<(usize, Stamp)>,
 }
 
 impl Scan {
@@ -26,6 +28,18 @@ impl Scan {
             Kind::Unreadable { reason } => Some((&e.path, reason.as_str())),
             _ => None,
         })
+    }
+
+    /// Saves what this scan learnt into `cache`'s file.
+    pub fn save_cache(&self, cache: &HashCache) -> io::Result<()> {
+        cache.save(self.cacheable.iter().map(|&(i, stamp)| {
+            let e = &self.entries[i];
+            (
+                e.path.as_str(),
+                stamp,
+                e.md5().expect("only files are cacheable"),
+            )
+        }))
     }
 }
 
@@ -46,7 +60,7 @@ pub fn scan(root: &Path, mut cache: Option<&mut HashCache>) -> io::Result<Scan> 
     let mut pending = Vec::new();
     let top = read_dir_sorted(root)?;
     walk(None, top, &mut scan, &mut pending, &mut cache);
-    hash_pending(&mut scan, pending, cache);
+    hash_pending(&mut scan, pending, cache.as_deref());
     Ok(scan)
 }
 
@@ -58,7 +72,7 @@ pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>) -> io::Result<Scan> 
     let mut cache = HashCache::load(file);
     let found = scan(dir, Some(&mut cache))?;
     tracing::debug!("hash cache: {} hits, {} misses", cache.hits, cache.misses);
-    if let Err(e) = cache.save() {
+    if let Err(e) = found.save_cache(&cache) {
         tracing::warn!("failed to save the hash cache: {e}");
     }
     Ok(found)
@@ -68,21 +82,17 @@ pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>) -> io::Result<Scan> 
 struct Pending {
     index: usize,
     path: PathBuf,
-    md: Metadata,
+    stamp: Stamp,
 }
 
-fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, mut cache: Option<&mut HashCache>) {
+fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache>) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = pending.len().div_ceil(threads).max(1);
-    let results: Vec<(usize, io::Result<(u64, Md5)>)> = std::thread::scope(|s| {
+    let results: Vec<io::Result<(u64, Md5)>> = std::thread::scope(|s| {
         let workers: Vec<_> = pending
             .chunks(chunk)
             .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|p| (p.index, hash_file(&p.path)))
-                        .collect::<Vec<_>>()
-                })
+                s.spawn(move || part.iter().map(|p| hash_file(&p.path)).collect::<Vec<_>>())
             })
             .collect();
         workers
@@ -91,17 +101,17 @@ fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, mut cache: Option<&mut H
             .collect()
     });
     let mut vanished = Vec::new();
-    for ((index, res), p) in results.into_iter().zip(&pending) {
-        let e = &mut scan.entries[index];
+    for (res, p) in results.into_iter().zip(&pending) {
+        let e = &mut scan.entries[p.index];
         match res {
             Ok((size, md5)) => {
                 // A file that changed size while read is hashed again next time, not cached.
-                if let Some(c) = cache.as_deref_mut().filter(|_| size == p.md.len()) {
-                    c.record(e.path.as_str(), &p.md, md5);
+                if cache.is_some_and(|c| size == p.stamp.size() && c.may_record(&p.stamp)) {
+                    scan.cacheable.push((p.index, p.stamp));
                 }
                 e.kind = Kind::File { size, md5 };
             }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => vanished.push(index),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => vanished.push(p.index),
             Err(err) => {
                 e.kind = Kind::Unreadable {
                     reason: err.to_string(),
@@ -110,8 +120,19 @@ fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, mut cache: Option<&mut H
             }
         }
     }
-    for index in vanished.into_iter().rev() {
-        scan.entries.remove(index);
+    scan.cacheable.sort_unstable_by_key(|&(i, _)| i);
+    if vanished.is_empty() {
+        return;
+    }
+    // Drop what disappeared since the walk, and shift the cacheable indices to match.
+    let gone: std::collections::HashSet<usize> = vanished.into_iter().collect();
+    let mut i = 0;
+    scan.entries.retain(|_| {
+        i += 1;
+        !gone.contains(&(i - 1))
+    });
+    for (idx, _) in &mut scan.cacheable {
+        *idx -= gone.iter().filter(|g| **g < *idx).count();
     }
 }
 
@@ -183,17 +204,21 @@ fn walk(
                 Err(e) => scan.entries.push(unreadable(e)),
             }
         } else if ft.is_file() {
+            let stamp = Stamp::of(&md);
             let cached = cache
                 .as_deref_mut()
-                .and_then(|c| c.lookup(rel.as_str(), &md));
-            let md5 = cached.unwrap_or_else(|| {
-                pending.push(Pending {
-                    index: scan.entries.len(),
-                    path,
-                    md: md.clone(),
-                });
-                Md5([0; 16])
-            });
+                .and_then(|c| c.lookup(rel.as_str(), &stamp));
+            let index = scan.entries.len();
+            let md5 = match cached {
+                Some(md5) => {
+                    scan.cacheable.push((index, stamp));
+                    md5
+                }
+                None => {
+                    pending.push(Pending { index, path, stamp });
+                    Md5([0; 16])
+                }
+            };
             scan.entries.push(Entry {
                 path: rel,
                 kind: Kind::File {
@@ -296,7 +321,7 @@ mod tests {
         let mut cache = HashCache::load(cache_file.to_owned());
         cache.now_ns += 3600 * 1_000_000_000;
         let s = scan(dir, Some(&mut cache)).unwrap();
-        cache.save().unwrap();
+        s.save_cache(&cache).unwrap();
         (s, cache.hits)
     }
 

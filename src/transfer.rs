@@ -5,7 +5,7 @@
 //! Both ends are blocking code run on a thread of their own per connection: per file this is a
 //! handful of system calls, where async file I/O would add a thread-pool hop to each of them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use md5::Digest;
 use tracing::{info, warn};
 
-use crate::manifest::{Md5, RelPath};
+use crate::manifest::{Entry, Kind, Md5, RelPath, find_sorted};
 use crate::plan::Request;
 use crate::protocol::{self, CHUNK_SIZE, Message, ProtocolError};
 use crate::root::{Root, TempFile};
@@ -158,15 +158,15 @@ pub struct Sent {
     pub failed: Vec<(String, String)>,
 }
 
-/// Sends the requested files over a data connection, then closes it. Only files in `offered`
-/// (the regular files of the list this client announced) are sent: a server cannot use a
-/// request to read anything else, such as a path through a client-side symlink.
+/// Sends the requested files over a data connection, then closes it. Only regular files of
+/// `listed` (the entries this client announced, in component order) are sent: a server cannot
+/// use a request to read anything else, such as a path through a client-side symlink.
 pub fn send<S: Write>(
     conn: S,
     root: &Root,
     token: u64,
     paths: &[RelPath],
-    offered: &HashSet<RelPath>,
+    listed: &[Entry],
 ) -> Result<Sent, ProtocolError> {
     let mut w = BufWriter::with_capacity(64 << 10, conn);
     protocol::write_blocking(&mut w, &Message::DataHello { token })?;
@@ -175,7 +175,9 @@ pub fn send<S: Write>(
     for path in paths {
         protocol::write_blocking(&mut w, &Message::FileBegin { path: path.clone() })?;
         info!("Sending file: {path}");
-        let res = if offered.contains(path) {
+        let offered =
+            find_sorted(listed, path).is_some_and(|e| matches!(e.kind, Kind::File { .. }));
+        let res = if offered {
             send_one(&mut w, root, path, &mut buf)?
         } else {
             Err("not a file this client offered".to_string())

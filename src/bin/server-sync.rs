@@ -49,9 +49,16 @@ struct Args {
     quiet: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    server_sync::limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("can start the async runtime")
+        .block_on(run(Args::parse()))
+}
+
+async fn run(args: Args) -> ExitCode {
     server_sync::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
     match serve(args).await {
         Ok(()) => ExitCode::SUCCESS,
