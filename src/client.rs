@@ -157,6 +157,15 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
             .unreadable
             .push((path.to_string(), format!("cannot read: {reason}")));
     }
+    // Sockets, FIFOs and devices are not synced: leave them out of the list.
+    let mut scan = scan;
+    scan.entries.retain(|e| match &e.kind {
+        Kind::Special { what } => {
+            warn!("skipping {}: a {what} is not synced", e.path);
+            false
+        }
+        _ => true,
+    });
     let bytes: u64 = scan
         .entries
         .iter()

@@ -193,6 +193,11 @@ pub enum Kind {
     Unreadable {
         reason: String,
     },
+    /// A socket, FIFO or device (`what` says which). Never synced: a client leaves it out of
+    /// its list, and the server deletes its own like anything else the client lacks.
+    Special {
+        what: String,
+    },
 }
 
 impl Kind {
@@ -202,6 +207,7 @@ impl Kind {
             Kind::Dir => "dir",
             Kind::Symlink { .. } => "symlink",
             Kind::Unreadable { .. } => "unreadable",
+            Kind::Special { .. } => "special",
         }
     }
 }

@@ -96,7 +96,8 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
             .filter(|s| same_category(&s.kind, &c.kind));
         let meta_differs = s.is_some_and(|s| s.meta != c.meta);
         match &c.kind {
-            Kind::Unreadable { .. } => continue,
+            // Never synced: whatever the server has there goes, like anything the client lacks.
+            Kind::Unreadable { .. } | Kind::Special { .. } => continue,
             Kind::Dir => {
                 if s.is_none() {
                     p.mkdirs.push(c.path.clone());
@@ -237,7 +238,7 @@ mod tests {
     use super::*;
 
     /// Parses a compact tree: entries separated by `;`, each `f PATH CONTENT`, `d PATH`,
-    /// `l PATH TARGET` or `u PATH`, optionally followed by `m=MODE` (octal) and `t=MTIME`.
+    /// `l PATH TARGET`, `u PATH` (unreadable) or `s PATH` (special), optionally followed by `m=MODE` (octal) and `t=MTIME`.
     /// Defaults: files 644, dirs 755, mtime 0.
     fn tree(spec: &str) -> Manifest {
         let entries = spec
@@ -274,6 +275,9 @@ mod tests {
                     },
                     "u" => Kind::Unreadable {
                         reason: "denied".into(),
+                    },
+                    "s" => Kind::Special {
+                        what: "FIFO".into(),
                     },
                     k => panic!("unknown kind {k}"),
                 };
@@ -397,6 +401,17 @@ mod tests {
             "delete d/b; dirmeta d 755 0",
         );
         check("u a", "", "");
+    }
+
+    #[test]
+    fn special_files_on_the_server_go() {
+        check("", "s fifo", "delete fifo");
+        check(
+            "d a; f a/x 1",
+            "s a",
+            "delete a; mkdir a; request a/x; dirmeta a 755 0",
+        );
+        check("s a", "f a x", "delete a");
     }
 
     #[test]

@@ -325,6 +325,10 @@ impl Writer<'_> {
                 self.u8(4);
                 self.str(reason);
             }
+            Kind::Special { what } => {
+                self.u8(5);
+                self.str(what);
+            }
         }
         self.u32(e.meta.mode);
         self.u64(e.meta.mtime_secs as u64);
@@ -392,6 +396,9 @@ impl<'a> Reader<'a> {
             },
             4 => Kind::Unreadable {
                 reason: self.str("reason")?,
+            },
+            5 => Kind::Special {
+                what: self.str("special kind")?,
             },
             _ => return Err(ProtocolError::Malformed("entry kind")),
         };
@@ -571,6 +578,13 @@ mod tests {
                 path: p("u"),
                 kind: Kind::Unreadable {
                     reason: "permission denied".into(),
+                },
+                meta,
+            },
+            Entry {
+                path: p("v"),
+                kind: Kind::Special {
+                    what: "FIFO".into(),
                 },
                 meta,
             },

@@ -249,8 +249,11 @@ fn walk(
             } else {
                 "device"
             };
-            scan.warnings
-                .push(format!("skipping {rel}: a {what} is not synced"));
+            scan.entries.push(Entry {
+                path: rel,
+                kind: Kind::Special { what: what.into() },
+                meta,
+            });
         }
     }
 }
@@ -401,11 +404,11 @@ mod tests {
     }
 
     #[test]
-    fn special_files_are_skipped_with_a_warning() {
+    fn special_files_are_listed_as_such() {
         let d = tempfile::tempdir().unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
         let s = scan(d.path(), None).unwrap();
-        assert!(s.entries.is_empty());
-        assert_eq!(s.warnings, ["skipping sock: a socket is not synced"]);
+        assert_eq!(listing(&s), ["sock special"]);
+        assert!(s.warnings.is_empty());
     }
 }

@@ -157,6 +157,9 @@ struct Shared {
     session: tokio::sync::Mutex<()>,
     /// Sessions waiting for data connections, by token.
     waiting: Mutex<HashMap<u64, mpsc::Sender<TcpStream>>>,
+    /// Data connections being received on blocking threads, which no task abort can stop:
+    /// shutting their sockets down is how an abandoned transfer is ended.
+    receiving: Mutex<HashMap<u64, std::net::TcpStream>>,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight sessions finish
@@ -174,6 +177,7 @@ pub async fn run(
         cache_file: config.cache_file.clone(),
         session: tokio::sync::Mutex::new(()),
         waiting: Mutex::new(HashMap::new()),
+        receiving: Mutex::new(HashMap::new()),
     });
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let mut tasks = JoinSet::new();
@@ -214,6 +218,9 @@ pub async fn run(
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
             warn!("shutting down: abandoning sessions still in flight");
+            for s in shared.receiving.lock().unwrap().values() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
             tasks.shutdown().await;
         }
     }
@@ -260,6 +267,27 @@ fn blocking(stream: TcpStream, idle: Duration) -> std::io::Result<std::net::TcpS
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(idle))?;
     Ok(s)
+}
+
+/// Lists a data connection in `Shared::receiving` while it is being received.
+struct Receiving<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl<'a> Receiving<'a> {
+    fn register(shared: &'a Shared, stream: &std::net::TcpStream) -> Option<Self> {
+        let id = crate::random_u64();
+        let clone = stream.try_clone().ok()?;
+        shared.receiving.lock().unwrap().insert(id, clone);
+        Some(Receiving { shared, id })
+    }
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        self.shared.receiving.lock().unwrap().remove(&self.id);
+    }
 }
 
 /// Removes a session's token when the session ends, however it ends.
@@ -391,6 +419,7 @@ async fn sync(
             _ => return Err(SessionError::NoDataConnection),
         };
         let stream = blocking(stream, idle).map_err(ProtocolError::from)?;
+        let _receiving = Receiving::register(shared, &stream);
         let (root, batch) = (shared.root.clone(), batch.to_vec());
         let got = tokio::task::spawn_blocking(move || {
             let mut stream = std::io::BufReader::with_capacity(256 << 10, stream);

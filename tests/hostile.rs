@@ -870,10 +870,6 @@ fn sigterm_during_a_transfer_leaves_no_temporary_file() {
 }
 
 #[test]
-#[ignore = "BUG: after SIGTERM the server logs `server stopped` at the end of its 5 s grace \
-            period but the process only exits when the stalled data connection's blocking read \
-            times out (--idle-timeout, 60 s by default; never, if the peer trickles a byte now \
-            and then): the runtime waits for the spawn_blocking receive thread"]
 fn sigterm_abandons_a_stalled_transfer_after_the_grace_period() {
     // A peer that stalls mid-file and never comes back: the server may wait for it for its
     // shutdown grace period (5 s), not for the whole idle timeout.

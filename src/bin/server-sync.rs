@@ -51,11 +51,15 @@ struct Args {
 
 fn main() -> ExitCode {
     server_sync::limit_malloc_arenas();
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("can start the async runtime")
-        .block_on(run(Args::parse()))
+        .expect("can start the async runtime");
+    let code = rt.block_on(run(Args::parse()));
+    // The server has already ended and cleaned up its sessions; do not wait on a blocking
+    // thread that is still unwinding.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 async fn run(args: Args) -> ExitCode {
