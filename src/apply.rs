@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use crate::manifest::{Md5, RelPath, TEMP_PREFIX};
 use crate::plan::{LocalCopy, Plan, Request};
-use crate::root::{Root, TempFile};
+use crate::root::{Root, TempFile, in_dir};
 
 /// What the local phases did. Failures are recorded and the rest goes on.
 #[derive(Debug, Default)]
@@ -148,7 +148,8 @@ fn stage_one(root: &Root, stage: &Stage, c: &LocalCopy) -> io::Result<TempFile> 
     let src = root.resolve(&c.src).map_err(io::Error::other)?;
     let tmp = if c.is_move {
         let tmp = TempFile::adopt(stage.dir.join(format!("{:016x}", crate::random_u64())));
-        fs::rename(&src, tmp.path())?;
+        let src_dir = src.parent().expect("resolved paths are below the root");
+        in_dir(src_dir, || fs::rename(&src, tmp.path()))?;
         // Moved, not yet trusted: a file modified behind our back since the scan is refused.
         let (_, md5) = crate::scan::hash_file(tmp.path())?;
         check_md5(md5, c.md5)?;

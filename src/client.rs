@@ -132,7 +132,8 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
 
     // Scan only now that the session has started: the server walks its own tree meanwhile.
     let cache_file = cfg.cache_file.clone();
-    let mut scanning = tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file));
+    let mut scanning =
+        tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file, false));
     let scan = loop {
         tokio::select! {
             r = &mut scanning => break r.expect("scan does not panic"),

@@ -76,22 +76,26 @@ impl Root {
     pub fn temp_for(&self, rel: &RelPath) -> Result<TempFile, RootError> {
         let target = self.resolve(rel)?;
         let dir = target.parent().expect("resolved paths are below the root");
-        TempFile::new_in(dir).map_err(|e| RootError::io(rel, e))
+        in_dir(dir, || TempFile::new_in(dir)).map_err(|e| RootError::io(rel, e))
     }
 
     /// Moves a finished temporary file onto `rel`, replacing what was there (a file or a
     /// symlink; never following it).
     pub fn place(&self, tmp: TempFile, rel: &RelPath) -> Result<(), RootError> {
         let target = self.resolve(rel)?;
-        tmp.persist_to(&target).map_err(|e| RootError::io(rel, e))
+        let dir = target.parent().expect("resolved paths are below the root");
+        in_dir(dir, || fs::rename(tmp.path(), &target)).map_err(|e| RootError::io(rel, e))?;
+        tmp.forget();
+        Ok(())
     }
 
     /// Removes a file, symlink or (empty) directory; a missing entry is not an error.
     pub fn remove(&self, rel: &RelPath) -> Result<(), RootError> {
         let p = self.resolve(rel)?;
+        let dir = p.parent().expect("resolved paths are below the root");
         let res = match fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_dir() => fs::remove_dir(&p),
-            Ok(_) => fs::remove_file(&p),
+            Ok(m) if m.file_type().is_dir() => in_dir(dir, || fs::remove_dir(&p)),
+            Ok(_) => in_dir(dir, || fs::remove_file(&p)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         };
@@ -100,7 +104,8 @@ impl Root {
 
     pub fn mkdir(&self, rel: &RelPath) -> Result<(), RootError> {
         let p = self.resolve(rel)?;
-        match fs::create_dir(&p) {
+        let dir = p.parent().expect("resolved paths are below the root");
+        match in_dir(dir, || fs::create_dir(&p)) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && is_real_dir(&p) => Ok(()),
             r => r.map_err(|e| RootError::io(rel, e)),
         }
@@ -111,7 +116,7 @@ impl Root {
         let p = self.resolve(rel)?;
         let dir = p.parent().expect("resolved paths are below the root");
         let tmp = dir.join(temp_name());
-        symlink(target, &tmp).map_err(|e| RootError::io(rel, e))?;
+        in_dir(dir, || symlink(target, &tmp)).map_err(|e| RootError::io(rel, e))?;
         fs::rename(&tmp, &p).map_err(|e| {
             let _ = fs::remove_file(&tmp);
             RootError::io(rel, e)
@@ -168,6 +173,25 @@ impl Root {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+/// Runs `op`, which changes the entries of directory `dir`. If that is refused because `dir`
+/// is not writable by its owner (a read-only directory mirrored from the client, on a server
+/// that is not root), makes it owner-writable and tries once more, as rsync does. The plan
+/// puts the directory's own mode back at the end of the session.
+pub fn in_dir<T>(dir: &Path, op: impl Fn() -> io::Result<T>) -> io::Result<T> {
+    match op() {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let m = fs::symlink_metadata(dir)?;
+            let mode = m.permissions().mode();
+            if !m.is_dir() || mode & 0o300 == 0o300 {
+                return Err(e);
+            }
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o300))?;
+            op()
+        }
+        r => r,
     }
 }
 
@@ -248,8 +272,13 @@ impl TempFile {
     pub fn persist_to(mut self, target: &Path) -> io::Result<()> {
         drop(self.file.take());
         fs::rename(&self.path, target)?;
-        self.path = PathBuf::new();
+        self.forget();
         Ok(())
+    }
+
+    /// Marks the file as moved away by the caller: dropping it deletes nothing.
+    fn forget(mut self) {
+        self.path = PathBuf::new();
     }
 }
 

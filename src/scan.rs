@@ -55,22 +55,25 @@ pub fn meta_of(m: &Metadata) -> Meta {
 /// cannot be read at all; anything below that cannot be read becomes an `Unreadable` entry.
 ///
 /// Files are hashed after the metadata walk, on every core, except those `cache` vouches for.
-pub fn scan(root: &Path, mut cache: Option<&mut HashCache>) -> io::Result<Scan> {
+/// With `read_own`, a file this process owns but may not read (mode 0000 on a server that is
+/// not root) is read anyway, by granting owner-read for the moment of hashing: the server
+/// must know what its own mirror holds.
+pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, read_own: bool) -> io::Result<Scan> {
     let mut scan = Scan::default();
     let mut pending = Vec::new();
     let top = read_dir_sorted(root)?;
     walk(None, top, &mut scan, &mut pending, &mut cache);
-    hash_pending(&mut scan, pending, cache.as_deref());
+    hash_pending(&mut scan, pending, cache.as_deref(), read_own);
     Ok(scan)
 }
 
 /// Scans `dir`, using and then updating the hash cache in `cache_file` if there is one.
-pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>) -> io::Result<Scan> {
+pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>, read_own: bool) -> io::Result<Scan> {
     let Some(file) = cache_file else {
-        return scan(dir, None);
+        return scan(dir, None, read_own);
     };
     let mut cache = HashCache::load(file);
-    let found = scan(dir, Some(&mut cache))?;
+    let found = scan(dir, Some(&mut cache), read_own)?;
     tracing::debug!("hash cache: {} hits, {} misses", cache.hits, cache.misses);
     if let Err(e) = found.save_cache(&cache) {
         tracing::warn!("failed to save the hash cache: {e}");
@@ -85,15 +88,19 @@ struct Pending {
     stamp: Stamp,
 }
 
-fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache>) {
+fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache>, read_own: bool) {
+    let hash = |p: &Pending| match hash_file(&p.path) {
+        Err(e) if read_own && e.kind() == io::ErrorKind::PermissionDenied => {
+            hash_own_unreadable(&p.path).unwrap_or(Err(e))
+        }
+        r => r,
+    };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = pending.len().div_ceil(threads).max(1);
     let results: Vec<io::Result<(u64, Md5)>> = std::thread::scope(|s| {
         let workers: Vec<_> = pending
             .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || part.iter().map(|p| hash_file(&p.path)).collect::<Vec<_>>())
-            })
+            .map(|part| s.spawn(move || part.iter().map(hash).collect::<Vec<_>>()))
             .collect();
         workers
             .into_iter()
@@ -258,6 +265,24 @@ fn walk(
     }
 }
 
+/// Hashes a file this process owns but may not read, by adding owner-read for the moment and
+/// putting the mode back. `None` when the file is not ours to do that to.
+fn hash_own_unreadable(path: &Path) -> Option<io::Result<(u64, Md5)>> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = fs::symlink_metadata(path).ok()?;
+    // SAFETY: geteuid has no preconditions.
+    if !m.is_file() || m.uid() != unsafe { libc::geteuid() } || m.mode() & 0o400 != 0 {
+        return None;
+    }
+    let mode = m.permissions().mode();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o400)).ok()?;
+    let res = hash_file(path);
+    if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
+        return Some(Err(e));
+    }
+    Some(res)
+}
+
 /// Size and MD5 of a file, read in bounded chunks.
 pub fn hash_file(path: &Path) -> io::Result<(u64, Md5)> {
     let mut f = File::open(path)?;
@@ -303,7 +328,7 @@ mod tests {
         fs::create_dir(r.join("empty")).unwrap();
         symlink("/etc", r.join("link")).unwrap();
         fs::write(r.join(".server-sync-tmp.123"), "partial").unwrap();
-        let s = scan(r, None).unwrap();
+        let s = scan(r, None, false).unwrap();
         assert_eq!(
             listing(&s),
             [
@@ -323,7 +348,7 @@ mod tests {
     fn scan_through(dir: &Path, cache_file: &Path) -> (Scan, u64) {
         let mut cache = HashCache::load(cache_file.to_owned());
         cache.now_ns += 3600 * 1_000_000_000;
-        let s = scan(dir, Some(&mut cache)).unwrap();
+        let s = scan(dir, Some(&mut cache), false).unwrap();
         s.save_cache(&cache).unwrap();
         (s, cache.hits)
     }
@@ -407,7 +432,7 @@ mod tests {
     fn special_files_are_listed_as_such() {
         let d = tempfile::tempdir().unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
-        let s = scan(d.path(), None).unwrap();
+        let s = scan(d.path(), None, false).unwrap();
         assert_eq!(listing(&s), ["sock special"]);
         assert!(s.warnings.is_empty());
     }

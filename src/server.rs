@@ -362,7 +362,8 @@ async fn sync(
     // Walk our own tree while the client walks its own and sends the list.
     let (root, cache_file) = (shared.root.clone(), shared.cache_file.clone());
     let scanning = tokio::task::spawn_blocking(move || {
-        let scan = crate::scan::scan_cached(root.path(), cache_file).map_err(SessionError::Scan)?;
+        let scan =
+            crate::scan::scan_cached(root.path(), cache_file, true).map_err(SessionError::Scan)?;
         for w in &scan.warnings {
             warn!("{w}");
         }

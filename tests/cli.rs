@@ -716,10 +716,6 @@ fn nobody(cmd: &mut Command) {
 }
 
 #[test]
-#[ignore = "BUG: a server that is not root mirrors a directory's mode (e.g. 0555) exactly, and \
-            from then on cannot create, replace or delete anything inside it: every later sync \
-            fails for those entries (`failed to create a temporary file: ro/f: Permission \
-            denied`, `failed to delete`), exit 1 forever"]
 fn unprivileged_server_keeps_read_only_directories_in_sync() {
     let mut w = World::new();
     if !as_unprivileged_server(&w) {
@@ -764,9 +760,6 @@ fn unprivileged_server_mirrors_modes_and_stays_stable() {
 }
 
 #[test]
-#[ignore = "BUG: a server that is not root mirrors a file's mode 0000 exactly, then cannot read \
-            its own copy: every later session lists it as unreadable, deletes it and requests it \
-            again (`Deleting file: none`, `Requesting file: none` on every sync, forever)"]
 fn unprivileged_server_does_not_resend_files_it_cannot_read() {
     let mut w = World::new();
     if !as_unprivileged_server(&w) {
