@@ -1,0 +1,813 @@
+//! Runs one scenario against one implementation profile: directories, steps, checks, snapshot, report.
+//!
+//! Both front ends (`cargo xtask scenarios` and the nextest test binary) call [`run`]; everything a
+//! scenario does and how its failure reads is decided here, once.
+
+mod checks;
+mod report;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+
+use crate::fsops;
+use crate::process::{ExitInfo, Hub, Line, WaitError, log_path, port_open, refusing_port};
+use crate::profile::{Profile, Ready, SyncDone, Vars};
+use crate::scenario::{Action, Exit, Loc, Scenario, Since, SnapshotMode, Step, is_client};
+use crate::tree::{self, Tree, entry_at, format_time};
+
+const SERVER_HOST: &str = "127.0.0.1";
+/// How long teardown lets processes exit on SIGTERM before SIGKILL.
+const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a `log … contains` check waits for a line still in flight in a pipe.
+const LOG_SETTLE: Duration = Duration::from_secs(2);
+/// Entries of a tree shown in a failure report before it is cut short.
+const REPORT_TREE_LIMIT: usize = 60;
+
+/// How to run scenarios.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub profile: Profile,
+    /// Where `test_NNN_server.log` and `test_NNN_client.log` go.
+    pub out_dir: PathBuf,
+    /// Keep the scenario's temporary directory instead of deleting it.
+    pub keep: bool,
+    /// Directory of the insta snapshots; `None` disables snapshots whatever the profile says.
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+/// The result of one scenario run.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub id: String,
+    pub passed: bool,
+    pub duration: Duration,
+    /// What a person needs when it failed: step, expected vs actual, trees, log paths.
+    pub failure: Option<String>,
+    /// The step-by-step record for `test_sync.log`.
+    pub run_log: String,
+    /// Log files written.
+    pub logs: Vec<PathBuf>,
+    /// The kept temporary directory (`--keep`).
+    pub kept: Option<PathBuf>,
+    /// Checks not run because the profile turned them off.
+    pub skipped_checks: usize,
+}
+
+/// A failed step: what was expected, what happened, and optional detail (a diff, log lines).
+struct Failure {
+    expected: String,
+    actual: String,
+    detail: Option<String>,
+    /// The detail already holds the client → server diff (do not repeat it).
+    has_diff: bool,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure {
+            expected: "the step to run".into(),
+            actual: format!("error: {e:#}"),
+            detail: None,
+            has_diff: false,
+        }
+    }
+}
+
+fn fail(expected: impl Into<String>, actual: impl Into<String>) -> Failure {
+    Failure {
+        expected: expected.into(),
+        actual: actual.into(),
+        detail: None,
+        has_diff: false,
+    }
+}
+
+type StepResult = std::result::Result<String, Failure>;
+
+/// State of one scenario run.
+struct Run<'a> {
+    sc: &'a Scenario,
+    cfg: &'a Config,
+    root: PathBuf,
+    dirs: BTreeMap<String, PathBuf>,
+    hub: Arc<Hub>,
+    server: Option<usize>,
+    ports: Option<(u16, u16)>,
+    daemons: BTreeMap<String, usize>,
+    background: BTreeMap<String, usize>,
+    last_sync_mark: usize,
+    skipped: usize,
+    /// The port clients get while no server has started (see `refusing_port`).
+    no_server_port: Option<(u16, std::os::fd::OwnedFd)>,
+}
+
+/// Runs `sc` with `cfg`. Never panics on a scenario failure: everything ends up in the outcome.
+pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
+    let started = Instant::now();
+    let mut log = String::new();
+    let _ = writeln!(log, "=== {} — {} ({})", sc.id, sc.name, show_path(&sc.file));
+    let logs = vec![
+        log_path(&cfg.out_dir, &sc.number_text(), "server"),
+        log_path(&cfg.out_dir, &sc.number_text(), "client"),
+    ];
+    let setup = (|| -> Result<(tempfile::TempDir, Arc<Hub>)> {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("scenario-{}-", sc.number_text()))
+            .tempdir()?;
+        let hub = Hub::new(&BTreeMap::from([
+            ("server".to_string(), logs[0].clone()),
+            ("client".to_string(), logs[1].clone()),
+        ]))?;
+        Ok((tmp, hub))
+    })();
+    let (tmp, hub) = match setup {
+        Ok(x) => x,
+        Err(e) => {
+            return Outcome {
+                id: sc.id.clone(),
+                passed: false,
+                duration: started.elapsed(),
+                failure: Some(format!("FAIL {}: cannot set up: {e:#}\n", sc.id)),
+                run_log: log,
+                logs,
+                kept: None,
+                skipped_checks: 0,
+            };
+        }
+    };
+    // Canonical, so that symlink targets and messages show the path the product sees.
+    let root = tmp
+        .path()
+        .canonicalize()
+        .unwrap_or_else(|_| tmp.path().to_path_buf());
+    let mut run = Run {
+        sc,
+        cfg,
+        dirs: BTreeMap::new(),
+        root: root.clone(),
+        hub,
+        server: None,
+        ports: None,
+        daemons: BTreeMap::new(),
+        background: BTreeMap::new(),
+        last_sync_mark: 0,
+        skipped: 0,
+        no_server_port: None,
+    };
+    let _ = writeln!(log, "    directory: {}", root.display());
+    let mut failure = None;
+    for side in sc.sides() {
+        let dir = root.join(&side);
+        if let Err(e) = fsops::mkdir_p(&dir, 0o755) {
+            failure = Some((0, fail("scenario directories", format!("{e:#}"))));
+        }
+        run.dirs.insert(side, dir);
+    }
+    if failure.is_none() {
+        for step in &sc.steps {
+            let t = Instant::now();
+            let offset = started.elapsed();
+            let result = run.step(step);
+            let took = t.elapsed();
+            match result {
+                Ok(detail) => {
+                    let _ = writeln!(
+                        log,
+                        "  {:>3} +{:>7.3}s {:>8}  ok    {}{}",
+                        step.number,
+                        offset.as_secs_f64(),
+                        fmt_ms(took),
+                        step.source,
+                        if detail.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  ({detail})")
+                        }
+                    );
+                }
+                Err(f) => {
+                    let _ = writeln!(
+                        log,
+                        "  {:>3} +{:>7.3}s {:>8}  FAIL  {}\n        expected: {}\n        actual:   {}",
+                        step.number,
+                        offset.as_secs_f64(),
+                        fmt_ms(took),
+                        step.source,
+                        f.expected,
+                        indent_tail(&f.actual, 18)
+                    );
+                    failure = Some((step.number, f));
+                    break;
+                }
+            }
+        }
+    }
+    for line in run.hub.stop_all(TEARDOWN_GRACE) {
+        let _ = writeln!(log, "      teardown: {line}");
+    }
+
+    let mut report = failure.map(|(n, f)| run.failure_report(n, &f, &logs));
+    if let Some(r) = &report {
+        log.push_str(&indent_block(r, 6));
+    }
+    if report.is_none() {
+        if let Err(msg) = run.check_snapshot() {
+            let r = run.report_header(&format!(
+                "final trees differ from the snapshot\n  {}",
+                indent_tail(&msg, 2)
+            )) + &run.report_trees_and_logs(&logs, true);
+            let _ = writeln!(log, "      snapshot: FAIL");
+            log.push_str(&indent_block(&r, 6));
+            report = Some(r);
+        }
+    }
+    let kept = if cfg.keep {
+        let p = tmp.keep();
+        let _ = writeln!(log, "    kept: {}", p.display());
+        Some(p)
+    } else {
+        None
+    };
+    let duration = started.elapsed();
+    let passed = report.is_none();
+    let _ = writeln!(
+        log,
+        "=== {} {} in {}{}",
+        sc.id,
+        if passed { "PASS" } else { "FAIL" },
+        fmt_ms(duration),
+        if run.skipped > 0 {
+            format!(" ({} check(s) skipped by the profile)", run.skipped)
+        } else {
+            String::new()
+        }
+    );
+    Outcome {
+        id: sc.id.clone(),
+        passed,
+        duration,
+        failure: report,
+        run_log: log,
+        logs,
+        kept,
+        skipped_checks: run.skipped,
+    }
+}
+
+fn fmt_ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.1}ms")
+    } else if ms < 10_000.0 {
+        format!("{ms:.0}ms")
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// Indents every line after the first by `n` spaces (for multi-line values in reports).
+fn indent_tail(s: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    s.trim_end().replace('\n', &format!("\n{pad}"))
+}
+
+fn exit_ok(expect: Exit, got: ExitInfo) -> bool {
+    match (expect, got) {
+        (Exit::Any, _) => true,
+        (Exit::Code(c), ExitInfo::Code(g)) => c == g,
+        (Exit::Code(_), ExitInfo::Signal(_)) => false,
+        (Exit::Nonzero, ExitInfo::Code(g)) => g != 0,
+        (Exit::Nonzero, ExitInfo::Signal(_)) => true,
+    }
+}
+
+impl Run<'_> {
+    fn deadline(&self, step: &Step) -> Instant {
+        Instant::now() + step.timeout.unwrap_or(self.sc.timeout)
+    }
+
+    fn dir(&self, side: &str) -> &Path {
+        &self.dirs[side]
+    }
+
+    fn path(&self, at: &Loc) -> PathBuf {
+        self.dir(&at.side).join(&at.path)
+    }
+
+    fn vars(&mut self, side: &str, interval: u64) -> Result<Vars> {
+        let dir = self.dir(side).to_path_buf();
+        let p = &self.cfg.profile;
+        let (port, data_port) = match self.ports {
+            Some(ports) => ports,
+            None if p.fixed_ports() => (p.server.port, p.server.data_port),
+            // No server yet: a port that refuses connections, so the client finds no server.
+            None => {
+                if self.no_server_port.is_none() {
+                    self.no_server_port = Some(refusing_port()?);
+                }
+                (self.no_server_port.as_ref().map_or(0, |p| p.0), 0)
+            }
+        };
+        Ok(Vars {
+            dir,
+            port,
+            data_port,
+            server_host: SERVER_HOST.to_string(),
+            interval,
+            server_dir: self.dir("server").to_path_buf(),
+        })
+    }
+
+    fn step(&mut self, step: &Step) -> StepResult {
+        if step.is_check() {
+            return self.check(step);
+        }
+        match &step.action {
+            Action::Write { at, content, mode } => {
+                let p = self.path(at);
+                fsops::write(&p, content, *mode)?;
+                Ok(describe_file(&p))
+            }
+            Action::Append { at, content } => {
+                let p = self.path(at);
+                fsops::append(&p, content)?;
+                Ok(describe_file(&p))
+            }
+            Action::Modify {
+                at,
+                offset,
+                content,
+            } => {
+                let p = self.path(at);
+                fsops::modify(&p, *offset, content)?;
+                Ok(describe_file(&p))
+            }
+            Action::Delete { at } => {
+                fsops::delete(&self.path(at))?;
+                Ok(String::new())
+            }
+            Action::Rename { from, to } => {
+                fsops::rename(&self.path(from), &self.path(to))?;
+                Ok(String::new())
+            }
+            Action::Copy { from, to } => {
+                let p = self.path(to);
+                fsops::copy(&self.path(from), &p)?;
+                Ok(describe_file(&p))
+            }
+            Action::Mkdir { at, mode } => {
+                fsops::mkdir_p(&self.path(at), mode.unwrap_or(fsops::DEFAULT_DIR_MODE))?;
+                Ok(String::new())
+            }
+            Action::Chmod { at, mode } => {
+                let p = self.path(at);
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(anyhow!("chmod would follow the symlink {at}").into());
+                }
+                fsops::set_mode(&p, *mode)?;
+                Ok(String::new())
+            }
+            Action::Touch { at, mtime } => {
+                fsops::set_mtime(&self.path(at), mtime.0, mtime.1)?;
+                Ok(format_time(mtime.0, mtime.1))
+            }
+            Action::Symlink { at, target } => {
+                let target = target.replace("{outside}", &self.dir("outside").to_string_lossy());
+                fsops::make_symlink(&self.path(at), &target)?;
+                Ok(format!("-> {target}"))
+            }
+            Action::Mkfifo { at } => {
+                fsops::mkfifo(&self.path(at))?;
+                Ok(String::new())
+            }
+            Action::Generate {
+                at,
+                files,
+                size,
+                seed,
+            } => {
+                fsops::generate_files(&self.path(at), *files, *size, *seed)?;
+                Ok(format!("{files} files of {size} bytes"))
+            }
+            Action::Clone { from, to } => {
+                fsops::clone_tree(self.dir(from), self.dir(to))?;
+                Ok(String::new())
+            }
+            Action::Start { side, .. } if side == "server" => self.start_server(step),
+            Action::Start { side, interval } => self.start_daemon(side, *interval),
+            Action::Stop { side, exit } => self.stop(step, side, libc::SIGTERM, Some(*exit)),
+            Action::Kill { side } => self.stop(step, side, libc::SIGKILL, None),
+            Action::Sync {
+                sides,
+                exit,
+                background,
+            } => self.sync(step, sides, *exit, *background),
+            Action::WaitExit { side, exit } => {
+                let id = self
+                    .background
+                    .remove(side)
+                    .or_else(|| self.daemons.remove(side))
+                    .ok_or_else(|| anyhow!("no background process of {side} to wait for"))?;
+                let got = self.hub.wait_exit(id, self.deadline(step));
+                match got {
+                    Some(e) if exit_ok(*exit, e) => Ok(e.to_string()),
+                    Some(e) => Err(self.with_output(fail(exit.to_string(), e.to_string()), id)),
+                    None => Err(fail(exit.to_string(), "still running at the timeout")),
+                }
+            }
+            Action::Wait {
+                side,
+                pattern,
+                count,
+                since,
+            } => {
+                let from = self.mark(*since);
+                let watch = self.live_procs_of(side);
+                let side2 = side.clone();
+                let which = move |l: &Line| l.side == side2;
+                match self
+                    .hub
+                    .wait_line(&which, pattern, from, *count, &watch, self.deadline(step))
+                {
+                    Ok(_) => Ok(String::new()),
+                    Err(e) => Err(fail(
+                        format!(
+                            "{count} line(s) matching {:?} from {side}",
+                            pattern.source()
+                        ),
+                        e.to_string(),
+                    )),
+                }
+            }
+            Action::WaitSync { side, count } => {
+                let pattern = self.cfg.profile.cycle_done()?.ok_or_else(|| {
+                    anyhow!("the profile has no client.cycle_done pattern for wait_sync")
+                })?;
+                let id = *self
+                    .daemons
+                    .get(side)
+                    .ok_or_else(|| anyhow!("no client daemon running for {side}"))?;
+                let from = self.hub.line_count();
+                let which = move |l: &Line| l.proc == id;
+                match self
+                    .hub
+                    .wait_line(&which, &pattern, from, *count, &[id], self.deadline(step))
+                {
+                    Ok(_) => Ok(String::new()),
+                    Err(e) => Err(fail(
+                        format!(
+                            "{count} more completed sync cycle(s) of {side} ({:?})",
+                            pattern.source()
+                        ),
+                        e.to_string(),
+                    )),
+                }
+            }
+            _ => unreachable!("checks are handled above"),
+        }
+    }
+
+    fn mark(&self, since: Since) -> usize {
+        match since {
+            Since::Start => 0,
+            Since::LastSync => self.last_sync_mark,
+            Since::Now => self.hub.line_count(),
+        }
+    }
+
+    fn live_procs_of(&self, side: &str) -> Vec<usize> {
+        let mut ids: Vec<usize> = Vec::new();
+        if side == "server" {
+            ids.extend(self.server);
+        } else {
+            ids.extend(self.daemons.get(side));
+            ids.extend(self.background.get(side));
+        }
+        ids
+    }
+
+    /// Adds the last lines a process printed to a failure (why a client failed is usually there).
+    fn with_output(&self, mut f: Failure, id: usize) -> Failure {
+        let lines = self.hub.lines(0, &|l: &Line| l.proc == id);
+        let tail: Vec<_> = lines
+            .iter()
+            .rev()
+            .take(15)
+            .rev()
+            .map(|l| l.text.as_str())
+            .collect();
+        if !tail.is_empty() {
+            f.detail = Some(format!(
+                "last output of {}:\n{}",
+                self.hub.name(id),
+                tail.iter()
+                    .map(|t| format!("  | {t}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ));
+        }
+        f
+    }
+
+    fn start_server(&mut self, step: &Step) -> StepResult {
+        if let Some(id) = self.server {
+            if self.hub.exit_of(id).is_none() {
+                return Err(
+                    anyhow!("the server is already running ({})", self.hub.name(id)).into(),
+                );
+            }
+        }
+        let p = &self.cfg.profile;
+        let vars = Vars {
+            dir: self.dir("server").to_path_buf(),
+            port: p.server.port,
+            data_port: p.server.data_port,
+            server_host: SERVER_HOST.to_string(),
+            interval: 0,
+            server_dir: self.dir("server").to_path_buf(),
+        };
+        let argv = p.expand(&p.server.command, &vars);
+        let from = self.hub.line_count();
+        let id = self.hub.spawn("server", "server", &argv, &p.server.env)?;
+        self.server = Some(id);
+        let deadline = self.deadline(step);
+        let (port, data_port) = match p.ready()? {
+            Ready::Line(pattern) => {
+                let which = move |l: &Line| l.proc == id;
+                match self
+                    .hub
+                    .wait_line(&which, &pattern, from, 1, &[id], deadline)
+                {
+                    Ok(caps) => {
+                        let get = |k: &str, default: u16| {
+                            caps.get(k).and_then(|v| v.parse().ok()).unwrap_or(default)
+                        };
+                        (
+                            get("port", p.server.port),
+                            get("data_port", p.server.data_port),
+                        )
+                    }
+                    Err(e) => {
+                        let f = fail(
+                            format!("a ready line matching {:?}", pattern.source()),
+                            e.to_string(),
+                        );
+                        return Err(self.with_output(f, id));
+                    }
+                }
+            }
+            Ready::Tcp => {
+                // Nothing to wait on but the port itself: retry connecting until the deadline.
+                loop {
+                    if port_open(SERVER_HOST, p.server.port) {
+                        break;
+                    }
+                    if let Some(e) = self.hub.exit_of(id) {
+                        return Err(self.with_output(
+                            fail(
+                                format!("port {} to accept connections", p.server.port),
+                                format!("server ended ({e})"),
+                            ),
+                            id,
+                        ));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(fail(
+                            format!("port {} to accept connections", p.server.port),
+                            "still refused at the timeout",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                (p.server.port, p.server.data_port)
+            }
+        };
+        self.ports = Some((port, data_port));
+        Ok(format!("control port {port}, data port {data_port}"))
+    }
+
+    fn start_daemon(&mut self, side: &str, interval: u64) -> StepResult {
+        let cfg = self.cfg;
+        let p = &cfg.profile;
+        let cmd = p
+            .client
+            .daemon
+            .as_ref()
+            .ok_or_else(|| anyhow!("the profile has no client.daemon command"))?;
+        if self.daemons.contains_key(side) {
+            return Err(anyhow!("a client daemon for {side} is already running").into());
+        }
+        let vars = self.vars(side, interval)?;
+        let argv = p.expand(cmd, &vars);
+        let id = self.hub.spawn(side, "client", &argv, &p.client.env)?;
+        self.daemons.insert(side.to_string(), id);
+        Ok(format!("pid {}", self.hub.pid(id)))
+    }
+
+    fn stop(&mut self, step: &Step, side: &str, sig: i32, expect: Option<Exit>) -> StepResult {
+        let id = if side == "server" {
+            self.server.take()
+        } else {
+            self.daemons
+                .remove(side)
+                .or_else(|| self.background.remove(side))
+        }
+        .ok_or_else(|| anyhow!("nothing of {side} is running"))?;
+        if !self.hub.signal(id, sig) {
+            let e = self
+                .hub
+                .exit_of(id)
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            return Err(self.with_output(
+                fail(
+                    format!("{side} running"),
+                    format!("it had already ended ({e})"),
+                ),
+                id,
+            ));
+        }
+        match (self.hub.wait_exit(id, self.deadline(step)), expect) {
+            (None, _) => Err(fail(
+                format!("{side} to exit after signal {sig}"),
+                "still running at the timeout",
+            )),
+            (Some(e), Some(x)) if !exit_ok(x, e) => {
+                Err(self.with_output(fail(format!("{side} to end with {x}"), e.to_string()), id))
+            }
+            (Some(e), _) => Ok(e.to_string()),
+        }
+    }
+
+    fn sync(&mut self, step: &Step, sides: &[String], exit: Exit, background: bool) -> StepResult {
+        let cfg = self.cfg;
+        let p = &cfg.profile;
+        let mark = self.hub.line_count();
+        self.last_sync_mark = mark;
+        let mut ids = Vec::new();
+        for side in sides {
+            let vars = self.vars(side, 0)?;
+            let argv = p.expand(&p.client.once, &vars);
+            ids.push((
+                side.clone(),
+                self.hub.spawn(side, "client", &argv, &p.client.env)?,
+            ));
+        }
+        if background {
+            for (side, id) in ids {
+                self.background.insert(side, id);
+            }
+            return Ok("in the background".into());
+        }
+        let deadline = self.deadline(step);
+        let mut outcomes = Vec::new();
+        for (side, id) in &ids {
+            let got = match p.sync_done()? {
+                SyncDone::Exit => self.hub.wait_exit(*id, deadline),
+                SyncDone::Line(pattern) => {
+                    let which = move |l: &Line| l.proc == *id;
+                    match self
+                        .hub
+                        .wait_line(&which, &pattern, mark, 1, &[*id], deadline)
+                    {
+                        // A client that never exits by itself: the line says it is done.
+                        Ok(_) => {
+                            self.hub.signal(*id, libc::SIGTERM);
+                            self.hub.wait_exit(*id, deadline);
+                            Some(ExitInfo::Code(0))
+                        }
+                        Err(WaitError::Exited(_)) => self.hub.exit_of(*id),
+                        Err(WaitError::Timeout(_)) => None,
+                    }
+                }
+            };
+            match got {
+                None => {
+                    return Err(self.with_output(
+                        fail(
+                            format!("{side}'s sync to finish with {exit}"),
+                            "still running at the timeout",
+                        ),
+                        *id,
+                    ));
+                }
+                Some(e) if !exit_ok(exit, e) => {
+                    return Err(self.with_output(
+                        fail(
+                            format!("{side}'s sync to finish with {exit}"),
+                            e.to_string(),
+                        ),
+                        *id,
+                    ));
+                }
+                Some(e) => outcomes.push(format!("{side}: {e}")),
+            }
+        }
+        // The client may exit a moment before the server logs the end of its session; wait for
+        // that line so later log checks see the whole session.
+        if exit == Exit::Code(0) {
+            if let (Some(pattern), Some(server)) = (p.session_done()?, self.server) {
+                let which = move |l: &Line| l.proc == server;
+                if let Err(e) =
+                    self.hub
+                        .wait_line(&which, &pattern, mark, ids.len(), &[server], deadline)
+                {
+                    return Err(self.with_output(
+                        fail(
+                            format!(
+                                "the server to log {:?} for {} session(s)",
+                                pattern.source(),
+                                ids.len()
+                            ),
+                            e.to_string(),
+                        ),
+                        server,
+                    ));
+                }
+            }
+        }
+        Ok(outcomes.join(", "))
+    }
+}
+
+/// "1 entry", "2 entries", "1 difference", "3 differences".
+fn plural(n: usize, word: &str) -> String {
+    match (n, word.strip_suffix('y')) {
+        (1, _) => format!("1 {word}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        _ => format!("{n} {word}s"),
+    }
+}
+
+/// A path relative to the current directory when it is inside it (shorter reports).
+pub fn show_path(p: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| p.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .filter(|r| !r.as_os_str().is_empty())
+        .unwrap_or_else(|| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn indent_block(s: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    s.lines().map(|l| format!("{pad}{l}\n")).collect()
+}
+
+fn describe_file(p: &Path) -> String {
+    match entry_at(p, "") {
+        Ok(e) if e.kind == tree::Kind::File => {
+            format!("{} bytes, md5 {}", e.size, e.md5.unwrap_or_default())
+        }
+        _ => String::new(),
+    }
+}
+
+/// The snapshot of a finished scenario: both final trees (client sides first, then the server),
+/// sorted, without mtimes (they vary run to run), with the temporary root redacted.
+pub fn snapshot_text(
+    sc: &Scenario,
+    root: &Path,
+    dirs: &BTreeMap<String, PathBuf>,
+) -> Result<String> {
+    let mut out = String::new();
+    let mut sides: Vec<&String> = dirs.keys().filter(|s| is_client(s)).collect();
+    sides.push(dirs.keys().find(|s| *s == "server").expect("server side"));
+    if dirs
+        .get("outside")
+        .is_some_and(|d| d.read_dir().is_ok_and(|mut r| r.next().is_some()))
+    {
+        sides.push(dirs.keys().find(|s| *s == "outside").expect("outside side"));
+    }
+    for side in sides {
+        let t = Tree::scan(&dirs[side.as_str()])?;
+        match sc.snapshot {
+            SnapshotMode::Digest => {
+                let listing = t.render(false, usize::MAX);
+                let files = t
+                    .entries
+                    .values()
+                    .filter(|e| e.kind == tree::Kind::File)
+                    .count();
+                let bytes: u64 = t.entries.values().map(|e| e.size).sum();
+                let _ = writeln!(
+                    out,
+                    "{side}: {} entries, {files} files, {bytes} bytes, listing md5 {}",
+                    t.len(),
+                    tree::md5_bytes(listing.as_bytes())
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "{side}: {}", plural(t.len(), "entry"));
+                out.push_str(&indent_block(&t.render(false, usize::MAX), 2));
+            }
+        }
+    }
+    Ok(out.replace(&root.to_string_lossy().into_owned(), "[ROOT]"))
+}

@@ -1,0 +1,227 @@
+//! Harness self-tests that need no product binaries: the engine against stand-in implementations.
+//!
+//! * A client that does nothing (`true`) must make 001 and 004 fail with a readable tree diff.
+//! * The `cp -a` reference profile must pass the scenarios that only describe the end state, which
+//!   also proves those scenarios do not over-specify.
+
+use std::path::{Path, PathBuf};
+
+use xtask::engine::{self, Config, Outcome};
+use xtask::profile::Profile;
+use xtask::scenario::{self, Scenario};
+
+fn root() -> PathBuf {
+    xtask::workspace_root()
+}
+
+fn scenarios(numbers: &[u32]) -> Vec<Scenario> {
+    let all = scenario::load_dir(&root().join("scenarios")).expect("scenarios load");
+    let picked: Vec<_> = all
+        .into_iter()
+        .filter(|s| numbers.contains(&s.number))
+        .collect();
+    assert_eq!(picked.len(), numbers.len(), "missing scenarios");
+    picked
+}
+
+fn config(profile: Profile, name: &str) -> Config {
+    Config {
+        profile,
+        out_dir: std::env::temp_dir().join(format!("xtask-selftest-{name}-{}", std::process::id())),
+        keep: false,
+        snapshot_dir: None,
+    }
+}
+
+fn run_all(scs: &[Scenario], cfg: &Config) -> Vec<Outcome> {
+    scs.iter().map(|s| engine::run(s, cfg)).collect()
+}
+
+const FAKE_SERVER_DO_NOTHING_CLIENT: &str = r#"
+name = "fake server, do-nothing client"
+[server]
+command = ["sh", "-c", "echo 'listening control=127.0.0.1:1 data=127.0.0.1:2'; exec sleep 3600"]
+ready = "listening control=*:{port} data=*:{data_port}"
+[client]
+once = ["true"]
+[checks]
+mtime = "ns"
+"#;
+
+#[test]
+fn do_nothing_client_fails_001_and_004_with_a_tree_diff() {
+    let profile = Profile::parse(
+        FAKE_SERVER_DO_NOTHING_CLIENT,
+        "test",
+        Path::new("/"),
+        Path::new("/"),
+    )
+    .unwrap();
+    let cfg = config(profile, "true");
+    let outcomes = run_all(&scenarios(&[1, 4]), &cfg);
+    for (o, file) in outcomes.iter().zip(["test001.txt", "test004.txt"]) {
+        assert!(
+            !o.passed,
+            "{} must fail with a client that does nothing",
+            o.id
+        );
+        let report = o.failure.as_deref().unwrap();
+        for want in [
+            "expected: client and server trees identical",
+            "diff client → server",
+            &format!("- {file}: file only in client"),
+            "client tree (",
+            "server tree (",
+            "(empty)",
+            "test_sync.log",
+            &format!(
+                "test_{:03}_server.log",
+                if file.contains("001") { 1 } else { 4 }
+            ),
+        ] {
+            assert!(
+                report.contains(want),
+                "{}: report lacks {want:?}:\n{report}",
+                o.id
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cfg.out_dir);
+}
+
+#[test]
+fn cp_reference_passes_end_state_scenarios() {
+    let profile = Profile::load(
+        &root().join("scenarios/profiles/cp-reference.toml"),
+        Path::new("/"),
+    )
+    .unwrap();
+    let cfg = config(profile, "cp");
+    // Everything but 014/015 (slow, nothing new for the engine), 017 (needs a real server to
+    // kill), 020 (cp copies FIFOs) and 022 (needs exit code 3).
+    let picked = scenarios(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 18, 19, 21]);
+    let failures: Vec<String> = run_all(&picked, &cfg)
+        .into_iter()
+        .filter(|o| !o.passed)
+        .map(|o| o.failure.unwrap_or_default())
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let _ = std::fs::remove_dir_all(&cfg.out_dir);
+}
+
+#[test]
+fn every_shipped_scenario_parses() {
+    let all = scenario::load_dir(&root().join("scenarios")).unwrap();
+    assert!(all.len() >= 21);
+    for n in 1..=7 {
+        assert!(
+            all.iter().any(|s| s.number == n),
+            "seed scenario {n:03} missing"
+        );
+    }
+}
+
+/// Each kind of check must catch the problem it claims to, with a message that names it.
+#[test]
+fn checks_fail_with_a_useful_message() {
+    let mut profile = Profile::load(
+        &root().join("scenarios/profiles/cp-reference.toml"),
+        Path::new("/"),
+    )
+    .unwrap();
+    profile.checks.logs = true;
+    profile.checks.temp_marker = Some(".server-sync-tmp.".into());
+    let cfg = config(profile, "neg");
+    let prelude = r#"{ start = "server" }, { write = "client:a.txt", text = "a\n" }, { symlink = "client:l", target = "a.txt" }, { sync = "client" },"#;
+    let cases = [
+        (
+            r#"{ chmod = "server:a.txt", mode = 0o600 }, { identical = ["client", "server"] }"#,
+            "~ a.txt: mode 0644 vs 0600 (client vs server)",
+        ),
+        (
+            r#"{ touch = "server:a.txt", mtime = 0 }, { identical = ["client", "server"] }"#,
+            "~ a.txt: mtime ",
+        ),
+        (
+            r#"{ write = "server:a.txt", text = "b\n" }, { identical = ["client", "server"] }"#,
+            "~ a.txt: md5 60b725f10c9c85c70d97880dfe8191b3 vs 3b5d5c3712955042212316173ccf37be",
+        ),
+        (
+            r#"{ delete = "server:l" }, { symlink = "server:l", target = "b" }, { identical = ["client", "server"] }"#,
+            "~ l: target a.txt vs b",
+        ),
+        (
+            r#"{ delete = "server:l" }, { mkdir = "server:l" }, { identical = ["client", "server"] }"#,
+            "~ l: kind symlink vs dir",
+        ),
+        (
+            r#"{ write = "server:.server-sync-tmp.1", text = "" }, { no_temp = "server" }"#,
+            "actual:   .server-sync-tmp.1",
+        ),
+        (
+            r#"{ exists = "server:a.txt", md5 = "00000000000000000000000000000000" }"#,
+            "md5 60b725f10c9c85c70d97880dfe8191b3 (expected 00000000000000000000000000000000)",
+        ),
+        (r#"{ absent = "server:a.txt" }"#, "it exists: f 0644"),
+        (r#"{ exists = "server:nope" }"#, "it does not exist"),
+        (
+            r#"{ log = "client", contains = "never printed" }"#,
+            "| sync:done",
+        ),
+        (
+            r#"{ log = "client", lacks = "sync:*" }"#,
+            "matching lines:\n    | sync:done",
+        ),
+        (
+            r#"{ wait = "server", line = "never printed", timeout = 0.2 }"#,
+            "no such line before the timeout",
+        ),
+        (r#"{ sync = "client", exit = 3 }"#, "actual:   exit code 0"),
+        (
+            r#"{ empty = "server" }"#,
+            "expected: server directory empty",
+        ),
+    ];
+    for (steps, want) in cases {
+        let text = format!("name = \"negative\"\nsteps = [ {prelude} {steps} ]\n");
+        let sc = scenario::parse(Path::new("scenarios/900-negative.toml"), &text).unwrap();
+        let o = engine::run(&sc, &cfg);
+        let report = o.failure.unwrap_or_else(|| panic!("{steps} passed"));
+        assert!(
+            report.contains(want),
+            "{steps}: report lacks {want:?}:\n{report}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&cfg.out_dir);
+}
+
+/// The profile features for implementations unlike ours: a fixed port with TCP readiness (no ready
+/// line), and a client that never exits by itself (a sync ends at its `sync:done` line, then the
+/// harness stops it). Exercised with a Python listener and the `cp -a` stand-in.
+#[test]
+fn fixed_port_tcp_ready_and_line_terminated_client() {
+    let port = xtask::process::unused_port().unwrap();
+    let text = format!(
+        r#"
+name = "fixed port, tcp readiness, client stopped after its line"
+[server]
+command = ["python3", "-c", "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',{port}))\ns.listen()\ntime.sleep(3600)"]
+port = {port}
+data_port = {port}
+ready = "tcp"
+[client]
+once = ["sh", "-c", "find \"$1\" -mindepth 1 -delete && cp -a \"$2\"/. \"$1\"/ || exit 1; echo sync:done; exec sleep 3600 >/dev/null", "sh", "{{server_dir}}", "{{dir}}"]
+sync_done = "sync:done"
+[checks]
+mtime = "ns"
+logs = false
+"#
+    );
+    let profile = Profile::parse(&text, "test", Path::new("/"), Path::new("/")).unwrap();
+    assert!(profile.fixed_ports());
+    let cfg = config(profile, "fixed");
+    for o in run_all(&scenarios(&[1, 4]), &cfg) {
+        assert!(o.passed, "{}", o.failure.unwrap_or_default());
+    }
+    let _ = std::fs::remove_dir_all(&cfg.out_dir);
+}
