@@ -84,7 +84,7 @@ pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
                 out.refetch.push(Request {
                     path: c.dst.clone(),
                     size: c.size,
-                    md5: c.md5,
+                    md5: Some(c.md5),
                     meta: c.meta,
                 });
             }

@@ -145,6 +145,40 @@ impl HashCache {
         self.now_ns - stamp.mtime_ns.max(stamp.ctime_ns) >= RACY_NS
     }
 
+    /// Adds MD5s learnt outside a scan (files hashed while being sent) to the cache in `file`,
+    /// replacing records of the same paths.
+    pub fn remember(file: PathBuf, learned: Vec<(String, Stamp, Md5)>) -> io::Result<()> {
+        let cache = HashCache::load(file);
+        let mut new: Vec<Record> = learned
+            .into_iter()
+            .filter(|(_, stamp, _)| cache.may_record(stamp))
+            .map(|(path, stamp, md5)| Record { path, stamp, md5 })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        new.sort_by(|a, b| cmp_components(&a.path, &b.path));
+        let (mut old, mut new) = (cache.old.iter().peekable(), new.iter().peekable());
+        let mut merged = Vec::with_capacity(cache.old.len() + new.len());
+        loop {
+            let next = match (old.peek(), new.peek()) {
+                (Some(o), Some(n)) => match cmp_components(&o.path, &n.path) {
+                    Ordering::Less => old.next(),
+                    Ordering::Equal => {
+                        old.next();
+                        new.next()
+                    }
+                    Ordering::Greater => new.next(),
+                },
+                (Some(_), None) => old.next(),
+                (None, _) => new.next(),
+            };
+            let Some(r) = next else { break };
+            merged.push((r.path.as_str(), r.stamp, r.md5));
+        }
+        cache.save(merged.into_iter())
+    }
+
     /// Replaces the cache file with `records` (in walk order), atomically; skipped when they
     /// are exactly what was loaded.
     pub fn save<'a>(&self, records: impl Iterator<Item = (&'a str, Stamp, Md5)>) -> io::Result<()> {
@@ -285,6 +319,33 @@ mod tests {
             before,
             "a file dropped out"
         );
+    }
+
+    #[test]
+    fn learnt_md5s_merge_into_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("cache");
+        let md5 = |s: &str| Md5::of(s.as_bytes());
+        let recs = [("a", stamp(1), md5("a")), ("c", stamp(3), md5("c"))];
+        HashCache::load(file.clone())
+            .save(recs.into_iter())
+            .unwrap();
+        let mut fresh = stamp(2);
+        fresh.mtime_ns = i64::MAX; // racy: never recorded
+        HashCache::remember(
+            file.clone(),
+            vec![
+                ("b".into(), stamp(2), md5("b")),
+                ("c".into(), stamp(4), md5("c2")),
+                ("d".into(), fresh, md5("d")),
+            ],
+        )
+        .unwrap();
+        let mut c = HashCache::load(file);
+        assert_eq!(c.lookup("a", &stamp(1)), Some(md5("a")));
+        assert_eq!(c.lookup("b", &stamp(2)), Some(md5("b")));
+        assert_eq!(c.lookup("c", &stamp(4)), Some(md5("c2")));
+        assert_eq!(c.lookup("d", &fresh), None);
     }
 
     #[test]

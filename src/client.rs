@@ -10,13 +10,19 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tracing::{error, info, warn};
 
-use crate::manifest::Kind;
+use crate::cache::{HashCache, Stamp};
+use crate::manifest::{Entry, Kind, Md5, Meta, RelPath, find_sorted};
 use crate::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
 use crate::root::Root;
 use crate::scan;
 use crate::transfer;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Large files the cache cannot vouch for are announced unhashed (see `scan::Options`).
+const SCAN: scan::Options = scan::Options {
+    read_own: false,
+    defer_above: Some(8 << 20),
+};
 /// How often an empty file-list batch is sent while a long scan runs; well under the server's
 /// idle timeout.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -133,7 +139,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     // Scan only now that the session has started: the server walks its own tree meanwhile.
     let cache_file = cfg.cache_file.clone();
     let mut scanning =
-        tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file, false));
+        tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file, SCAN));
     let scan = loop {
         tokio::select! {
             r = &mut scanning => break r.expect("scan does not panic"),
@@ -171,7 +177,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
         .entries
         .iter()
         .map(|e| match e.kind {
-            Kind::File { size, .. } => size,
+            Kind::File { size, .. } | Kind::Unhashed { size } => size,
             _ => 0,
         })
         .sum();
@@ -188,8 +194,35 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     let listed = Arc::new(scan.entries);
 
     let root = Root::new(&cfg.root);
+    // MD5s of unhashed files computed during the session, for the hash cache.
+    let mut learned: Vec<(String, Stamp, Md5)> = Vec::new();
     loop {
         match next(&mut rd).await? {
+            Message::HashRequest(paths) => {
+                let (root, listed) = (root.clone(), listed.clone());
+                let mut hashing =
+                    tokio::task::spawn_blocking(move || answer_hashes(&root, &listed, &paths));
+                let (entries, got) = loop {
+                    tokio::select! {
+                        r = &mut hashing => break r.expect("hashing does not panic"),
+                        _ = tokio::time::sleep(KEEPALIVE) => {
+                            protocol::write(&mut wr, &Message::FileList(Vec::new())).await?;
+                            wr.flush().await.map_err(ProtocolError::from)?;
+                        }
+                    }
+                };
+                for e in &entries {
+                    if let Kind::Unreadable { reason } = &e.kind {
+                        warn!("cannot hash {}, not syncing it: {reason}", e.path);
+                        report
+                            .unreadable
+                            .push((e.path.to_string(), format!("cannot hash: {reason}")));
+                    }
+                }
+                learned.extend(got);
+                protocol::write_file_list(&mut wr, &entries).await?;
+                wr.flush().await.map_err(ProtocolError::from)?;
+            }
             Message::FileRequest(paths) => {
                 let connect = TcpStream::connect((peer.ip(), data_port));
                 let data = tokio::time::timeout(CONNECT_TIMEOUT, connect)
@@ -200,23 +233,73 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                     .map_err(ProtocolError::from)?;
                 data.set_nonblocking(false).map_err(ProtocolError::from)?;
                 let (root, listed) = (root.clone(), listed.clone());
-                tokio::task::spawn_blocking(move || {
+                let sent = tokio::task::spawn_blocking(move || {
                     transfer::send(data, &root, token, &paths, &listed)
                 })
                 .await
                 .expect("send does not panic")?;
+                learned.extend(
+                    (sent.learned.into_iter()).map(|(p, md5, stamp)| (p.to_string(), stamp, md5)),
+                );
             }
             Message::SyncDone(summary) => {
                 report.summary = summary;
                 break;
             }
             Message::Error(e) => return Err(ClientError::Refused(e)),
-            m => return Err(m.unexpected("filerequest or sync:done").into()),
+            m => return Err(m.unexpected("filerequest, hashrequest or sync:done").into()),
+        }
+    }
+    if let Some(file) = cfg.cache_file.clone().filter(|_| !learned.is_empty()) {
+        let saved = tokio::task::spawn_blocking(move || HashCache::remember(file, learned)).await;
+        if let Ok(Err(e)) = saved {
+            warn!("failed to save the hash cache: {e}");
         }
     }
     report.elapsed = start.elapsed();
     info!("sync:done");
     Ok(report)
+}
+
+/// Hashes the unhashed files the server asks about; the answer has one entry per path, in
+/// order: the file with its MD5, or `Unreadable` with the reason it could not be hashed.
+fn answer_hashes(
+    root: &Root,
+    listed: &[Entry],
+    paths: &[RelPath],
+) -> (Vec<Entry>, Vec<(String, Stamp, Md5)>) {
+    let mut learned = Vec::new();
+    let entries = paths
+        .iter()
+        .map(|path| {
+            let unreadable = |reason: String| Entry {
+                path: path.clone(),
+                kind: Kind::Unreadable { reason },
+                meta: Meta::default(),
+            };
+            let Some(e) =
+                find_sorted(listed, path).filter(|e| matches!(e.kind, Kind::Unhashed { .. }))
+            else {
+                return unreadable("not an unhashed file of this client".into());
+            };
+            let hashed = root
+                .resolve(path)
+                .map_err(std::io::Error::other)
+                .and_then(|p| scan::hash_stable(&p));
+            match hashed {
+                Ok((size, md5, stamp)) => {
+                    learned.push((path.to_string(), stamp, md5));
+                    Entry {
+                        path: path.clone(),
+                        kind: Kind::File { size, md5 },
+                        meta: e.meta,
+                    }
+                }
+                Err(err) => unreadable(err.to_string()),
+            }
+        })
+        .collect();
+    (entries, learned)
 }
 
 /// The server may work for a long time (hashing its tree) before it answers: no idle limit

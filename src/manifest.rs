@@ -193,6 +193,12 @@ pub enum Kind {
     Unreadable {
         reason: String,
     },
+    /// A regular file announced before it was hashed (large, and not vouched for by the
+    /// cache): its MD5 travels with its content, at the end of the transfer, or is sent when
+    /// the server asks for it to look for a local copy.
+    Unhashed {
+        size: u64,
+    },
     /// A socket, FIFO or device (`what` says which). Never synced: a client leaves it out of
     /// its list, and the server deletes its own like anything else the client lacks.
     Special {
@@ -204,6 +210,7 @@ impl Kind {
     pub fn name(&self) -> &'static str {
         match self {
             Kind::File { .. } => "file",
+            Kind::Unhashed { .. } => "unhashed file",
             Kind::Dir => "dir",
             Kind::Symlink { .. } => "symlink",
             Kind::Unreadable { .. } => "unreadable",
@@ -220,6 +227,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A regular file, hashed or not.
+    pub fn is_file(&self) -> bool {
+        matches!(self.kind, Kind::File { .. } | Kind::Unhashed { .. })
+    }
+
     pub fn md5(&self) -> Option<Md5> {
         match self.kind {
             Kind::File { md5, .. } => Some(md5),
@@ -283,6 +295,10 @@ impl Manifest {
         find_sorted(&self.entries, path)
     }
 
+    pub fn into_entries(self) -> Vec<Entry> {
+        self.entries
+    }
+
     /// Entries in component order: every directory before its contents.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Entry> {
         self.entries.iter()
@@ -300,7 +316,7 @@ impl Manifest {
     pub fn file_bytes(&self) -> u64 {
         self.iter()
             .map(|e| match e.kind {
-                Kind::File { size, .. } => size,
+                Kind::File { size, .. } | Kind::Unhashed { size } => size,
                 _ => 0,
             })
             .sum()

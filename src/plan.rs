@@ -22,7 +22,8 @@ pub struct LocalCopy {
 pub struct Request {
     pub path: RelPath,
     pub size: u64,
-    pub md5: Md5,
+    /// `None` for a file announced unhashed: its MD5 comes with its content.
+    pub md5: Option<Md5>,
     pub meta: Meta,
 }
 
@@ -59,8 +60,10 @@ impl Plan {
 fn same_category(a: &Kind, b: &Kind) -> bool {
     matches!(
         (a, b),
-        (Kind::File { .. }, Kind::File { .. })
-            | (Kind::Dir, Kind::Dir)
+        (
+            Kind::File { .. } | Kind::Unhashed { .. },
+            Kind::File { .. } | Kind::Unhashed { .. }
+        ) | (Kind::Dir, Kind::Dir)
             | (Kind::Symlink { .. }, Kind::Symlink { .. })
     )
 }
@@ -123,6 +126,7 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
                     p.file_meta.push((c.path.clone(), c.meta));
                 }
             },
+            Kind::Unhashed { .. } => needs_content.push(c),
             Kind::File { .. } => {
                 if s.is_some_and(|s| s.kind == c.kind) {
                     if meta_differs {
@@ -150,8 +154,18 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
     }
     let mut moves: HashMap<&RelPath, usize> = HashMap::new();
     for c in needs_content {
-        let Kind::File { size, md5 } = c.kind else {
-            unreachable!("only files need content")
+        let (size, md5) = match c.kind {
+            Kind::File { size, md5 } => (size, md5),
+            Kind::Unhashed { size } => {
+                p.requests.push(Request {
+                    path: c.path.clone(),
+                    size,
+                    md5: None,
+                    meta: c.meta,
+                });
+                continue;
+            }
+            _ => unreachable!("only files need content"),
         };
         let first = by_md5.partition_point(|(m, _)| *m < md5);
         let sources: Vec<&RelPath> = by_md5[first..]
@@ -181,7 +195,7 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
             None => p.requests.push(Request {
                 path: c.path.clone(),
                 size,
-                md5,
+                md5: Some(md5),
                 meta: c.meta,
             }),
         }
@@ -238,7 +252,8 @@ mod tests {
     use super::*;
 
     /// Parses a compact tree: entries separated by `;`, each `f PATH CONTENT`, `d PATH`,
-    /// `l PATH TARGET`, `u PATH` (unreadable) or `s PATH` (special), optionally followed by `m=MODE` (octal) and `t=MTIME`.
+    /// `l PATH TARGET`, `h PATH SIZE` (unhashed file), `u PATH` (unreadable) or `s PATH`
+    /// (special), optionally followed by `m=MODE` (octal) and `t=MTIME`.
     /// Defaults: files 644, dirs 755, mtime 0.
     fn tree(spec: &str) -> Manifest {
         let entries = spec
@@ -275,6 +290,9 @@ mod tests {
                     },
                     "u" => Kind::Unreadable {
                         reason: "denied".into(),
+                    },
+                    "h" => Kind::Unhashed {
+                        size: words[2].parse().unwrap(),
                     },
                     "s" => Kind::Special {
                         what: "FIFO".into(),
@@ -401,6 +419,15 @@ mod tests {
             "delete d/b; dirmeta d 755 0",
         );
         check("u a", "", "");
+    }
+
+    #[test]
+    fn unhashed_files_are_requested_with_their_md5_to_follow() {
+        check("h big 9", "", "request big");
+        check("h big 9", "f big 123456789", "request big");
+        check("h big 9 m=600", "d big", "delete big; request big");
+        // Never a copy source or target by MD5: it has none yet.
+        check("h big 9; f b x", "f a x", "move a -> b; request big");
     }
 
     #[test]

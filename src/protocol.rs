@@ -42,6 +42,9 @@ pub enum Message {
     FileList(Vec<Entry>),
     FileListEnd,
     FileRequest(Vec<RelPath>),
+    /// Server → client: send the MD5 of these unhashed files (as a `FileList` batch with the
+    /// same paths, in order) so a local copy can be looked for.
+    HashRequest(Vec<RelPath>),
     SyncDone(Summary),
     Error(String),
     DataHello {
@@ -51,7 +54,11 @@ pub enum Message {
         path: RelPath,
     },
     Chunk(Vec<u8>),
-    FileEnd,
+    /// The end of a file's data; `md5` is the MD5 of what was sent when the file was announced
+    /// unhashed, else `None` (the server checks against the announced MD5).
+    FileEnd {
+        md5: Option<Md5>,
+    },
     FileAbort {
         reason: String,
     },
@@ -114,7 +121,8 @@ impl Message {
             Message::DataHello { .. } => "data-hello",
             Message::FileBegin { .. } => "file-begin",
             Message::Chunk(_) => "chunk",
-            Message::FileEnd => "file-end",
+            Message::FileEnd { .. } => "file-end",
+            Message::HashRequest(_) => "hashrequest",
             Message::FileAbort { .. } => "file-abort",
         }
     }
@@ -192,7 +200,19 @@ impl Message {
                 w.u8(10);
                 w.bytes(data);
             }
-            Message::FileEnd => w.u8(11),
+            Message::FileEnd { md5 } => {
+                w.u8(11);
+                if let Some(m) = md5 {
+                    w.bytes_raw(&m.0);
+                }
+            }
+            Message::HashRequest(paths) => {
+                w.u8(13);
+                w.u32(paths.len() as u32);
+                for p in paths {
+                    w.str(p.as_str());
+                }
+            }
             Message::FileAbort { reason } => {
                 w.u8(12);
                 w.str(reason);
@@ -258,7 +278,20 @@ impl Message {
                 path: RelPath::new(r.str("path")?)?,
             },
             10 => Message::Chunk(r.bytes()?.to_vec()),
-            11 => Message::FileEnd,
+            11 => Message::FileEnd {
+                md5: match r.buf.len() {
+                    0 => None,
+                    _ => Some(Md5(r.take(16)?.try_into().unwrap())),
+                },
+            },
+            13 => {
+                let n = r.count(4)?;
+                let mut paths = Vec::with_capacity(n);
+                for _ in 0..n {
+                    paths.push(RelPath::new(r.str("path")?)?);
+                }
+                Message::HashRequest(paths)
+            }
             12 => Message::FileAbort {
                 reason: r.str("abort reason")?,
             },
@@ -328,6 +361,10 @@ impl Writer<'_> {
             Kind::Special { what } => {
                 self.u8(5);
                 self.str(what);
+            }
+            Kind::Unhashed { size } => {
+                self.u8(6);
+                self.u64(*size);
             }
         }
         self.u32(e.meta.mode);
@@ -400,6 +437,7 @@ impl<'a> Reader<'a> {
             5 => Kind::Special {
                 what: self.str("special kind")?,
             },
+            6 => Kind::Unhashed { size: self.u64()? },
             _ => return Err(ProtocolError::Malformed("entry kind")),
         };
         let meta = Meta {
@@ -582,6 +620,11 @@ mod tests {
                 meta,
             },
             Entry {
+                path: p("w"),
+                kind: Kind::Unhashed { size: 1 << 40 },
+                meta,
+            },
+            Entry {
                 path: p("v"),
                 kind: Kind::Special {
                     what: "FIFO".into(),
@@ -613,7 +656,11 @@ mod tests {
             Message::DataHello { token: 42 },
             Message::FileBegin { path: p("x") },
             Message::Chunk(vec![1, 2, 3]),
-            Message::FileEnd,
+            Message::FileEnd { md5: None },
+            Message::FileEnd {
+                md5: Some(Md5::of(b"x")),
+            },
+            Message::HashRequest(vec![p("big"), p("d/big")]),
             Message::FileAbort {
                 reason: "gone".into(),
             },
@@ -647,6 +694,7 @@ mod tests {
             // A forged count must not be believed: 4 billion entries in 5 bytes.
             (vec![3, 0xff, 0xff, 0xff, 0xff, 0], "list count"),
             (vec![4, 0], "malformed filelist-end"),
+            (vec![11, 1, 2], "short"),
         ] {
             let err = decode_err(&body);
             assert!(err.contains(want), "{body:?}: {err:?} lacks {want:?}");
@@ -666,10 +714,13 @@ mod tests {
     #[tokio::test]
     async fn framing_handles_truncation_and_size_limit() {
         let mut buf = Vec::new();
-        Message::FileEnd.encode(&mut buf);
+        Message::FileEnd { md5: None }.encode(&mut buf);
         Message::Chunk(vec![7; 10]).encode(&mut buf);
         let mut r = &buf[..];
-        assert_eq!(read(&mut r).await.unwrap(), Some(Message::FileEnd));
+        assert_eq!(
+            read(&mut r).await.unwrap(),
+            Some(Message::FileEnd { md5: None })
+        );
         assert_eq!(
             read(&mut r).await.unwrap(),
             Some(Message::Chunk(vec![7; 10]))
@@ -710,10 +761,13 @@ mod tests {
     #[test]
     fn blocking_framing_matches_async() {
         let mut buf = Vec::new();
-        write_blocking(&mut buf, &Message::FileEnd).unwrap();
+        write_blocking(&mut buf, &Message::FileEnd { md5: None }).unwrap();
         write_chunk(&mut buf, b"abc").unwrap();
         let mut r = &buf[..];
-        assert_eq!(read_blocking(&mut r).unwrap(), Some(Message::FileEnd));
+        assert_eq!(
+            read_blocking(&mut r).unwrap(),
+            Some(Message::FileEnd { md5: None })
+        );
         assert_eq!(
             read_blocking(&mut r).unwrap(),
             Some(Message::Chunk(b"abc".to_vec()))

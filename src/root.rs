@@ -257,6 +257,26 @@ impl TempFile {
         &self.path
     }
 
+    /// Starts writeback of a written range without waiting for it, so that the flush at the
+    /// end of the session finds less to do.
+    pub fn start_writeback(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file().as_raw_fd();
+        // SAFETY: sync_file_range only reads the descriptor, which `self` keeps open.
+        let rc = unsafe {
+            libc::sync_file_range(
+                fd,
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Gives the finished file its final permission bits and mtime before it becomes visible.
     pub fn set_meta(&self, meta: &Meta) -> io::Result<()> {
         fs::set_permissions(&self.path, fs::Permissions::from_mode(meta.mode))?;

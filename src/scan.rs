@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use md5::Digest;
@@ -54,26 +54,36 @@ pub fn meta_of(m: &Metadata) -> Meta {
 /// Lists the tree below `root` (the root itself is not an entry). Fails only when the root
 /// cannot be read at all; anything below that cannot be read becomes an `Unreadable` entry.
 ///
+/// How a side scans.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Read a file this process owns but may not read (mode 0000 on a server that is not
+    /// root) by granting owner-read for the moment of hashing: the server must know what its
+    /// own mirror holds.
+    pub read_own: bool,
+    /// List files at least this large that the cache cannot vouch for as `Unhashed` instead
+    /// of reading them now: their MD5 is computed while they are sent, or when the server
+    /// asks for it, so a new large file is read once rather than twice in a row.
+    pub defer_above: Option<u64>,
+}
+
 /// Files are hashed after the metadata walk, on every core, except those `cache` vouches for.
-/// With `read_own`, a file this process owns but may not read (mode 0000 on a server that is
-/// not root) is read anyway, by granting owner-read for the moment of hashing: the server
-/// must know what its own mirror holds.
-pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, read_own: bool) -> io::Result<Scan> {
+pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, opts: Options) -> io::Result<Scan> {
     let mut scan = Scan::default();
     let mut pending = Vec::new();
     let top = read_dir_sorted(root)?;
-    walk(None, top, &mut scan, &mut pending, &mut cache);
-    hash_pending(&mut scan, pending, cache.as_deref(), read_own);
+    walk(None, top, &mut scan, &mut pending, &mut cache, &opts);
+    hash_pending(&mut scan, pending, cache.as_deref(), opts.read_own);
     Ok(scan)
 }
 
 /// Scans `dir`, using and then updating the hash cache in `cache_file` if there is one.
-pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>, read_own: bool) -> io::Result<Scan> {
+pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>, opts: Options) -> io::Result<Scan> {
     let Some(file) = cache_file else {
-        return scan(dir, None, read_own);
+        return scan(dir, None, opts);
     };
     let mut cache = HashCache::load(file);
-    let found = scan(dir, Some(&mut cache), read_own)?;
+    let found = scan(dir, Some(&mut cache), opts)?;
     tracing::debug!("hash cache: {} hits, {} misses", cache.hits, cache.misses);
     if let Err(e) = found.save_cache(&cache) {
         tracing::warn!("failed to save the hash cache: {e}");
@@ -155,6 +165,7 @@ fn walk(
     scan: &mut Scan,
     pending: &mut Vec<Pending>,
     cache: &mut Option<&mut HashCache>,
+    opts: &Options,
 ) {
     for ent in children {
         let name = ent.file_name();
@@ -206,7 +217,7 @@ fn walk(
                         kind: Kind::Dir,
                         meta,
                     });
-                    walk(Some(&rel), kids, scan, pending, cache);
+                    walk(Some(&rel), kids, scan, pending, cache, opts);
                 }
                 Err(e) => scan.entries.push(unreadable(e)),
             }
@@ -216,22 +227,24 @@ fn walk(
                 .as_deref_mut()
                 .and_then(|c| c.lookup(rel.as_str(), &stamp));
             let index = scan.entries.len();
-            let md5 = match cached {
+            let size = md.len();
+            let kind = match cached {
                 Some(md5) => {
                     scan.cacheable.push((index, stamp));
-                    md5
+                    Kind::File { size, md5 }
                 }
+                None if opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
                 None => {
                     pending.push(Pending { index, path, stamp });
-                    Md5([0; 16])
+                    Kind::File {
+                        size,
+                        md5: Md5([0; 16]),
+                    }
                 }
             };
             scan.entries.push(Entry {
                 path: rel,
-                kind: Kind::File {
-                    size: md.len(),
-                    md5,
-                },
+                kind,
                 meta,
             });
         } else if ft.is_symlink() {
@@ -283,9 +296,27 @@ fn hash_own_unreadable(path: &Path) -> Option<io::Result<(u64, Md5)>> {
     Some(res)
 }
 
+/// Size, MD5 and stamp of a file that must not change while it is read: the stamp is taken
+/// before and after, and a difference is an error (the file is being written to).
+pub fn hash_stable(path: &Path) -> io::Result<(u64, Md5, Stamp)> {
+    let mut f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let before = Stamp::of(&f.metadata()?);
+    let (size, md5) = hash_reader(&mut f)?;
+    if Stamp::of(&f.metadata()?) != before {
+        return Err(io::Error::other("changed while being hashed"));
+    }
+    Ok((size, md5, before))
+}
+
 /// Size and MD5 of a file, read in bounded chunks.
 pub fn hash_file(path: &Path) -> io::Result<(u64, Md5)> {
-    let mut f = File::open(path)?;
+    hash_reader(&mut File::open(path)?)
+}
+
+fn hash_reader(f: &mut File) -> io::Result<(u64, Md5)> {
     let mut h = md5::Md5::new();
     let mut buf = vec![0u8; crate::protocol::CHUNK_SIZE];
     let mut size = 0u64;
@@ -328,7 +359,7 @@ mod tests {
         fs::create_dir(r.join("empty")).unwrap();
         symlink("/etc", r.join("link")).unwrap();
         fs::write(r.join(".server-sync-tmp.123"), "partial").unwrap();
-        let s = scan(r, None, false).unwrap();
+        let s = scan(r, None, Options::default()).unwrap();
         assert_eq!(
             listing(&s),
             [
@@ -348,7 +379,7 @@ mod tests {
     fn scan_through(dir: &Path, cache_file: &Path) -> (Scan, u64) {
         let mut cache = HashCache::load(cache_file.to_owned());
         cache.now_ns += 3600 * 1_000_000_000;
-        let s = scan(dir, Some(&mut cache), false).unwrap();
+        let s = scan(dir, Some(&mut cache), Options::default()).unwrap();
         s.save_cache(&cache).unwrap();
         (s, cache.hits)
     }
@@ -432,7 +463,7 @@ mod tests {
     fn special_files_are_listed_as_such() {
         let d = tempfile::tempdir().unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
-        let s = scan(d.path(), None, false).unwrap();
+        let s = scan(d.path(), None, Options::default()).unwrap();
         assert_eq!(listing(&s), ["sock special"]);
         assert!(s.warnings.is_empty());
     }

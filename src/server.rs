@@ -1,7 +1,7 @@
 //! The server: accepts control and data connections and runs sync sessions against its
 //! directory, one at a time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::apply;
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::{Entry, Kind, Manifest, ManifestError, RelPath};
 use crate::plan;
 use crate::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
 use crate::root::Root;
@@ -260,6 +260,62 @@ async fn route_data(shared: &Shared, mut stream: TcpStream, addr: SocketAddr) {
     }
 }
 
+/// Asks the client for the MD5 of the files it announced unhashed that the server might
+/// already hold, at this path or another: those whose size equals a file of the server's.
+/// Knowing the MD5, the plan can leave them alone, copy or move them locally; the others are
+/// simply requested, their MD5 following their content.
+async fn hash_where_it_matters(
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    client: Manifest,
+    server: &Manifest,
+    idle: Duration,
+) -> Result<Manifest, SessionError> {
+    let sizes: HashSet<u64> = server
+        .iter()
+        .filter_map(|e| match e.kind {
+            Kind::File { size, .. } => Some(size),
+            _ => None,
+        })
+        .collect();
+    let wanted: Vec<RelPath> = client
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Unhashed { size } if sizes.contains(&size)))
+        .map(|e| e.path.clone())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(client);
+    }
+    info!(
+        "Asking the client for the md5 of {} large file(s) that may already be here",
+        wanted.len()
+    );
+    let mut answers: HashMap<RelPath, Entry> = HashMap::with_capacity(wanted.len());
+    for batch in wanted.chunks(BATCH) {
+        protocol::write(wr, &Message::HashRequest(batch.to_vec())).await?;
+        wr.flush().await.map_err(ProtocolError::from)?;
+        let entries = loop {
+            match protocol::read_within(rd, idle).await? {
+                Message::FileList(e) if e.is_empty() => continue, // keepalive while hashing
+                Message::FileList(e) => break e,
+                m => return Err(m.unexpected("filelist").into()),
+            }
+        };
+        let fits = |(want, e): (&RelPath, &Entry)| {
+            *want == e.path && matches!(e.kind, Kind::File { .. } | Kind::Unreadable { .. })
+        };
+        if entries.len() != batch.len() || !batch.iter().zip(&entries).all(fits) {
+            return Err(ProtocolError::Malformed("hash answer").into());
+        }
+        answers.extend(entries.into_iter().map(|e| (e.path.clone(), e)));
+    }
+    let entries = client
+        .into_entries()
+        .into_iter()
+        .map(|e| answers.remove(&e.path).unwrap_or(e));
+    Ok(Manifest::from_entries(entries)?)
+}
+
 /// Turns a data connection into a blocking socket for its own thread; `idle` becomes the
 /// read timeout.
 fn blocking(stream: TcpStream, idle: Duration) -> std::io::Result<std::net::TcpStream> {
@@ -362,8 +418,15 @@ async fn sync(
     // Walk our own tree while the client walks its own and sends the list.
     let (root, cache_file) = (shared.root.clone(), shared.cache_file.clone());
     let scanning = tokio::task::spawn_blocking(move || {
-        let scan =
-            crate::scan::scan_cached(root.path(), cache_file, true).map_err(SessionError::Scan)?;
+        let scan = crate::scan::scan_cached(
+            root.path(),
+            cache_file,
+            crate::scan::Options {
+                read_own: true,
+                defer_above: None,
+            },
+        )
+        .map_err(SessionError::Scan)?;
         for w in &scan.warnings {
             warn!("{w}");
         }
@@ -389,6 +452,7 @@ async fn sync(
         client.file_bytes()
     );
     let server = scanning.await.expect("scan does not panic")?;
+    let client = hash_where_it_matters(rd, wr, client, &server, idle).await?;
 
     let root = shared.root.clone();
     let (mut outcome, plan) = tokio::task::spawn_blocking(move || {

@@ -13,6 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use md5::Digest;
 use tracing::{info, warn};
 
+use crate::cache::Stamp;
 use crate::manifest::{Entry, Kind, Md5, RelPath, find_sorted};
 use crate::plan::Request;
 use crate::protocol::{self, CHUNK_SIZE, Message, ProtocolError};
@@ -33,8 +34,13 @@ struct Incoming<'a> {
     sink: Option<TempFile>,
     hasher: md5::Md5,
     bytes: u64,
+    /// Bytes already handed to writeback.
+    flushed: u64,
     error: Option<String>,
 }
+
+/// How much of a received file accumulates before its writeback is started.
+const WRITEBACK_STEP: u64 = 8 << 20;
 
 /// Receives the files of one data connection, which may carry only files from `wanted`,
 /// each at most once. Returns when the client closes the connection. A file that fails
@@ -67,6 +73,7 @@ pub fn receive<S: Read>(
                     sink,
                     hasher: md5::Md5::new(),
                     bytes: 0,
+                    flushed: 0,
                     error,
                 });
             }
@@ -83,17 +90,26 @@ pub fn receive<S: Read>(
                     continue;
                 }
                 inc.hasher.update(&data);
-                if let Some(t) = inc.sink.as_mut()
-                    && let Err(e) = t.file().write_all(&data)
-                {
-                    inc.error = Some(format!("failed to write: {e}"));
-                    inc.sink = None;
+                if let Some(t) = inc.sink.as_mut() {
+                    let written = t.file().write_all(&data).and_then(|()| {
+                        // Large files: have the kernel start writing back now, so the
+                        // session's final flush does not wait for the whole file.
+                        if inc.bytes - inc.flushed >= WRITEBACK_STEP {
+                            t.start_writeback(inc.flushed, inc.bytes - inc.flushed)?;
+                            inc.flushed = inc.bytes;
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = written {
+                        inc.error = Some(format!("failed to write: {e}"));
+                        inc.sink = None;
+                    }
                 }
             }
-            (Message::FileEnd, Some(_)) => {
+            (Message::FileEnd { md5 }, Some(_)) => {
                 let inc = cur.take().expect("matched Some");
                 let path = inc.want.path.to_string();
-                match finish(root, inc) {
+                match finish(root, inc, md5) {
                     Ok(n) => {
                         info!("Received file: {path} ({n} bytes, md5 ok)");
                         out.files += 1;
@@ -132,16 +148,27 @@ pub fn receive<S: Read>(
 }
 
 /// Verifies a completely received file and renames it into place. Returns its size.
-fn finish(root: &Root, inc: Incoming<'_>) -> Result<u64, String> {
+/// `end_md5` is what the client sent with `FileEnd`: the only MD5 there is for a file
+/// announced unhashed; for the others it must agree with the announced one.
+fn finish(root: &Root, inc: Incoming<'_>, end_md5: Option<Md5>) -> Result<u64, String> {
     if let Some(e) = inc.error {
         return Err(e);
     }
     let tmp = inc.sink.ok_or("no temporary file")?;
+    let want = match (inc.want.md5, end_md5) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "client ended the file with md5 {b}, having announced {a}"
+            ));
+        }
+        (Some(m), _) | (None, Some(m)) => m,
+        (None, None) => return Err("file announced unhashed was sent without its md5".into()),
+    };
     let got = Md5(inc.hasher.finalize().into());
-    if inc.bytes != inc.want.size || got != inc.want.md5 {
+    if inc.bytes != inc.want.size || got != want {
         return Err(format!(
-            "content changed while being sent ({} bytes, md5 {got}; announced {} bytes, md5 {})",
-            inc.bytes, inc.want.size, inc.want.md5
+            "content changed while being sent ({} bytes, md5 {got}; announced {} bytes, md5 {want})",
+            inc.bytes, inc.want.size
         ));
     }
     tmp.set_meta(&inc.want.meta)
@@ -156,6 +183,9 @@ pub struct Sent {
     pub files: u64,
     pub bytes: u64,
     pub failed: Vec<(String, String)>,
+    /// MD5s of unhashed files, computed while sending them, with the stamp they had
+    /// throughout (for the hash cache).
+    pub learned: Vec<(RelPath, Md5, Stamp)>,
 }
 
 /// Sends the requested files over a data connection, then closes it. Only regular files of
@@ -175,16 +205,20 @@ pub fn send<S: Write>(
     for path in paths {
         protocol::write_blocking(&mut w, &Message::FileBegin { path: path.clone() })?;
         info!("Sending file: {path}");
-        let offered =
-            find_sorted(listed, path).is_some_and(|e| matches!(e.kind, Kind::File { .. }));
-        let res = if offered {
-            send_one(&mut w, root, path, &mut buf)?
-        } else {
-            Err("not a file this client offered".to_string())
+        let res = match find_sorted(listed, path) {
+            Some(e) if e.is_file() => {
+                let hash = matches!(e.kind, Kind::Unhashed { .. });
+                send_one(&mut w, root, path, &mut buf, hash)?
+            }
+            _ => Err("not a file this client offered".to_string()),
         };
         match res {
-            Ok(n) => {
-                protocol::write_blocking(&mut w, &Message::FileEnd)?;
+            Ok((n, learned)) => {
+                let md5 = learned.map(|(md5, _)| md5);
+                protocol::write_blocking(&mut w, &Message::FileEnd { md5 })?;
+                if let Some((md5, stamp)) = learned {
+                    out.learned.push((path.clone(), md5, stamp));
+                }
                 out.files += 1;
                 out.bytes += n;
             }
@@ -202,13 +236,18 @@ pub fn send<S: Write>(
     Ok(out)
 }
 
-/// Streams one file's chunks. The outer error is the connection's; the inner one the file's.
+/// Streams one file's chunks, hashing them too when `hash`. The outer error is the
+/// connection's; the inner one the file's. Returns the bytes sent and, when hashed, the MD5
+/// and the file's stamp, which must not change while it is read: a file written to meanwhile
+/// is aborted, to be sent whole next cycle.
+#[allow(clippy::type_complexity)]
 fn send_one<W: Write>(
     w: &mut W,
     root: &Root,
     path: &RelPath,
     buf: &mut [u8],
-) -> Result<Result<u64, String>, ProtocolError> {
+    hash: bool,
+) -> Result<Result<(u64, Option<(Md5, Stamp)>), String>, ProtocolError> {
     let open = || {
         let p = root.resolve(path).map_err(io::Error::other)?;
         File::options()
@@ -220,15 +259,125 @@ fn send_one<W: Write>(
         Ok(f) => f,
         Err(e) => return Ok(Err(format!("failed to open: {e}"))),
     };
+    let stamp = |f: &File| f.metadata().map(|m| Stamp::of(&m));
+    let before = if hash {
+        match stamp(&f) {
+            Ok(s) => Some(s),
+            Err(e) => return Ok(Err(format!("failed to stat: {e}"))),
+        }
+    } else {
+        None
+    };
+    let mut hasher = md5::Md5::new();
     let mut sent = 0u64;
     loop {
         let n = match f.read(buf) {
-            Ok(0) => return Ok(Ok(sent)),
+            Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Ok(Err(format!("failed to read: {e}"))),
         };
+        if hash {
+            hasher.update(&buf[..n]);
+        }
         protocol::write_chunk(w, &buf[..n])?;
         sent += n as u64;
+    }
+    let Some(before) = before else {
+        return Ok(Ok((sent, None)));
+    };
+    match stamp(&f) {
+        Ok(after) if after == before => {
+            Ok(Ok((sent, Some((Md5(hasher.finalize().into()), after)))))
+        }
+        Ok(_) => Ok(Err("changed while being sent".into())),
+        Err(e) => Ok(Err(format!("failed to stat: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Meta;
+
+    /// Receives `content` for a file announced with `announced` and ended with `end_md5`;
+    /// checks the outcome: `Ok(())` placed intact, or `Err(reason fragment)` rejected with
+    /// nothing placed and no temp file left.
+    fn check(
+        announced: Option<&[u8]>,
+        content: &[u8],
+        end_md5: Option<&[u8]>,
+        want: Result<(), &str>,
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let root = Root::new(d.path());
+        let path = RelPath::new("f").unwrap();
+        let req = Request {
+            path: path.clone(),
+            size: content.len() as u64,
+            md5: announced.map(Md5::of),
+            meta: Meta {
+                mode: 0o640,
+                ..Meta::default()
+            },
+        };
+        let mut wire = Vec::new();
+        for m in [
+            Message::FileBegin { path },
+            Message::Chunk(content.to_vec()),
+            Message::FileEnd {
+                md5: end_md5.map(Md5::of),
+            },
+        ] {
+            m.encode(&mut wire);
+        }
+        let got = receive(&mut &wire[..], &root, &[req]).unwrap();
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        match want {
+            Ok(()) => {
+                assert_eq!((got.files, &got.failed), (1, &vec![]));
+                assert_eq!(std::fs::read(d.path().join("f")).unwrap(), content);
+            }
+            Err(why) => {
+                assert_eq!(got.files, 0);
+                assert!(
+                    got.failed[0].1.contains(why),
+                    "{:?} lacks {why:?}",
+                    got.failed
+                );
+                assert!(names.is_empty(), "left behind: {names:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn received_files_are_placed_only_when_verified() {
+        // Announced with its MD5, which the end may repeat but not contradict.
+        check(Some(b"abc"), b"abc", None, Ok(()));
+        check(Some(b"abc"), b"abc", Some(b"abc"), Ok(()));
+        check(
+            Some(b"abc"),
+            b"abd",
+            None,
+            Err("content changed while being sent"),
+        );
+        check(
+            Some(b"abc"),
+            b"abc",
+            Some(b"xyz"),
+            Err("client ended the file with md5"),
+        );
+        // Announced unhashed: the MD5 comes at the end and must match what arrived.
+        check(None, b"abc", Some(b"abc"), Ok(()));
+        check(
+            None,
+            b"abc",
+            Some(b"abd"),
+            Err("content changed while being sent"),
+        );
+        check(None, b"abc", None, Err("sent without its md5"));
     }
 }

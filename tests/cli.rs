@@ -519,6 +519,60 @@ fn children_peak_rss_kib() -> u64 {
     ru.ru_maxrss as u64
 }
 
+/// Seeded content larger than the client's threshold for announcing files unhashed (8 MiB).
+fn large(seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..(9 << 20) / 8)
+        .flat_map(|_| {
+            // splitmix64
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)).to_le_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn large_file_renamed_is_moved_not_sent() {
+    // Announced unhashed (new to the client's cache), but the server holds a file of that
+    // size: it asks for the MD5 and moves its copy.
+    check(Case {
+        before: vec![write("big.bin", large(1))],
+        change: vec![mv("big.bin", "moved.bin")],
+        logs: &[
+            "Asking the client for the md5 of 1 large file(s)",
+            "Renaming file: big.bin to moved.bin",
+        ],
+        no_logs: &["Requesting file"],
+    });
+}
+
+#[test]
+fn large_duplicate_is_copied_not_sent() {
+    check(Case {
+        before: vec![write("a.bin", large(2))],
+        change: vec![write("b.bin", large(2))],
+        logs: &["Copying file: a.bin and renaming to b.bin"],
+        no_logs: &["Requesting file"],
+    });
+}
+
+#[test]
+fn large_file_changed_in_place_with_the_same_size_is_sent() {
+    check(Case {
+        before: vec![write("big.bin", large(3))],
+        change: vec![write("big.bin", large(4))],
+        logs: &[
+            "Asking the client for the md5 of 1 large file(s)",
+            "Requesting file: big.bin",
+            "Received file: big.bin (9437184 bytes, md5 ok)",
+        ],
+        ..Case::default()
+    });
+}
+
 #[test]
 fn large_file_of_64_mib_arrives_intact_in_bounded_memory() {
     const LEN: usize = 64 << 20;

@@ -537,7 +537,7 @@ fn data_connections_with_a_bad_token_or_garbage_are_refused() {
     data.send(&Message::DataHello { token });
     data.send(&Message::FileBegin { path: p("victim") });
     data.send(&Message::Chunk(NEW.to_vec()));
-    data.send(&Message::FileEnd);
+    data.send(&Message::FileEnd { md5: None });
     drop(data);
     match control.recv() {
         Ok(Some(Message::SyncDone(s))) => assert!(s.failed.is_empty(), "{s:?}"),
@@ -570,7 +570,7 @@ struct DataAttack {
 fn lying_and_malformed_transfers_change_nothing() {
     let begin = |s: &str| frame(&Message::FileBegin { path: p(s) });
     let chunk = |b: &[u8]| frame(&Message::Chunk(b.to_vec()));
-    let end = || frame(&Message::FileEnd);
+    let end = || frame(&Message::FileEnd { md5: None });
     let outside = World::new().outside.join("pwned");
     let cases = vec![
         DataAttack {
@@ -578,6 +578,19 @@ fn lying_and_malformed_transfers_change_nothing() {
             frames: vec![begin("victim"), chunk(b"bad content"), end()],
             expect: Expect::Failed("content changed while being sent"),
             log: "Rejected file: victim: content changed while being sent",
+            victim: OLD,
+        },
+        DataAttack {
+            name: "file-end md5 contradicts the announced one",
+            frames: vec![
+                begin("victim"),
+                chunk(NEW),
+                frame(&Message::FileEnd {
+                    md5: Some(server_sync::manifest::Md5::of(b"something else")),
+                }),
+            ],
+            expect: Expect::Failed("client ended the file with md5"),
+            log: "Rejected file: victim: client ended the file with md5",
             victim: OLD,
         },
         DataAttack {
@@ -735,7 +748,7 @@ fn a_directory_swapped_for_a_symlink_mid_session_is_not_written_through() {
         path: p("keep/file.txt"),
     });
     data.send(&Message::Chunk(NEW.to_vec()));
-    data.send(&Message::FileEnd);
+    data.send(&Message::FileEnd { md5: None });
     drop(data);
     match control.recv() {
         Ok(Some(Message::SyncDone(s))) => assert!(
@@ -982,7 +995,7 @@ fn a_hostile_server_cannot_read_outside_the_client_dir() {
         match m {
             Message::FileBegin { path } => sent.push((path.to_string(), Vec::new(), None)),
             Message::Chunk(c) => sent.last_mut().unwrap().1.extend(c),
-            Message::FileEnd => {}
+            Message::FileEnd { .. } => {}
             Message::FileAbort { reason } => sent.last_mut().unwrap().2 = Some(reason),
             other => panic!("unexpected {other:?}"),
         }
