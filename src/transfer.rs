@@ -32,7 +32,7 @@ struct Incoming<'a> {
     want: &'a Request,
     /// `None` once the file is known to be bad: its remaining chunks are read and dropped.
     sink: Option<TempFile>,
-    hasher: md5::Md5,
+    hasher: Hasher,
     bytes: u64,
     /// Bytes already handed to writeback.
     flushed: u64,
@@ -41,6 +41,70 @@ struct Incoming<'a> {
 
 /// How much of a received file accumulates before its writeback is started.
 const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Files at least this large are hashed on a thread of their own, beside their I/O.
+const HASH_THREAD_ABOVE: u64 = 8 << 20;
+
+/// MD5 of a stream of owned chunks: inline for small files; for large ones on a helper
+/// thread, so that hashing (about 2 s per GiB here) overlaps reading and writing instead of
+/// adding to them. Chunks come back for reuse; the channel bounds the memory in flight.
+enum Hasher {
+    Inline(md5::Md5),
+    Threaded {
+        to: std::sync::mpsc::SyncSender<Vec<u8>>,
+        back: std::sync::mpsc::Receiver<Vec<u8>>,
+        done: std::thread::JoinHandle<Md5>,
+    },
+}
+
+impl Hasher {
+    fn new(size: u64) -> Hasher {
+        if size < HASH_THREAD_ABOVE {
+            return Hasher::Inline(md5::Md5::new());
+        }
+        let (to, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        // Bounded, and a full one drops the chunk: a caller that never takes spares must not
+        // make them pile up.
+        let (back_tx, back) = std::sync::mpsc::sync_channel(4);
+        let done = std::thread::spawn(move || {
+            let mut h = md5::Md5::new();
+            for chunk in rx {
+                h.update(&chunk);
+                let _ = back_tx.try_send(chunk);
+            }
+            Md5(h.finalize().into())
+        });
+        Hasher::Threaded { to, back, done }
+    }
+
+    fn update(&mut self, chunk: Vec<u8>) {
+        match self {
+            Hasher::Inline(h) => h.update(&chunk),
+            Hasher::Threaded { to, .. } => {
+                to.send(chunk)
+                    .expect("the hashing thread outlives its sender");
+            }
+        }
+    }
+
+    /// A chunk the hashing thread is done with, to read the next one into.
+    fn spare(&self) -> Option<Vec<u8>> {
+        match self {
+            Hasher::Inline(_) => None,
+            Hasher::Threaded { back, .. } => back.try_recv().ok(),
+        }
+    }
+
+    fn finish(self) -> Md5 {
+        match self {
+            Hasher::Inline(h) => Md5(h.finalize().into()),
+            Hasher::Threaded { to, done, .. } => {
+                drop(to);
+                done.join().expect("hashing does not panic")
+            }
+        }
+    }
+}
 
 /// Receives the files of one data connection, which may carry only files from `wanted`,
 /// each at most once. Returns when the client closes the connection. A file that fails
@@ -71,7 +135,7 @@ pub fn receive<S: Read>(
                 cur = Some(Incoming {
                     want,
                     sink,
-                    hasher: md5::Md5::new(),
+                    hasher: Hasher::new(want.size),
                     bytes: 0,
                     flushed: 0,
                     error,
@@ -89,9 +153,9 @@ pub fn receive<S: Read>(
                     inc.sink = None;
                     continue;
                 }
-                inc.hasher.update(&data);
-                if let Some(t) = inc.sink.as_mut() {
-                    let written = t.file().write_all(&data).and_then(|()| {
+                let written = match inc.sink.as_mut() {
+                    None => Ok(()),
+                    Some(t) => t.file().write_all(&data).and_then(|()| {
                         // Large files: have the kernel start writing back now, so the
                         // session's final flush does not wait for the whole file.
                         if inc.bytes - inc.flushed >= WRITEBACK_STEP {
@@ -99,11 +163,12 @@ pub fn receive<S: Read>(
                             inc.flushed = inc.bytes;
                         }
                         Ok(())
-                    });
-                    if let Err(e) = written {
-                        inc.error = Some(format!("failed to write: {e}"));
-                        inc.sink = None;
-                    }
+                    }),
+                };
+                inc.hasher.update(data);
+                if let Err(e) = written {
+                    inc.error = Some(format!("failed to write: {e}"));
+                    inc.sink = None;
                 }
             }
             (Message::FileEnd { md5 }, Some(_)) => {
@@ -164,7 +229,7 @@ fn finish(root: &Root, inc: Incoming<'_>, end_md5: Option<Md5>) -> Result<u64, S
         (Some(m), _) | (None, Some(m)) => m,
         (None, None) => return Err("file announced unhashed was sent without its md5".into()),
     };
-    let got = Md5(inc.hasher.finalize().into());
+    let got = inc.hasher.finish();
     if inc.bytes != inc.want.size || got != want {
         return Err(format!(
             "content changed while being sent ({} bytes, md5 {got}; announced {} bytes, md5 {want})",
@@ -268,19 +333,27 @@ fn send_one<W: Write>(
     } else {
         None
     };
-    let mut hasher = md5::Md5::new();
+    let mut hasher = hash.then(|| Hasher::new(HASH_THREAD_ABOVE));
     let mut sent = 0u64;
     loop {
-        let n = match f.read(buf) {
+        // With a hashing thread, each chunk is handed over: read into a recycled one.
+        let mut owned = hasher.as_ref().map(|h| {
+            let mut v = h.spare().unwrap_or_default();
+            v.resize(CHUNK_SIZE, 0);
+            v
+        });
+        let chunk: &mut [u8] = owned.as_deref_mut().unwrap_or(&mut *buf);
+        let n = match f.read(chunk) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Ok(Err(format!("failed to read: {e}"))),
         };
-        if hash {
-            hasher.update(&buf[..n]);
+        protocol::write_chunk(w, &chunk[..n])?;
+        if let (Some(h), Some(mut v)) = (hasher.as_mut(), owned) {
+            v.truncate(n);
+            h.update(v);
         }
-        protocol::write_chunk(w, &buf[..n])?;
         sent += n as u64;
     }
     let Some(before) = before else {
@@ -288,7 +361,8 @@ fn send_one<W: Write>(
     };
     match stamp(&f) {
         Ok(after) if after == before => {
-            Ok(Ok((sent, Some((Md5(hasher.finalize().into()), after)))))
+            let md5 = hasher.expect("hashing when stamped").finish();
+            Ok(Ok((sent, Some((md5, after)))))
         }
         Ok(_) => Ok(Err("changed while being sent".into())),
         Err(e) => Ok(Err(format!("failed to stat: {e}"))),
