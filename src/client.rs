@@ -34,6 +34,8 @@ pub struct Config {
     pub port: u16,
     /// Where the hash cache of `root` is kept; `None` hashes every file on every sync.
     pub cache_file: Option<PathBuf>,
+    /// Data connections run at once (the server may allow fewer).
+    pub transfers: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +128,15 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     let mut rd = BufReader::new(rd);
     let mut wr = BufWriter::new(wr);
 
-    protocol::write(&mut wr, &Message::Hello { version: VERSION }).await?;
+    let transfers = cfg.transfers.clamp(1, u16::MAX.into()) as u16;
+    protocol::write(
+        &mut wr,
+        &Message::Hello {
+            version: VERSION,
+            transfers,
+        },
+    )
+    .await?;
     wr.flush().await.map_err(ProtocolError::from)?;
     let (data_port, token) = match next(&mut rd).await? {
         Message::Welcome {
@@ -196,6 +206,8 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     let root = Root::new(&cfg.root);
     // MD5s of unhashed files computed during the session, for the hash cache.
     let mut learned: Vec<(String, Stamp, Md5)> = Vec::new();
+    // Data connections in flight, each on its own thread.
+    let mut sending = tokio::task::JoinSet::<Result<_, ProtocolError>>::new();
     loop {
         match next(&mut rd).await? {
             Message::HashRequest(paths) => {
@@ -223,7 +235,12 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                 protocol::write_file_list(&mut wr, &entries).await?;
                 wr.flush().await.map_err(ProtocolError::from)?;
             }
-            Message::FileRequest(paths) => {
+            Message::FileRequest { id, paths } => {
+                // The server keeps at most `transfers` requests open; bound it here anyway.
+                while sending.len() >= usize::from(transfers) {
+                    let sent = sending.join_next().await.expect("not empty");
+                    learned.extend(sent.expect("send does not panic")?);
+                }
                 let connect = TcpStream::connect((peer.ip(), data_port));
                 let data = tokio::time::timeout(CONNECT_TIMEOUT, connect)
                     .await
@@ -233,16 +250,23 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                     .map_err(ProtocolError::from)?;
                 data.set_nonblocking(false).map_err(ProtocolError::from)?;
                 let (root, listed) = (root.clone(), listed.clone());
-                let sent = tokio::task::spawn_blocking(move || {
-                    transfer::send(data, &root, token, &paths, &listed)
-                })
-                .await
-                .expect("send does not panic")?;
-                learned.extend(
-                    (sent.learned.into_iter()).map(|(p, md5, stamp)| (p.to_string(), stamp, md5)),
-                );
+                sending.spawn_blocking(move || {
+                    let sent = transfer::send(data, &root, (token, id), &paths, &listed)?;
+                    Ok(sent
+                        .learned
+                        .into_iter()
+                        .map(|(p, md5, stamp)| (p.to_string(), stamp, md5)))
+                });
+                // Surface a finished transfer's error without waiting for the rest.
+                while let Some(sent) = sending.try_join_next() {
+                    learned.extend(sent.expect("send does not panic")?);
+                }
             }
             Message::SyncDone(summary) => {
+                // The server has received everything it asked for: these are done.
+                while let Some(sent) = sending.join_next().await {
+                    learned.extend(sent.expect("send does not panic")?);
+                }
                 report.summary = summary;
                 break;
             }

@@ -33,6 +33,8 @@ pub const BATCH: usize = 512;
 pub enum Message {
     Hello {
         version: u32,
+        /// How many data connections the client will run at once.
+        transfers: u16,
     },
     Welcome {
         version: u32,
@@ -41,7 +43,11 @@ pub enum Message {
     },
     FileList(Vec<Entry>),
     FileListEnd,
-    FileRequest(Vec<RelPath>),
+    /// Server → client: send these files over a data connection that names `id`.
+    FileRequest {
+        id: u32,
+        paths: Vec<RelPath>,
+    },
     /// Server → client: send the MD5 of these unhashed files (as a `FileList` batch with the
     /// same paths, in order) so a local copy can be looked for.
     HashRequest(Vec<RelPath>),
@@ -49,6 +55,8 @@ pub enum Message {
     Error(String),
     DataHello {
         token: u64,
+        /// The `FileRequest` this connection answers.
+        request: u32,
     },
     FileBegin {
         path: RelPath,
@@ -115,7 +123,7 @@ impl Message {
             Message::Welcome { .. } => "welcome",
             Message::FileList(_) => "filelist",
             Message::FileListEnd => "filelist-end",
-            Message::FileRequest(_) => "filerequest",
+            Message::FileRequest { .. } => "filerequest",
             Message::SyncDone(_) => "sync:done",
             Message::Error(_) => "error",
             Message::DataHello { .. } => "data-hello",
@@ -141,10 +149,11 @@ impl Message {
         out.extend_from_slice(&[0; 4]);
         let mut w = Writer(out);
         match self {
-            Message::Hello { version } => {
+            Message::Hello { version, transfers } => {
                 w.u8(1);
                 w.bytes_raw(&MAGIC);
                 w.u32(*version);
+                w.u16(*transfers);
             }
             Message::Welcome {
                 version,
@@ -158,8 +167,9 @@ impl Message {
             }
             Message::FileList(entries) => w.file_list(entries),
             Message::FileListEnd => w.u8(4),
-            Message::FileRequest(paths) => {
+            Message::FileRequest { id, paths } => {
                 w.u8(5);
+                w.u32(*id);
                 w.u32(paths.len() as u32);
                 for p in paths {
                     w.str(p.as_str());
@@ -187,10 +197,11 @@ impl Message {
                 w.u8(7);
                 w.str(msg);
             }
-            Message::DataHello { token } => {
+            Message::DataHello { token, request } => {
                 w.u8(8);
                 w.bytes_raw(&MAGIC);
                 w.u64(*token);
+                w.u32(*request);
             }
             Message::FileBegin { path } => {
                 w.u8(9);
@@ -229,7 +240,10 @@ impl Message {
         let msg = match tag {
             1 => {
                 r.magic()?;
-                Message::Hello { version: r.u32()? }
+                Message::Hello {
+                    version: r.u32()?,
+                    transfers: r.u16()?,
+                }
             }
             2 => Message::Welcome {
                 version: r.u32()?,
@@ -246,12 +260,13 @@ impl Message {
             }
             4 => Message::FileListEnd,
             5 => {
+                let id = r.u32()?;
                 let n = r.count(4)?;
                 let mut paths = Vec::with_capacity(n);
                 for _ in 0..n {
                     paths.push(RelPath::new(r.str("path")?)?);
                 }
-                Message::FileRequest(paths)
+                Message::FileRequest { id, paths }
             }
             6 => {
                 let mut s = Summary {
@@ -272,7 +287,10 @@ impl Message {
             7 => Message::Error(r.str("error")?),
             8 => {
                 r.magic()?;
-                Message::DataHello { token: r.u64()? }
+                Message::DataHello {
+                    token: r.u64()?,
+                    request: r.u32()?,
+                }
             }
             9 => Message::FileBegin {
                 path: RelPath::new(r.str("path")?)?,
@@ -633,7 +651,10 @@ mod tests {
             },
         ];
         for m in [
-            Message::Hello { version: VERSION },
+            Message::Hello {
+                version: VERSION,
+                transfers: 2,
+            },
             Message::Welcome {
                 version: 1,
                 data_port: 7100,
@@ -642,7 +663,10 @@ mod tests {
             Message::FileList(entries),
             Message::FileList(vec![]),
             Message::FileListEnd,
-            Message::FileRequest(vec![p("a"), p("b/c")]),
+            Message::FileRequest {
+                id: 3,
+                paths: vec![p("a"), p("b/c")],
+            },
             Message::SyncDone(Summary {
                 requested: 1,
                 received: 2,
@@ -653,7 +677,10 @@ mod tests {
                 failed: vec![("a".into(), "md5 mismatch".into())],
             }),
             Message::Error("nope".into()),
-            Message::DataHello { token: 42 },
+            Message::DataHello {
+                token: 42,
+                request: 3,
+            },
             Message::FileBegin { path: p("x") },
             Message::Chunk(vec![1, 2, 3]),
             Message::FileEnd { md5: None },
@@ -684,7 +711,10 @@ mod tests {
         for (body, want) in [
             (vec![], "empty frame"),
             (vec![99], "unknown message tag 99"),
-            (vec![1, b'X', b'X', b'X', b'X', 0, 0, 0, 1], "bad magic"),
+            (
+                vec![1, b'X', b'X', b'X', b'X', 0, 0, 0, 1, 0, 1],
+                "bad magic",
+            ),
             (path_frame(9, b"../etc/passwd"), "'..' component"),
             (path_frame(9, b"/etc/passwd"), "absolute path"),
             (path_frame(9, b"a\0b"), "NUL"),
@@ -703,7 +733,7 @@ mod tests {
 
     #[test]
     fn request_with_escaping_path_is_refused() {
-        let mut body = vec![5, 0, 0, 0, 2];
+        let mut body = vec![5, 0, 0, 0, 0, 0, 0, 0, 2];
         for s in ["ok", "a/../../x"] {
             body.extend_from_slice(&(s.len() as u32).to_be_bytes());
             body.extend_from_slice(s.as_bytes());

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::apply;
 use crate::manifest::{Entry, Kind, Manifest, ManifestError, RelPath};
-use crate::plan;
+use crate::plan::{self, Request};
 use crate::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
 use crate::root::Root;
 use crate::transfer;
@@ -24,6 +24,10 @@ use crate::transfer;
 /// Most entries accepted in one client file list: bounds a session's memory against a peer
 /// that never stops listing.
 pub const MAX_ENTRIES: usize = 10_000_000;
+/// Most data connections one session runs at once, whatever the client offers.
+pub const MAX_TRANSFERS: usize = 8;
+/// A request batch is closed once its files add up to this much.
+const BATCH_BYTES: u64 = 64 << 20;
 /// How long in-flight sessions may go on after a shutdown signal before they are abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -32,7 +36,9 @@ pub struct Config {
     pub root: PathBuf,
     /// A peer that sends nothing for this long loses its connection.
     pub idle_timeout: Duration,
-    /// Control plus data connections served at once; more are refused.
+    /// Sessions (control connections) served at once; more are refused. Data connections
+    /// not yet routed to a session have their own cap, `MAX_TRANSFERS` times this: once
+    /// routed, they count within their session's transfers.
     pub max_connections: usize,
     /// Where the hash cache of `root` is kept; `None` hashes every file on every session.
     pub cache_file: Option<PathBuf>,
@@ -156,7 +162,7 @@ struct Shared {
     /// Held for a whole session: two clients never interleave their changes.
     session: tokio::sync::Mutex<()>,
     /// Sessions waiting for data connections, by token.
-    waiting: Mutex<HashMap<u64, mpsc::Sender<TcpStream>>>,
+    waiting: Mutex<HashMap<u64, mpsc::Sender<(u32, TcpStream)>>>,
     /// Data connections being received on blocking threads, which no task abort can stop:
     /// shutting their sockets down is how an abandoned transfer is ended.
     receiving: Mutex<HashMap<u64, std::net::TcpStream>>,
@@ -179,7 +185,8 @@ pub async fn run(
         waiting: Mutex::new(HashMap::new()),
         receiving: Mutex::new(HashMap::new()),
     });
-    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let control_limit = Arc::new(Semaphore::new(config.max_connections));
+    let data_limit = Arc::new(Semaphore::new(config.max_connections * MAX_TRANSFERS));
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -195,11 +202,13 @@ pub async fn run(
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
+        let limit = if is_data { &data_limit } else { &control_limit };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            warn!(
-                "refusing connection from {addr}: already serving {} connections",
-                config.max_connections
-            );
+            let (what, n) = match is_data {
+                true => ("data connections", config.max_connections * MAX_TRANSFERS),
+                false => ("connections", config.max_connections),
+            };
+            warn!("refusing connection from {addr}: already serving {n} {what}");
             continue;
         };
         let shared = shared.clone();
@@ -241,8 +250,8 @@ async fn accept_failed(e: std::io::Error) {
 
 /// Reads a data connection's `DataHello` and hands the stream to the session it names.
 async fn route_data(shared: &Shared, mut stream: TcpStream, addr: SocketAddr) {
-    let token = match protocol::read_within(&mut stream, shared.idle).await {
-        Ok(Message::DataHello { token }) => token,
+    let (token, request) = match protocol::read_within(&mut stream, shared.idle).await {
+        Ok(Message::DataHello { token, request }) => (token, request),
         Ok(m) => {
             return warn!(
                 "data connection from {addr} closed: {}",
@@ -254,9 +263,94 @@ async fn route_data(shared: &Shared, mut stream: TcpStream, addr: SocketAddr) {
     let tx = shared.waiting.lock().unwrap().get(&token).cloned();
     match tx {
         Some(tx) => {
-            let _ = tx.send(stream).await;
+            let _ = tx.send((request, stream)).await;
         }
         None => warn!("data connection from {addr} closed: unknown session token"),
+    }
+}
+
+/// Splits requests into batches: at most `BATCH` files or `BATCH_BYTES` each, and, when
+/// there are few, into as many batches as there are transfers, so that all connections work.
+fn batches(requests: Vec<Request>, transfers: usize) -> Vec<Vec<Request>> {
+    let per = requests.len().div_ceil(transfers).clamp(1, BATCH);
+    let mut out: Vec<Vec<Request>> = Vec::new();
+    let mut bytes = 0;
+    for r in requests {
+        match out.last_mut() {
+            Some(b) if b.len() < per && bytes < BATCH_BYTES => {
+                bytes += r.size;
+                b.push(r);
+            }
+            _ => {
+                bytes = r.size;
+                out.push(vec![r]);
+            }
+        }
+    }
+    out
+}
+
+/// Requests the batches, keeping up to `transfers` of them in flight, each received on its
+/// own data connection and thread.
+async fn fetch(
+    shared: &Shared,
+    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    data: &mut mpsc::Receiver<(u32, TcpStream)>,
+    batches: Vec<Vec<Request>>,
+    transfers: usize,
+) -> Result<transfer::Received, SessionError> {
+    let idle = shared.idle;
+    let mut total = transfer::Received::default();
+    let mut batches = batches.into_iter().enumerate();
+    // Requested, connection not there yet; and being received.
+    let mut asked: HashMap<u32, Vec<Request>> = HashMap::new();
+    let mut running = JoinSet::new();
+    let mut registered: HashMap<u32, Receiving> = HashMap::new();
+    loop {
+        while asked.len() + running.len() < transfers {
+            let Some((id, batch)) = batches.next() else {
+                break;
+            };
+            for r in &batch {
+                info!("Requesting file: {}", r.path);
+            }
+            let id = id as u32;
+            let paths = batch.iter().map(|r| r.path.clone()).collect();
+            protocol::write(wr, &Message::FileRequest { id, paths }).await?;
+            asked.insert(id, batch);
+        }
+        wr.flush().await.map_err(ProtocolError::from)?;
+        if asked.is_empty() && running.is_empty() {
+            return Ok(total);
+        }
+        tokio::select! {
+            conn = data.recv(), if !asked.is_empty() => {
+                let (id, stream) = conn.ok_or(SessionError::NoDataConnection)?;
+                let batch = asked
+                    .remove(&id)
+                    .ok_or_else(|| ProtocolError::Unrequested(format!("data connection {id}")))?;
+                let stream = blocking(stream, idle).map_err(ProtocolError::from)?;
+                if let Some(r) = Receiving::register(shared, &stream) {
+                    registered.insert(id, r);
+                }
+                let root = shared.root.clone();
+                running.spawn_blocking(move || {
+                    let mut stream = std::io::BufReader::with_capacity(256 << 10, stream);
+                    (id, transfer::receive(&mut stream, &root, &batch))
+                });
+            }
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                let (id, got) = done.expect("receive does not panic");
+                registered.remove(&id);
+                let got = got?;
+                total.files += got.files;
+                total.bytes += got.bytes;
+                total.failed.extend(got.failed);
+            }
+            _ = tokio::time::sleep(idle), if running.is_empty() => {
+                return Err(SessionError::NoDataConnection);
+            }
+        }
     }
 }
 
@@ -332,7 +426,7 @@ struct Receiving<'a> {
 }
 
 impl<'a> Receiving<'a> {
-    fn register(shared: &'a Shared, stream: &std::net::TcpStream) -> Option<Self> {
+    fn register(shared: &'a Shared, stream: &std::net::TcpStream) -> Option<Receiving<'a>> {
         let id = crate::random_u64();
         let clone = stream.try_clone().ok()?;
         shared.receiving.lock().unwrap().insert(id, clone);
@@ -341,8 +435,12 @@ impl<'a> Receiving<'a> {
 }
 
 impl Drop for Receiving<'_> {
+    /// Also ends the transfer if it still runs: a session that stops early (an error on
+    /// another connection) must not leave a thread receiving for nobody.
     fn drop(&mut self) {
-        self.shared.receiving.lock().unwrap().remove(&self.id);
+        if let Some(s) = self.shared.receiving.lock().unwrap().remove(&self.id) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -364,16 +462,18 @@ async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result
     let mut rd = BufReader::new(rd);
     let mut wr = BufWriter::new(wr);
 
-    match protocol::read_within(&mut rd, idle).await? {
-        Message::Hello { version } if version == VERSION => {}
-        Message::Hello { version } => {
+    let transfers = match protocol::read_within(&mut rd, idle).await? {
+        Message::Hello { version, transfers } if version == VERSION => {
+            usize::from(transfers).clamp(1, MAX_TRANSFERS)
+        }
+        Message::Hello { version, .. } => {
             let err = SessionError::Version(version);
             protocol::write(&mut wr, &Message::Error(err.to_string())).await?;
             wr.flush().await.map_err(ProtocolError::from)?;
             return Err(err);
         }
         m => return Err(m.unexpected("hello").into()),
-    }
+    };
 
     let _turn = match shared.session.try_lock() {
         Ok(g) => g,
@@ -384,7 +484,7 @@ async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result
     };
     info!("client {addr} connected");
     let token = crate::random_u64();
-    let (tx, mut rx) = mpsc::channel(1);
+    let (tx, mut rx) = mpsc::channel(MAX_TRANSFERS);
     shared.waiting.lock().unwrap().insert(token, tx);
     let _registration = Registration { shared, token };
     protocol::write(
@@ -398,7 +498,7 @@ async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result
     .await?;
     wr.flush().await.map_err(ProtocolError::from)?;
 
-    let result = sync(shared, &mut rd, &mut wr, &mut rx, addr).await;
+    let result = sync(shared, &mut rd, &mut wr, &mut rx, transfers, addr).await;
     if let Err(e) = &result {
         // Tell the client why, if it still listens; the error itself is what we report.
         let _ = protocol::write(&mut wr, &Message::Error(e.to_string())).await;
@@ -411,7 +511,8 @@ async fn sync(
     shared: &Shared,
     rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
     wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
-    data: &mut mpsc::Receiver<TcpStream>,
+    data: &mut mpsc::Receiver<(u32, TcpStream)>,
+    transfers: usize,
     addr: SocketAddr,
 ) -> Result<(), SessionError> {
     let idle = shared.idle;
@@ -472,30 +573,10 @@ async fn sync(
     let refetched = outcome.refetch.len();
     requests.append(&mut outcome.refetch);
     summary.requested = requests.len() as u64;
-    for batch in requests.chunks(BATCH) {
-        for r in batch {
-            info!("Requesting file: {}", r.path);
-        }
-        let paths = batch.iter().map(|r| r.path.clone()).collect();
-        protocol::write(wr, &Message::FileRequest(paths)).await?;
-        wr.flush().await.map_err(ProtocolError::from)?;
-        let stream = match tokio::time::timeout(idle, data.recv()).await {
-            Ok(Some(s)) => s,
-            _ => return Err(SessionError::NoDataConnection),
-        };
-        let stream = blocking(stream, idle).map_err(ProtocolError::from)?;
-        let _receiving = Receiving::register(shared, &stream);
-        let (root, batch) = (shared.root.clone(), batch.to_vec());
-        let got = tokio::task::spawn_blocking(move || {
-            let mut stream = std::io::BufReader::with_capacity(256 << 10, stream);
-            transfer::receive(&mut stream, &root, &batch)
-        })
-        .await
-        .expect("receive does not panic")?;
-        summary.received += got.files;
-        summary.bytes += got.bytes;
-        outcome.failed.extend(got.failed);
-    }
+    let got = fetch(shared, wr, data, batches(requests, transfers), transfers).await?;
+    summary.received = got.files;
+    summary.bytes = got.bytes;
+    outcome.failed.extend(got.failed);
 
     let root = shared.root.clone();
     let outcome = tokio::task::spawn_blocking(move || {
@@ -529,4 +610,40 @@ async fn sync(
         summary.bytes
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Md5, Meta};
+
+    /// Batch sizes for requests of the given file sizes over `transfers` connections.
+    fn check(sizes: &[u64], transfers: usize, expected: &[usize]) {
+        let requests = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| Request {
+                path: RelPath::new(format!("f{i}")).unwrap(),
+                size,
+                md5: Some(Md5::of(b"")),
+                meta: Meta::default(),
+            })
+            .collect();
+        let got: Vec<usize> = batches(requests, transfers).iter().map(Vec::len).collect();
+        assert_eq!(got, expected, "sizes {sizes:?}, {transfers} transfers");
+    }
+
+    #[test]
+    fn requests_are_batched_by_count_bytes_and_transfers() {
+        check(&[], 2, &[]);
+        check(&[1], 2, &[1]);
+        check(&[1; 5], 1, &[5]);
+        check(&[1; 5], 2, &[3, 2]);
+        check(&[1; 10], 4, &[3, 3, 3, 1]);
+        check(&[1; 1200], 1, &[512, 512, 176]);
+        check(&[1; 1200], 2, &[512, 512, 176]);
+        // A batch closes once it holds 64 MiB.
+        check(&[40 << 20, 40 << 20, 1, 1], 1, &[2, 2]);
+        check(&[1 << 30, 1, 1 << 30], 1, &[1, 2]);
+    }
 }

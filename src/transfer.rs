@@ -259,12 +259,12 @@ pub struct Sent {
 pub fn send<S: Write>(
     conn: S,
     root: &Root,
-    token: u64,
+    (token, request): (u64, u32),
     paths: &[RelPath],
     listed: &[Entry],
 ) -> Result<Sent, ProtocolError> {
     let mut w = BufWriter::with_capacity(64 << 10, conn);
-    protocol::write_blocking(&mut w, &Message::DataHello { token })?;
+    protocol::write_blocking(&mut w, &Message::DataHello { token, request })?;
     let mut out = Sent::default();
     let mut buf = vec![0u8; CHUNK_SIZE];
     for path in paths {

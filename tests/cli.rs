@@ -308,6 +308,28 @@ fn more_entries_than_one_batch() {
     assert!(summary(&out).starts_with("requested=600 copied=0"));
 }
 
+#[test]
+fn any_number_of_parallel_transfers_mirrors_the_same() {
+    for transfers in ["1", "4"] {
+        let w = World::start(&[]);
+        w.apply(
+            &(0..300)
+                .map(|i| write(&format!("d{}/f{i:03}", i % 7), format!("file {i}\n")))
+                .collect::<Vec<_>>(),
+        );
+        let mut cmd = w.client_command(&w.client);
+        cmd.args(["--transfers", transfers]);
+        let out = w.run(cmd);
+        assert!(
+            out.status.success(),
+            "--transfers {transfers}: {}",
+            w.dump()
+        );
+        w.assert_mirrored();
+        assert!(summary(&out).starts_with("requested=300 copied=0"));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Metadata
 

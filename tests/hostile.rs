@@ -78,7 +78,10 @@ impl Peer {
 
     /// `Hello` → `Welcome`: the data port and session token.
     fn hello(&mut self) -> (u16, u64) {
-        self.send(&Message::Hello { version: VERSION });
+        self.send(&Message::Hello {
+            version: VERSION,
+            transfers: 1,
+        });
         match self.recv() {
             Ok(Some(Message::Welcome {
                 data_port, token, ..
@@ -236,7 +239,7 @@ fn open_session_changing(w: &World, changed: &str) -> (Peer, u16, u64) {
     control.send(&Message::FileList(entries));
     control.send(&Message::FileListEnd);
     match control.recv() {
-        Ok(Some(Message::FileRequest(paths))) => assert_eq!(paths, [p(changed)]),
+        Ok(Some(Message::FileRequest { paths, .. })) => assert_eq!(paths, [p(changed)]),
         other => panic!("expected a request for {changed}, got {other:?}"),
     }
     (control, data_port, token)
@@ -443,7 +446,10 @@ fn garbage_and_bad_frames_are_refused() {
             "bad magic",
             false,
             patch(
-                frame(&Message::Hello { version: VERSION }),
+                frame(&Message::Hello {
+                    version: VERSION,
+                    transfers: 1,
+                }),
                 b"SSYN",
                 b"HTTP",
             ),
@@ -452,7 +458,10 @@ fn garbage_and_bad_frames_are_refused() {
         attack(
             "wrong version",
             false,
-            frame(&Message::Hello { version: 99 }),
+            frame(&Message::Hello {
+                version: 99,
+                transfers: 1,
+            }),
             "client speaks protocol version 99",
         ),
         attack(
@@ -464,13 +473,19 @@ fn garbage_and_bad_frames_are_refused() {
         attack(
             "data hello on the control port",
             false,
-            frame(&Message::DataHello { token: 1 }),
+            frame(&Message::DataHello {
+                token: 1,
+                request: 0,
+            }),
             "unexpected data-hello message, expected hello",
         ),
         attack(
             "request from the client",
             true,
-            frame(&Message::FileRequest(vec![p("victim")])),
+            frame(&Message::FileRequest {
+                id: 0,
+                paths: vec![p("victim")],
+            }),
             "unexpected filerequest message, expected filelist",
         ),
         attack(
@@ -496,7 +511,10 @@ fn garbage_and_bad_frames_are_refused() {
 fn wrong_version_is_told_why() {
     let w = victim_world(&[]);
     let mut peer = Peer::connect(w.port());
-    peer.send(&Message::Hello { version: 99 });
+    peer.send(&Message::Hello {
+        version: 99,
+        transfers: 1,
+    });
     match peer.until_closed().as_slice() {
         [Message::Error(e)] => assert!(e.contains("version 99"), "{e}"),
         other => panic!("expected one error message, got {other:?}"),
@@ -517,6 +535,7 @@ fn data_connections_with_a_bad_token_or_garbage_are_refused() {
         (
             frame(&Message::DataHello {
                 token: token.wrapping_add(1),
+                request: 0,
             }),
             "unknown session token",
         ),
@@ -534,7 +553,7 @@ fn data_connections_with_a_bad_token_or_garbage_are_refused() {
     }
     // The honest session is unharmed.
     let mut data = Peer::connect(data_port);
-    data.send(&Message::DataHello { token });
+    data.send(&Message::DataHello { token, request: 0 });
     data.send(&Message::FileBegin { path: p("victim") });
     data.send(&Message::Chunk(NEW.to_vec()));
     data.send(&Message::FileEnd { md5: None });
@@ -695,7 +714,7 @@ fn lying_and_malformed_transfers_change_nothing() {
         let mark = w.mark();
         let (mut control, data_port, token) = open_victim_session(&w);
         let mut data = Peer::connect(data_port);
-        data.send(&Message::DataHello { token });
+        data.send(&Message::DataHello { token, request: 0 });
         for f in &a.frames {
             data.send_raw(f);
         }
@@ -743,7 +762,7 @@ fn a_directory_swapped_for_a_symlink_mid_session_is_not_written_through() {
     std::os::unix::fs::symlink(&w.outside, &keep).unwrap();
 
     let mut data = Peer::connect(data_port);
-    data.send(&Message::DataHello { token });
+    data.send(&Message::DataHello { token, request: 0 });
     data.send(&Message::FileBegin {
         path: p("keep/file.txt"),
     });
@@ -801,7 +820,7 @@ fn silent_peers_are_dropped_after_the_idle_timeout() {
         ("stalls in the middle of a file", |w| {
             let (mut control, data_port, token) = open_victim_session(w);
             let mut data = Peer::connect(data_port);
-            data.send(&Message::DataHello { token });
+            data.send(&Message::DataHello { token, request: 0 });
             data.send(&Message::FileBegin { path: p("victim") });
             data.send(&Message::Chunk(b"new".to_vec()));
             // The half-written file exists while the peer stalls...
@@ -862,7 +881,7 @@ fn sigterm_during_a_transfer_leaves_no_temporary_file() {
     let mark = w.mark();
     let (mut control, data_port, token) = open_victim_session(&w);
     let mut data = Peer::connect(data_port);
-    data.send(&Message::DataHello { token });
+    data.send(&Message::DataHello { token, request: 0 });
     data.send(&Message::FileBegin { path: p("victim") });
     data.send(&Message::Chunk(b"new".to_vec()));
     wait_for("a temporary file", || !temp_files(&w.server_dir).is_empty());
@@ -890,7 +909,7 @@ fn sigterm_abandons_a_stalled_transfer_after_the_grace_period() {
     let mark = w.mark();
     let (_control, data_port, token) = open_victim_session(&w);
     let mut data = Peer::connect(data_port);
-    data.send(&Message::DataHello { token });
+    data.send(&Message::DataHello { token, request: 0 });
     data.send(&Message::FileBegin { path: p("victim") });
     data.send(&Message::Chunk(b"new".to_vec()));
     wait_for("a temporary file", || !temp_files(&w.server_dir).is_empty());
@@ -984,10 +1003,13 @@ fn a_hostile_server_cannot_read_outside_the_client_dir() {
 
     // Ask for the files, and for things that are not files of the tree.
     let asked = ["victim", "link/secret.txt", "flink", "dir", "not-there"];
-    control.send(&Message::FileRequest(asked.iter().map(|s| p(s)).collect()));
+    control.send(&Message::FileRequest {
+        id: 0,
+        paths: asked.iter().map(|s| p(s)).collect(),
+    });
     let mut data = accept(data_l);
     match data.recv() {
-        Ok(Some(Message::DataHello { token: 7 })) => {}
+        Ok(Some(Message::DataHello { token: 7, .. })) => {}
         other => panic!("expected data-hello, got {other:?}"),
     }
     let mut sent: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
@@ -1029,7 +1051,10 @@ fn a_hostile_server_request_with_parent_paths_is_refused() {
     let hostile = b"../outside/secret.txt";
     let ph = placeholder(hostile);
     control.send_raw(&patch(
-        frame(&Message::FileRequest(vec![p(&ph)])),
+        frame(&Message::FileRequest {
+            id: 0,
+            paths: vec![p(&ph)],
+        }),
         ph.as_bytes(),
         hostile,
     ));

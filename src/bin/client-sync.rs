@@ -31,6 +31,9 @@ struct Args {
     /// Seconds between syncs when not --once
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     interval: u64,
+    /// Data connections to run at once
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=8))]
+    transfers: u64,
     /// Keep the hash cache here [default: $XDG_CACHE_HOME/server-sync or ~/.cache/server-sync]
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -72,6 +75,7 @@ async fn run(args: Args) -> ExitCode {
         server: args.server,
         port: args.port,
         cache_file,
+        transfers: args.transfers as usize,
     };
     if !args.once {
         if let Err(e) = std::fs::read_dir(&cfg.root) {

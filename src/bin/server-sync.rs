@@ -32,7 +32,8 @@ struct Args {
     /// Drop a peer that sends nothing for this many seconds
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout: u64,
-    /// Most connections served at once; more are refused
+    /// Most client sessions served at once; more are refused (each may also run up to 8
+    /// data connections)
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     max_connections: u64,
     /// Keep the hash cache here [default: $XDG_CACHE_HOME/server-sync or ~/.cache/server-sync]
