@@ -132,7 +132,7 @@ impl Root {
             fs::set_permissions(&p, fs::Permissions::from_mode(meta.mode))
                 .map_err(|e| RootError::io(rel, e))?;
         }
-        set_mtime_nofollow(&p, meta).map_err(|e| RootError::io(rel, e))
+        set_mtime_nofollow(&p, meta.mtime_secs, meta.mtime_nanos).map_err(|e| RootError::io(rel, e))
     }
 
     /// Deletes temporary files left by a crash or a kill, anywhere in the tree.
@@ -204,7 +204,7 @@ fn temp_name() -> String {
 }
 
 /// Sets the modification time of `p` itself, even when `p` is a symlink.
-pub fn set_mtime_nofollow(p: &Path, meta: &Meta) -> io::Result<()> {
+pub fn set_mtime_nofollow(p: &Path, secs: i64, nanos: u32) -> io::Result<()> {
     let c = CString::new(p.as_os_str().as_bytes())?;
     let times = [
         libc::timespec {
@@ -212,8 +212,8 @@ pub fn set_mtime_nofollow(p: &Path, meta: &Meta) -> io::Result<()> {
             tv_nsec: libc::UTIME_OMIT,
         },
         libc::timespec {
-            tv_sec: meta.mtime_secs as libc::time_t,
-            tv_nsec: meta.mtime_nanos as _,
+            tv_sec: secs as libc::time_t,
+            tv_nsec: nanos as _,
         },
     ];
     // SAFETY: `c` is a valid NUL-terminated path and `times` has the two entries utimensat reads.
@@ -280,7 +280,7 @@ impl TempFile {
     /// Gives the finished file its final permission bits and mtime before it becomes visible.
     pub fn set_meta(&self, meta: &Meta) -> io::Result<()> {
         fs::set_permissions(&self.path, fs::Permissions::from_mode(meta.mode))?;
-        set_mtime_nofollow(&self.path, meta)
+        set_mtime_nofollow(&self.path, meta.mtime_secs, meta.mtime_nanos)
     }
 
     /// Takes charge of an existing file under a reserved name (a staged move).

@@ -883,11 +883,16 @@ fn two_clients_at_once_are_serialised() {
 // ---------------------------------------------------------------------------------------------
 // Command-line errors and exit statuses
 
-fn server_command(args: &[&str], home: &Path) -> Command {
-    let mut cmd = Command::new(SERVER_BIN);
+/// `bin ARGS...` with its cache and home kept inside `home`.
+fn command(bin: &str, args: &[&str], home: &Path) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.args(args);
     isolate(&mut cmd, home);
     cmd
+}
+
+fn server_command(args: &[&str], home: &Path) -> Command {
+    command(SERVER_BIN, args, home)
 }
 
 /// Runs a command that must fail at once with `code`, and (when given) a single stderr line
@@ -1008,10 +1013,7 @@ fn server_creates_a_missing_dir() {
 }
 
 fn client_args(args: &[&str], home: &Path) -> Command {
-    let mut cmd = Command::new(CLIENT_BIN);
-    cmd.args(args);
-    isolate(&mut cmd, home);
-    cmd
+    command(CLIENT_BIN, args, home)
 }
 
 #[test]

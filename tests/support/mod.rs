@@ -665,30 +665,7 @@ pub fn apply(root: &Path, action: &Action) {
 
 /// Sets the mtime of `p` itself (not of a symlink's target).
 pub fn set_mtime(p: &Path, secs: i64, nanos: u32) -> std::io::Result<()> {
-    let c = CString::new(p.as_os_str().as_bytes())?;
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: secs as libc::time_t,
-            tv_nsec: nanos as _,
-        },
-    ];
-    // SAFETY: `c` is a NUL-terminated path and `times` holds the two entries utimensat reads.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    server_sync::root::set_mtime_nofollow(p, secs, nanos)
 }
 
 pub fn mkfifo(p: &Path) -> std::io::Result<()> {
