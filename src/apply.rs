@@ -93,8 +93,9 @@ pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
 
     for path in &plan.deletes {
         match root.remove(path) {
-            Ok(()) => {
-                info!("Deleting file: {path}");
+            Ok(is_dir) => {
+                let what = if is_dir { "directory" } else { "file" };
+                info!("Deleting {what}: {path}");
                 out.deleted += 1;
             }
             Err(e) => out.fail("delete", path, e),

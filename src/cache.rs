@@ -9,7 +9,7 @@
 use std::cmp::Ordering;
 use std::fs::{self, Metadata};
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use md5::Digest;
@@ -46,6 +46,20 @@ impl Stamp {
     pub fn size(&self) -> u64 {
         self.size
     }
+
+    /// Whether a file with this stamp, read at time `at_ns`, may be cached: not when it
+    /// changed less than 2 s before, since a later write in the same clock tick could leave
+    /// the stamp as it is.
+    pub fn settled_at(&self, at_ns: i64) -> bool {
+        at_ns - self.mtime_ns.max(self.ctime_ns) >= RACY_NS
+    }
+}
+
+/// Now, in nanoseconds since the epoch, as stamps count.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 #[derive(Debug)]
@@ -109,9 +123,7 @@ impl HashCache {
             .ok()
             .and_then(|b| decode(&b))
             .unwrap_or_default();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64);
+        let now = now_ns();
         HashCache {
             file,
             old,
@@ -142,17 +154,24 @@ impl HashCache {
     /// Whether a freshly hashed file may be recorded: not if it changed too recently to be
     /// sure the stamp will change with its next write.
     pub fn may_record(&self, stamp: &Stamp) -> bool {
-        self.now_ns - stamp.mtime_ns.max(stamp.ctime_ns) >= RACY_NS
+        stamp.settled_at(self.now_ns)
     }
 
     /// Adds MD5s learnt outside a scan (files hashed while being sent) to the cache in `file`,
-    /// replacing records of the same paths.
+    /// replacing records of the same paths. Callers pass only stamps that were settled when
+    /// the file was read (`Stamp::settled_at`).
     pub fn remember(file: PathBuf, learned: Vec<(String, Stamp, Md5)>) -> io::Result<()> {
         let cache = HashCache::load(file);
-        let mut new: Vec<Record> = learned
+        // One record per path, the last learnt: a file both hashed on request and hashed while
+        // sent is learnt twice, and duplicates would make the whole cache unreadable.
+        let latest: std::collections::HashMap<String, (Stamp, Md5)> = learned
             .into_iter()
             .filter(|(_, stamp, _)| cache.may_record(stamp))
-            .map(|(path, stamp, md5)| Record { path, stamp, md5 })
+            .map(|(path, stamp, md5)| (path, (stamp, md5)))
+            .collect();
+        let mut new: Vec<Record> = latest
+            .into_iter()
+            .map(|(path, (stamp, md5))| Record { path, stamp, md5 })
             .collect();
         if new.is_empty() {
             return Ok(());
@@ -205,7 +224,11 @@ impl HashCache {
         let sum = Md5::of(&body);
         body.extend_from_slice(&sum.0);
         let dir = self.file.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir)?;
+        // It lists every path of the tree: private, like the files themselves may be.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let mut tmp = crate::root::TempFile::new_in(dir)?;
         tmp.file().write_all(&body)?;
         tmp.persist_to(&self.file)
@@ -335,6 +358,7 @@ mod tests {
         HashCache::remember(
             file.clone(),
             vec![
+                ("b".into(), stamp(2), md5("b")),
                 ("b".into(), stamp(2), md5("b")),
                 ("c".into(), stamp(4), md5("c2")),
                 ("d".into(), fresh, md5("d")),

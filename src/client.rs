@@ -23,6 +23,8 @@ const SCAN: scan::Options = scan::Options {
     read_own: false,
     defer_above: Some(8 << 20),
 };
+/// A data connection the server does not drain for this long is given up.
+const DATA_WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often an empty file-list batch is sent while a long scan runs; well under the server's
 /// idle timeout.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -80,13 +82,19 @@ pub struct Report {
 }
 
 impl Report {
-    /// Every entry that is not mirrored after this sync, with the reason.
+    /// Entries that are not mirrored after this sync, with the reason (the server names
+    /// only its first few: see `failed_count`).
     pub fn failures(&self) -> impl Iterator<Item = &(String, String)> {
         self.unreadable.iter().chain(&self.summary.failed)
     }
 
+    /// How many entries are not mirrored after this sync.
+    pub fn failed_count(&self) -> u64 {
+        self.unreadable.len() as u64 + self.summary.failed_total
+    }
+
     pub fn is_clean(&self) -> bool {
-        self.failures().next().is_none()
+        self.failed_count() == 0
     }
 
     /// The one-line summary ending `client-sync --once`.
@@ -98,7 +106,7 @@ impl Report {
             s.copied,
             s.renamed,
             s.deleted,
-            self.failures().count(),
+            self.failed_count(),
             s.bytes,
             self.elapsed.as_secs_f64()
         )
@@ -124,6 +132,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
         .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
         .map_err(unreachable)?;
     let peer = stream.peer_addr().map_err(unreachable)?;
+    crate::set_keepalive(&stream).map_err(unreachable)?;
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut wr = BufWriter::new(wr);
@@ -249,6 +258,10 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                     .and_then(|s| s.into_std())
                     .map_err(ProtocolError::from)?;
                 data.set_nonblocking(false).map_err(ProtocolError::from)?;
+                // A server that stops reading must not hold this thread forever.
+                crate::set_keepalive(&data).map_err(ProtocolError::from)?;
+                data.set_write_timeout(Some(DATA_WRITE_TIMEOUT))
+                    .map_err(ProtocolError::from)?;
                 let (root, listed) = (root.clone(), listed.clone());
                 sending.spawn_blocking(move || {
                     let sent = transfer::send(data, &root, (token, id), &paths, &listed)?;
@@ -312,7 +325,7 @@ fn answer_hashes(
                 .and_then(|p| scan::hash_stable(&p));
             match hashed {
                 Ok((size, md5, stamp)) => {
-                    learned.push((path.to_string(), stamp, md5));
+                    learned.extend(stamp.map(|stamp| (path.to_string(), stamp, md5)));
                     Entry {
                         path: path.clone(),
                         kind: Kind::File { size, md5 },

@@ -43,6 +43,35 @@ pub fn limit_malloc_arenas() {
     }
 }
 
+/// Turns on TCP keepalive (first probe after 30 s idle, then every 10 s, 3 tries): the client
+/// waits on the server without a timeout, since a server may work long before it answers, so
+/// a server host that vanished must still be noticed, within about a minute.
+pub fn set_keepalive(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+    let fd = sock.as_raw_fd();
+    for (level, opt, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+    ] {
+        let v: libc::c_int = value;
+        // SAFETY: `fd` is an open socket for the call; `v` is a c_int as these options take.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

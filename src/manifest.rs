@@ -314,12 +314,13 @@ impl Manifest {
 
     /// Total bytes of regular files.
     pub fn file_bytes(&self) -> u64 {
+        // Saturating: sizes come from a peer, and ten million of them can overflow.
         self.iter()
             .map(|e| match e.kind {
                 Kind::File { size, .. } | Kind::Unhashed { size } => size,
                 _ => 0,
             })
-            .sum()
+            .fold(0, u64::saturating_add)
     }
 }
 

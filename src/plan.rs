@@ -72,12 +72,23 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
     let mut p = Plan::default();
 
     // What the client could not read keeps whatever the server has there, and below it.
-    let protected: Vec<&RelPath> = client
+    let any_protected = client
         .iter()
-        .filter(|e| matches!(e.kind, Kind::Unreadable { .. }))
-        .map(|e| &e.path)
-        .collect();
-    let is_protected = |path: &RelPath| protected.iter().any(|q| path.is_within(q));
+        .any(|e| matches!(e.kind, Kind::Unreadable { .. }));
+    // Looked up by ancestors, not by scanning the list: a client with many unreadable
+    // entries must not make this quadratic.
+    let is_protected = |path: &RelPath| {
+        any_protected
+            && std::iter::successors(Some(path.clone()), RelPath::parent).any(|a| {
+                matches!(
+                    client.get(&a),
+                    Some(Entry {
+                        kind: Kind::Unreadable { .. },
+                        ..
+                    })
+                )
+            })
+    };
 
     let mut deletes: BTreeSet<RelPath> = server
         .iter()
@@ -105,6 +116,7 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
                 if s.is_none() {
                     p.mkdirs.push(c.path.clone());
                     touched.insert(c.path.clone());
+                    touched.extend(c.path.parent());
                 } else if meta_differs {
                     touched.insert(c.path.clone());
                 }

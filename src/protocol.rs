@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::manifest::{Entry, Kind, Md5, Meta, PathError, RelPath};
+use crate::manifest::{Entry, Kind, MAX_PATH_LEN, Md5, Meta, PathError, RelPath};
 
 /// Bumped on any incompatible change; the server refuses other versions in its `Welcome`.
 pub const VERSION: u32 = 1;
@@ -82,7 +82,40 @@ pub struct Summary {
     pub deleted: u64,
     pub bytes: u64,
     /// Entries the server could not bring up to date, with the reason; retried next cycle.
+    /// At most [`MAX_FAILURES_NAMED`] of them, so the message stays within a frame.
     pub failed: Vec<(String, String)>,
+    /// How many entries failed in all, named or not.
+    pub failed_total: u64,
+}
+
+/// Failures named in a `SyncDone`; the rest are only counted.
+pub const MAX_FAILURES_NAMED: usize = 500;
+/// Longest reason, error or special-file description accepted or sent, in bytes.
+pub const MAX_TEXT: usize = 512;
+
+impl Summary {
+    /// Records the session's failures: all are counted, the first few named, with their
+    /// reasons cut to [`MAX_TEXT`], so that `SyncDone` always fits in a frame.
+    pub fn set_failures(&mut self, failed: Vec<(String, String)>) {
+        self.failed_total = failed.len() as u64;
+        self.failed = failed
+            .into_iter()
+            .take(MAX_FAILURES_NAMED)
+            .map(|(path, why)| (path, truncate(why, MAX_TEXT)))
+            .collect();
+    }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +217,7 @@ impl Message {
                     s.renamed,
                     s.deleted,
                     s.bytes,
+                    s.failed_total,
                 ] {
                     w.u64(n);
                 }
@@ -276,15 +310,17 @@ impl Message {
                     renamed: r.u64()?,
                     deleted: r.u64()?,
                     bytes: r.u64()?,
+                    failed_total: r.u64()?,
                     failed: Vec::new(),
                 };
                 let n = r.count(8)?;
                 for _ in 0..n {
-                    s.failed.push((r.str("failure")?, r.str("failure")?));
+                    let path = r.str_max("failure", MAX_PATH_LEN)?;
+                    s.failed.push((path, r.str_max("failure", MAX_TEXT)?));
                 }
                 Message::SyncDone(s)
             }
-            7 => Message::Error(r.str("error")?),
+            7 => Message::Error(r.str_max("error", MAX_TEXT)?),
             8 => {
                 r.magic()?;
                 Message::DataHello {
@@ -311,7 +347,7 @@ impl Message {
                 Message::HashRequest(paths)
             }
             12 => Message::FileAbort {
-                reason: r.str("abort reason")?,
+                reason: r.str_max("abort reason", MAX_TEXT)?,
             },
             t => return Err(ProtocolError::UnknownTag(t)),
         };
@@ -435,31 +471,48 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
     fn str(&mut self, what: &'static str) -> Result<String, ProtocolError> {
+        self.str_max(what, MAX_PATH_LEN)
+    }
+    /// A string of at most `max` bytes: a peer cannot make one entry cost megabytes.
+    fn str_max(&mut self, what: &'static str, max: usize) -> Result<String, ProtocolError> {
         let b = self.bytes()?;
+        if b.len() > max {
+            return Err(ProtocolError::Malformed(what));
+        }
         String::from_utf8(b.to_vec()).map_err(|_| ProtocolError::Utf8(what))
+    }
+    /// A file size; beyond `i64::MAX` no file system holds it, and sums of sizes stay exact.
+    fn size(&mut self) -> Result<u64, ProtocolError> {
+        let n = self.u64()?;
+        if n > i64::MAX as u64 {
+            return Err(ProtocolError::Malformed("file size"));
+        }
+        Ok(n)
     }
     fn entry(&mut self) -> Result<Entry, ProtocolError> {
         let path = RelPath::new(self.str("path")?)?;
         let kind = match self.u8()? {
             1 => Kind::File {
-                size: self.u64()?,
+                size: self.size()?,
                 md5: Md5(self.take(16)?.try_into().unwrap()),
             },
             2 => Kind::Dir,
             3 => Kind::Symlink {
-                target: self.str("symlink target")?,
+                target: self.str_max("symlink target", MAX_PATH_LEN)?,
             },
             4 => Kind::Unreadable {
-                reason: self.str("reason")?,
+                reason: self.str_max("reason", MAX_TEXT)?,
             },
             5 => Kind::Special {
-                what: self.str("special kind")?,
+                what: self.str_max("special kind", MAX_TEXT)?,
             },
-            6 => Kind::Unhashed { size: self.u64()? },
+            6 => Kind::Unhashed { size: self.size()? },
             _ => return Err(ProtocolError::Malformed("entry kind")),
         };
         let meta = Meta {
-            mode: self.u32()? & 0o7777,
+            // Permission bits and the sticky bit, never set-user/group-ID: there is no
+            // authentication yet, and a peer must not be able to plant setuid files.
+            mode: self.u32()? & 0o1777,
             mtime_secs: self.u64()? as i64,
             mtime_nanos: self.u32()?,
         };
@@ -675,6 +728,7 @@ mod tests {
                 deleted: 5,
                 bytes: 6,
                 failed: vec![("a".into(), "md5 mismatch".into())],
+                failed_total: 7,
             }),
             Message::Error("nope".into()),
             Message::DataHello {
@@ -729,6 +783,55 @@ mod tests {
             let err = decode_err(&body);
             assert!(err.contains(want), "{body:?}: {err:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn peer_input_is_bounded_and_setuid_is_dropped() {
+        let entry = |kind| {
+            let mut buf = Vec::new();
+            Message::FileList(vec![Entry {
+                path: p("x"),
+                kind,
+                meta: Meta {
+                    mode: 0o7777,
+                    ..Meta::default()
+                },
+            }])
+            .encode(&mut buf);
+            Message::decode(&buf[4..])
+        };
+        let Ok(Message::FileList(e)) = entry(Kind::Dir) else {
+            panic!()
+        };
+        assert_eq!(e[0].meta.mode, 0o1777);
+        let long = "t".repeat(MAX_PATH_LEN + 1);
+        for kind in [
+            Kind::Symlink { target: long },
+            Kind::Unreadable {
+                reason: "r".repeat(MAX_TEXT + 1),
+            },
+            Kind::Unhashed { size: u64::MAX },
+            Kind::File {
+                size: 1 << 63,
+                md5: Md5::of(b""),
+            },
+        ] {
+            assert!(entry(kind).is_err());
+        }
+    }
+
+    #[test]
+    fn summary_names_a_bounded_number_of_failures() {
+        let mut s = Summary::default();
+        let failed = (0..2000)
+            .map(|i| (format!("f{i}"), "é".repeat(400)))
+            .collect();
+        s.set_failures(failed);
+        assert_eq!((s.failed.len(), s.failed_total), (MAX_FAILURES_NAMED, 2000));
+        assert!(s.failed.iter().all(|(_, why)| why.len() <= MAX_TEXT));
+        let mut buf = Vec::new();
+        Message::SyncDone(s).encode(&mut buf);
+        assert!(buf.len() < MAX_FRAME);
     }
 
     #[test]

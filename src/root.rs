@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use crate::manifest::{Meta, RelPath, TEMP_PREFIX};
@@ -90,13 +90,14 @@ impl Root {
     }
 
     /// Removes a file, symlink or (empty) directory; a missing entry is not an error.
-    pub fn remove(&self, rel: &RelPath) -> Result<(), RootError> {
+    /// Returns whether it was a directory.
+    pub fn remove(&self, rel: &RelPath) -> Result<bool, RootError> {
         let p = self.resolve(rel)?;
         let dir = p.parent().expect("resolved paths are below the root");
         let res = match fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_dir() => in_dir(dir, || fs::remove_dir(&p)),
-            Ok(_) => in_dir(dir, || fs::remove_file(&p)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Ok(m) if m.file_type().is_dir() => in_dir(dir, || fs::remove_dir(&p)).map(|()| true),
+            Ok(_) => in_dir(dir, || fs::remove_file(&p)).map(|()| false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         };
         res.map_err(|e| RootError::io(rel, e))
@@ -242,7 +243,13 @@ pub struct TempFile {
 impl TempFile {
     pub fn new_in(dir: &Path) -> io::Result<TempFile> {
         let path = dir.join(temp_name());
-        let file = File::options().write(true).create_new(true).open(&path)?;
+        // Private while it fills: the final mode is applied only once the content is verified,
+        // and until then another local user must not be able to open a 0600 file's data.
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
         Ok(TempFile {
             path,
             file: Some(file),
@@ -328,7 +335,7 @@ mod tests {
             r.temp_for(&p("link/x")).map(|_| ()),
             r.mkdir(&p("link/d")),
             r.symlink(&p("link/s"), "/etc"),
-            r.remove(&p("link/y")),
+            r.remove(&p("link/y")).map(|_| ()),
         ] {
             let err = res.unwrap_err().to_string();
             assert!(err.contains("parent link is a symlink"), "{err}");
@@ -364,6 +371,10 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         assert_eq!((m.mtime(), m.mtime_nsec()), (1_000_000_000, 5));
         assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1);
+
+        let t = r.temp_for(&p("b")).unwrap();
+        let mode = fs::metadata(t.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "a temp file is private while it fills");
     }
 
     #[test]

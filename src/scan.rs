@@ -142,14 +142,14 @@ fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache
         return;
     }
     // Drop what disappeared since the walk, and shift the cacheable indices to match.
-    let gone: std::collections::HashSet<usize> = vanished.into_iter().collect();
+    vanished.sort_unstable();
     let mut i = 0;
     scan.entries.retain(|_| {
         i += 1;
-        !gone.contains(&(i - 1))
+        vanished.binary_search(&(i - 1)).is_err()
     });
     for (idx, _) in &mut scan.cacheable {
-        *idx -= gone.iter().filter(|g| **g < *idx).count();
+        *idx -= vanished.partition_point(|g| g < idx);
     }
 }
 
@@ -296,19 +296,21 @@ fn hash_own_unreadable(path: &Path) -> Option<io::Result<(u64, Md5)>> {
     Some(res)
 }
 
-/// Size, MD5 and stamp of a file that must not change while it is read: the stamp is taken
-/// before and after, and a difference is an error (the file is being written to).
-pub fn hash_stable(path: &Path) -> io::Result<(u64, Md5, Stamp)> {
+/// Size and MD5 of a file that must not change while it is read: its stamp is taken before
+/// and after, and a difference is an error (the file is being written to). Also the stamp,
+/// when it had settled before the read, so that the MD5 may be cached.
+pub fn hash_stable(path: &Path) -> io::Result<(u64, Md5, Option<Stamp>)> {
     let mut f = File::options()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
+    let opened = crate::cache::now_ns();
     let before = Stamp::of(&f.metadata()?);
     let (size, md5) = hash_reader(&mut f)?;
     if Stamp::of(&f.metadata()?) != before {
         return Err(io::Error::other("changed while being hashed"));
     }
-    Ok((size, md5, before))
+    Ok((size, md5, before.settled_at(opened).then_some(before)))
 }
 
 /// Size and MD5 of a file, read in bounded chunks.

@@ -24,6 +24,9 @@ use crate::transfer;
 /// Most entries accepted in one client file list: bounds a session's memory against a peer
 /// that never stops listing.
 pub const MAX_ENTRIES: usize = 10_000_000;
+/// Most bytes of file list accepted in one session (paths, targets, reasons): with
+/// `MAX_ENTRIES`, what bounds a session's memory whatever a client sends.
+pub const MAX_LIST_BYTES: usize = 1 << 30;
 /// Most data connections one session runs at once, whatever the client offers.
 pub const MAX_TRANSFERS: usize = 8;
 /// A request batch is closed once its files add up to this much.
@@ -91,8 +94,10 @@ enum SessionError {
     Version(u32),
     #[error("invalid file list: {0}")]
     Manifest(#[from] ManifestError),
-    #[error("file list longer than {MAX_ENTRIES} entries")]
+    #[error("file list longer than {MAX_ENTRIES} entries or {MAX_LIST_BYTES} bytes")]
     TooManyEntries,
+    #[error("the server is shutting down")]
+    ShuttingDown,
     #[error("client did not open the data connection")]
     NoDataConnection,
     #[error("cannot scan the server directory: {0}")]
@@ -163,6 +168,8 @@ struct Shared {
     session: tokio::sync::Mutex<()>,
     /// Sessions waiting for data connections, by token.
     waiting: Mutex<HashMap<u64, mpsc::Sender<(u32, TcpStream)>>>,
+    /// Set when a shutdown begins: a session that gets its turn after that does not start.
+    stopping: std::sync::atomic::AtomicBool,
     /// Data connections being received on blocking threads, which no task abort can stop:
     /// shutting their sockets down is how an abandoned transfer is ended.
     receiving: Mutex<HashMap<u64, std::net::TcpStream>>,
@@ -184,6 +191,7 @@ pub async fn run(
         session: tokio::sync::Mutex::new(()),
         waiting: Mutex::new(HashMap::new()),
         receiving: Mutex::new(HashMap::new()),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     });
     let control_limit = Arc::new(Semaphore::new(config.max_connections));
     let data_limit = Arc::new(Semaphore::new(config.max_connections * MAX_TRANSFERS));
@@ -222,6 +230,9 @@ pub async fn run(
         });
     }
     drop((control, data));
+    shared
+        .stopping
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     if !tasks.is_empty() {
         info!("shutting down: waiting for {} connection(s)", tasks.len());
         let drain = async { while tasks.join_next().await.is_some() {} };
@@ -269,6 +280,38 @@ async fn route_data(shared: &Shared, mut stream: TcpStream, addr: SocketAddr) {
     }
 }
 
+/// Reads the client's file list up to `FileListEnd`, within the session's limits.
+async fn read_list(
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    idle: Duration,
+) -> Result<Vec<Entry>, SessionError> {
+    let mut entries = Vec::new();
+    let mut bytes = 0usize;
+    loop {
+        match protocol::read_within(rd, idle).await? {
+            Message::FileList(batch) => {
+                bytes += batch.iter().map(entry_bytes).sum::<usize>();
+                if entries.len() + batch.len() > MAX_ENTRIES || bytes > MAX_LIST_BYTES {
+                    return Err(SessionError::TooManyEntries);
+                }
+                entries.extend(batch);
+            }
+            Message::FileListEnd => return Ok(entries),
+            m => return Err(m.unexpected("filelist").into()),
+        }
+    }
+}
+
+/// Roughly what an entry costs in memory.
+fn entry_bytes(e: &Entry) -> usize {
+    let text = match &e.kind {
+        Kind::Symlink { target } => target.len(),
+        Kind::Unreadable { reason: t } | Kind::Special { what: t } => t.len(),
+        _ => 0,
+    };
+    std::mem::size_of::<Entry>() + e.path.as_str().len() + text
+}
+
 /// Splits requests into batches: at most `BATCH` files or `BATCH_BYTES` each, and, when
 /// there are few, into as many batches as there are transfers, so that all connections work.
 fn batches(requests: Vec<Request>, transfers: usize) -> Vec<Vec<Request>> {
@@ -278,7 +321,7 @@ fn batches(requests: Vec<Request>, transfers: usize) -> Vec<Vec<Request>> {
     for r in requests {
         match out.last_mut() {
             Some(b) if b.len() < per && bytes < BATCH_BYTES => {
-                bytes += r.size;
+                bytes = bytes.saturating_add(r.size);
                 b.push(r);
             }
             _ => {
@@ -482,6 +525,12 @@ async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result
             shared.session.lock().await
         }
     };
+    if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        let err = SessionError::ShuttingDown;
+        protocol::write(&mut wr, &Message::Error(err.to_string())).await?;
+        wr.flush().await.map_err(ProtocolError::from)?;
+        return Err(err);
+    }
     info!("client {addr} connected");
     let token = crate::random_u64();
     let (tx, mut rx) = mpsc::channel(MAX_TRANSFERS);
@@ -533,26 +582,18 @@ async fn sync(
         }
         Ok::<_, SessionError>(Manifest::from_entries(scan.entries)?)
     });
-    let mut entries = Vec::new();
-    loop {
-        match protocol::read_within(rd, idle).await? {
-            Message::FileList(batch) => {
-                if entries.len() + batch.len() > MAX_ENTRIES {
-                    return Err(SessionError::TooManyEntries);
-                }
-                entries.extend(batch);
-            }
-            Message::FileListEnd => break,
-            m => return Err(m.unexpected("filelist").into()),
-        }
-    }
+    // Whatever the client does, the scan is this session's work: it is waited for before the
+    // session ends, so that sessions never overlap, even in their leftovers.
+    let listed = read_list(rd, idle).await;
+    let server = scanning.await.expect("scan does not panic");
+    let entries = listed?;
+    let server = server?;
     let client = Manifest::from_entries(entries)?;
     info!(
         "Received file list from {addr}: {} entries, {} bytes",
         client.len(),
         client.file_bytes()
     );
-    let server = scanning.await.expect("scan does not panic")?;
     let client = hash_where_it_matters(rd, wr, client, &server, idle).await?;
 
     let root = shared.root.clone();
@@ -595,7 +636,7 @@ async fn sync(
     })
     .await
     .expect("apply does not panic");
-    summary.failed = outcome.failed;
+    summary.set_failures(outcome.failed);
 
     protocol::write(wr, &Message::SyncDone(summary.clone())).await?;
     wr.flush().await.map_err(ProtocolError::from)?;
@@ -606,7 +647,7 @@ async fn sync(
         summary.copied,
         summary.renamed,
         summary.deleted,
-        summary.failed.len(),
+        summary.failed_total,
         summary.bytes
     );
     Ok(())

@@ -278,10 +278,10 @@ pub fn send<S: Write>(
             _ => Err("not a file this client offered".to_string()),
         };
         match res {
-            Ok((n, learned)) => {
-                let md5 = learned.map(|(md5, _)| md5);
+            Ok((n, hashed)) => {
+                let md5 = hashed.map(|(md5, _)| md5);
                 protocol::write_blocking(&mut w, &Message::FileEnd { md5 })?;
-                if let Some((md5, stamp)) = learned {
+                if let Some((md5, Some(stamp))) = hashed {
                     out.learned.push((path.clone(), md5, stamp));
                 }
                 out.files += 1;
@@ -301,18 +301,20 @@ pub fn send<S: Write>(
     Ok(out)
 }
 
+/// What `send_one` learnt of a file it hashed: the MD5, and the stamp when it may be cached.
+type Hashed = Option<(Md5, Option<Stamp>)>;
+
 /// Streams one file's chunks, hashing them too when `hash`. The outer error is the
 /// connection's; the inner one the file's. Returns the bytes sent and, when hashed, the MD5
 /// and the file's stamp, which must not change while it is read: a file written to meanwhile
 /// is aborted, to be sent whole next cycle.
-#[allow(clippy::type_complexity)]
 fn send_one<W: Write>(
     w: &mut W,
     root: &Root,
     path: &RelPath,
     buf: &mut [u8],
     hash: bool,
-) -> Result<Result<(u64, Option<(Md5, Stamp)>), String>, ProtocolError> {
+) -> Result<Result<(u64, Hashed), String>, ProtocolError> {
     let open = || {
         let p = root.resolve(path).map_err(io::Error::other)?;
         File::options()
@@ -325,6 +327,7 @@ fn send_one<W: Write>(
         Err(e) => return Ok(Err(format!("failed to open: {e}"))),
     };
     let stamp = |f: &File| f.metadata().map(|m| Stamp::of(&m));
+    let opened = crate::cache::now_ns();
     let before = if hash {
         match stamp(&f) {
             Ok(s) => Some(s),
@@ -362,7 +365,10 @@ fn send_one<W: Write>(
     match stamp(&f) {
         Ok(after) if after == before => {
             let md5 = hasher.expect("hashing when stamped").finish();
-            Ok(Ok((sent, Some((md5, after)))))
+            Ok(Ok((
+                sent,
+                Some((md5, after.settled_at(opened).then_some(after))),
+            )))
         }
         Ok(_) => Ok(Err("changed while being sent".into())),
         Err(e) => Ok(Err(format!("failed to stat: {e}"))),

@@ -190,8 +190,8 @@ fn renamed_directory_moves_its_files() {
         logs: &[
             "Renaming file: old/one.txt to new/one.txt",
             "Renaming file: old/sub/two.txt to new/sub/two.txt",
-            "Deleting file: old/sub",
-            "Deleting file: old",
+            "Deleting directory: old/sub",
+            "Deleting directory: old",
         ],
         no_logs: &["Requesting file"],
     });
@@ -203,8 +203,8 @@ fn empty_directories_are_created_and_removed() {
         before: vec![mkdir("stays"), mkdir("goes/inner/innermost")],
         change: vec![rm("goes"), mkdir("new/empty/deeper")],
         logs: &[
-            "Deleting file: goes/inner/innermost",
-            "Deleting file: goes",
+            "Deleting directory: goes/inner/innermost",
+            "Deleting directory: goes",
             "Creating directory: new/empty/deeper",
         ],
         no_logs: &["Requesting file"],
@@ -238,6 +238,7 @@ fn file_and_directory_swap_kinds() {
         logs: &[
             "Deleting file: was-file",
             "Deleting file: was-dir/inner",
+            "Deleting directory: was-dir",
             "Received file: was-file/now-inside",
             "Received file: was-dir",
         ],

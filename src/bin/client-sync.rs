@@ -92,8 +92,16 @@ async fn run(args: Args) -> ExitCode {
     }
     match client::sync_once(&cfg).await {
         Ok(report) => {
+            let mut named = 0;
             for (path, why) in report.failures() {
                 eprintln!("client-sync: not synced: {path}: {why}");
+                named += 1;
+            }
+            if report.failed_count() > named {
+                eprintln!(
+                    "client-sync: not synced: {} more (see the server's log)",
+                    report.failed_count() - named
+                );
             }
             tracing::info!("{}", report.summary_line());
             ExitCode::from(if report.is_clean() { 0 } else { 1 })
