@@ -1,7 +1,10 @@
-//! `cargo xtask`: developer tasks of this workspace. Today: `scenarios`, the conformance harness.
+//! `cargo xtask`: developer tasks of this workspace: `scenarios` (the conformance harness) and
+//! `bench` (server-sync against rsync, see `bench.rs`).
 //!
 //! Arguments are parsed by hand: a handful of flags does not justify another dependency, and new
 //! subcommands slot into `main`'s match.
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -17,6 +20,9 @@ usage: cargo xtask <command>
 commands:
   scenarios [FILTER...] [options]   build server-sync and client-sync, then run the scenarios
                                     in scenarios/ (all, or those whose number or name matches)
+  bench [--quick] [--pairs N] [FILTER...]
+                                    build release binaries and time them against rsync on
+                                    generated trees; writes target/bench/report.md and .json
 
 options of `scenarios`:
   --keep          keep each scenario's temporary directories and print where they are
@@ -33,8 +39,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("scenarios") => scenarios(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
+        // Internal: the process supervisor of `bench` (see bench/supervise.rs).
+        Some(bench::SUPERVISE) => bench::supervise(&args[1..]),
         Some("-h" | "--help" | "help") => {
-            print!("{USAGE}");
+            print!("{USAGE}\n{}", bench::USAGE);
             Ok(true)
         }
         Some(other) => {

@@ -1,0 +1,786 @@
+//! `cargo xtask bench`: server-sync against rsync on the same workloads, side by side (issue 4).
+//!
+//! For each workload the bench runs a warm-up of each tool, then `--pairs` measured runs
+//! alternately (ours, rsync, ours, rsync, …), so drift of the machine (other load, page cache,
+//! disk state) falls on both tools alike. Every figure is a ratio against rsync measured in the
+//! same run. The fairness rules this follows, and why, are listed in `report::NOTES`, which
+//! also goes into the report.
+//!
+//! * [`data`] generates the trees and checks that each run produced a true mirror.
+//! * [`proc`] starts and reaps processes and reads the kernel's accounting (RSS, loopback bytes).
+//! * [`report`] computes medians and writes the table, `report.md` and `report.json`.
+
+mod data;
+mod proc;
+mod report;
+mod supervise;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use xtask::process::shell_quote;
+
+use data::Dataset;
+use proc::{OurServer, RsyncDaemon, lo_tx_bytes, log_tail, vm_hwm_kib};
+use report::{Machine, Report, Row, Sample, ToolRuns, mib};
+use supervise::Supervised;
+pub use supervise::{SUBCOMMAND as SUPERVISE, supervise};
+
+pub const USAGE: &str = "\
+options of `bench`:
+  --quick         reduced sizes (1/10), the whole bench in about a minute
+  --pairs N       measured runs of each tool per workload, after one warm-up each (default 3)
+  FILTER...       only these workloads, by id (W1 W2 W3 W4 W4n W6); re-syncs whose initial
+                  sync is left out get an untimed setup sync instead
+";
+
+/// Longest a single client run may take before the bench gives up on it.
+const RUN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Files changed less than this before a scan are not trusted to the hash cache (ARCHITECTURE.md:
+/// 2 s, plus a margin); a re-sync waits this long after its tree was last written, as a real
+/// re-sync a minute later would.
+const SETTLE: Duration = Duration::from_millis(2500);
+
+/// A bench started this soon after another's cleanup may meet ext4's slow file creation after
+/// mass deletion. The allocator skips inodes freed within the last 60 s (360 s while their
+/// inode table block is dirty); measured on this VM, creating 2,000 files took 1.7 s one
+/// minute after deleting 20,000 and 0.2 s after six, and after the full bench's cleanup (about
+/// a million entries) creation was still several times slower ten minutes later.
+const RECENT_CLEANUP: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Into an empty destination.
+    Initial,
+    /// Into a mirror that is already up to date.
+    Unchanged,
+    /// Into a mirror, after a seeded change of the source before each pair.
+    Changed { changed: u64, added: u64 },
+}
+
+/// Which source tree a workload syncs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tree {
+    Small = 0,
+    Big = 1,
+    Many = 2,
+}
+
+struct Workload {
+    id: &'static str,
+    tree: Tree,
+    kind: Kind,
+    /// Target for median(ours) / median(rsync).
+    target: f64,
+}
+
+/// In the order they run: a re-sync follows the initial sync whose mirror it reuses.
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        id: "W1",
+        tree: Tree::Small,
+        kind: Kind::Initial,
+        target: 0.5,
+    },
+    Workload {
+        id: "W2",
+        tree: Tree::Big,
+        kind: Kind::Initial,
+        target: 1.2,
+    },
+    Workload {
+        id: "W3",
+        tree: Tree::Small,
+        kind: Kind::Unchanged,
+        target: 0.3,
+    },
+    Workload {
+        id: "W4",
+        tree: Tree::Many,
+        kind: Kind::Initial,
+        target: 0.5,
+    },
+    Workload {
+        id: "W4n",
+        tree: Tree::Many,
+        kind: Kind::Unchanged,
+        target: 0.3,
+    },
+    Workload {
+        id: "W6",
+        tree: Tree::Many,
+        kind: Kind::Changed {
+            changed: 10,
+            added: 10,
+        },
+        target: 0.3,
+    },
+];
+
+/// The three source trees, full size or `--quick` (a tenth).
+fn datasets(quick: bool) -> [Dataset; 3] {
+    let (small, many, big) = if quick {
+        ((1_000, 10), (10_000, 100), 100 << 20)
+    } else {
+        ((10_000, 100), (100_000, 1_000), 1 << 30)
+    };
+    [
+        Dataset {
+            name: "small",
+            files: small.0,
+            dirs: small.1,
+            size: 4 << 10,
+            seed: 1,
+        },
+        Dataset {
+            name: "big",
+            files: 1,
+            dirs: 1,
+            size: big,
+            seed: 2,
+        },
+        Dataset {
+            name: "many",
+            files: many.0,
+            dirs: many.1,
+            size: 1 << 10,
+            seed: 3,
+        },
+    ]
+}
+
+fn size_text(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// 100000 → "100,000".
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn title(w: &Workload, ds: &Dataset) -> String {
+    let initial = WORKLOADS
+        .iter()
+        .find(|o| o.tree == w.tree && o.kind == Kind::Initial)
+        .map_or("?", |o| o.id);
+    match w.kind {
+        Kind::Initial if ds.files == 1 => format!("initial sync, one {} file", size_text(ds.size)),
+        Kind::Initial => format!(
+            "initial sync, {} files × {} in {} dirs",
+            thousands(ds.files),
+            size_text(ds.size),
+            thousands(ds.dirs)
+        ),
+        Kind::Unchanged => format!("re-sync of {initial}, nothing changed"),
+        Kind::Changed { changed, added } => {
+            format!("re-sync of {initial} after {changed} files changed and {added} added")
+        }
+    }
+}
+
+struct Options {
+    quick: bool,
+    pairs: usize,
+    filters: Vec<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Option<Options>> {
+    let mut o = Options {
+        quick: false,
+        pairs: 3,
+        filters: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                print!("usage: cargo xtask bench [--quick] [--pairs N] [FILTER...]\n\n{USAGE}");
+                return Ok(None);
+            }
+            "--quick" => o.quick = true,
+            "--pairs" => {
+                let v = it.next().context("--pairs needs a value")?;
+                o.pairs = crate::positive(v, "--pairs")?;
+            }
+            s if s.starts_with('-') => bail!("unknown option {s:?} (see --help)"),
+            s => o.filters.push(s.to_string()),
+        }
+    }
+    Ok(Some(o))
+}
+
+fn select(filters: &[String]) -> Result<Vec<&'static Workload>> {
+    for f in filters {
+        if !WORKLOADS.iter().any(|w| w.id.eq_ignore_ascii_case(f)) {
+            let ids: Vec<_> = WORKLOADS.iter().map(|w| w.id).collect();
+            bail!("no workload {f:?}; the workloads are {}", ids.join(" "));
+        }
+    }
+    Ok(WORKLOADS
+        .iter()
+        .filter(|w| filters.is_empty() || filters.iter().any(|f| w.id.eq_ignore_ascii_case(f)))
+        .collect())
+}
+
+/// The rsync binary, or the one-line advice on installing it.
+fn find_rsync() -> Result<String> {
+    match Command::new("rsync").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("rsync")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")),
+        Ok(o) => bail!(
+            "`rsync --version` failed ({}); the bench compares against rsync",
+            o.status
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "rsync is not installed and the bench compares against it: install it \
+             (`apt-get install -y rsync` on Debian/Ubuntu) and run again"
+        ),
+        Err(e) => bail!("cannot run rsync: {e}"),
+    }
+}
+
+/// Builds the release binaries the bench measures.
+fn build(root: &Path) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--package", "server-sync", "--bins"])
+        .current_dir(root)
+        .status()
+        .context("run cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release of server-sync and client-sync failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn run(args: &[String]) -> Result<bool> {
+    let Some(opts) = parse_args(args)? else {
+        return Ok(true);
+    };
+    let selected = select(&opts.filters)?;
+    let rsync_version = find_rsync()?;
+    let root = xtask::workspace_root();
+    let target = crate::target_dir(&root)?;
+    build(&root)?;
+    let loopback = match proc::private_loopback() {
+        Ok(()) => "private network namespace: only the bench's own traffic is counted".to_string(),
+        Err(e) => {
+            format!("shared with the rest of the machine ({e:#}): other traffic is counted too")
+        }
+    };
+
+    let bench_dir = target.join("bench");
+    let work_parent = bench_dir.join("work");
+    fs::create_dir_all(&work_parent)
+        .with_context(|| format!("create {}", work_parent.display()))?;
+    let stamp = bench_dir.join(".last-cleanup");
+    let last_cleanup = since_stamp(&stamp);
+    if let Some(ago) = last_cleanup.filter(|a| *a < RECENT_CLEANUP) {
+        println!(
+            "note: the last bench deleted its trees {} s ago; on ext4, creating files for some \
+             minutes after deleting many is slower, which may inflate both tools' initial syncs",
+            ago.as_secs()
+        );
+    }
+    // Trees of an interrupted earlier bench are left alone until the end: deleting them now
+    // would slow file creation during the measurements (see RECENT_CLEANUP).
+    let stale: Vec<PathBuf> = fs::read_dir(&work_parent)?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .collect();
+    let work = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&work_parent)
+        .context("create the bench's work directory")?;
+    let logs = bench_dir.join("logs");
+    let _ = fs::remove_dir_all(&logs);
+    fs::create_dir_all(&logs)?;
+
+    let started = Instant::now();
+    let bench = Bench::new(&target.join("release"), work.path(), &logs)?;
+    let floor = Supervised::start(&["true".to_string()], &logs.join("floor.log"))
+        .and_then(|s| s.finish(Duration::from_secs(10)))
+        .ok()
+        .map(|m| m.exit.maxrss_kib);
+    let mut machine = Machine::read(work.path(), &root, loopback, floor);
+    machine.last_cleanup = match last_cleanup {
+        Some(ago) => format!(
+            "{} min before this bench (mass deletion slows ext4 file creation for minutes)",
+            ago.as_secs() / 60
+        ),
+        None => "none recorded".into(),
+    };
+    println!(
+        "bench{}: {} measured pair(s) per workload after a warm-up of each; {}; trees in {}, \
+         logs in {}",
+        if opts.quick { " --quick" } else { "" },
+        opts.pairs,
+        rsync_version,
+        work.path().display(),
+        logs.display()
+    );
+    let sets = datasets(opts.quick);
+    let mut state = State::default();
+    let mut rows = Vec::new();
+    for w in &selected {
+        let ds = sets[w.tree as usize];
+        let title = title(w, &ds);
+        println!("{} {title} (target ours/rsync ≤ {})", w.id, w.target);
+        let outcome = bench
+            .workload(w, &ds, opts.pairs, &mut state)
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &outcome {
+            println!("  {} FAILED: {e}", w.id);
+        }
+        rows.push(Row {
+            id: w.id,
+            title,
+            target: w.target,
+            outcome,
+        });
+    }
+    let report = Report {
+        quick: opts.quick,
+        pairs: opts.pairs,
+        machine,
+        rows,
+        wall_s: started.elapsed().as_secs_f64(),
+    };
+    fs::write(bench_dir.join("report.md"), report.markdown())?;
+    fs::write(bench_dir.join("report.json"), report.json())?;
+    println!("\n{}\n{}", report.table(), report.verdicts());
+    println!(
+        "report: {} and report.json ({:.0} s)",
+        bench_dir.join("report.md").display(),
+        report.wall_s
+    );
+
+    // Every tree goes only now, in one go (never between timed runs).
+    let t = Instant::now();
+    print!("removing the bench's trees… ");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    drop(bench);
+    let mut removed = data::remove_tree_parallel(&work.keep());
+    for dir in stale {
+        removed += data::remove_tree_parallel(&dir);
+    }
+    // Only a mass deletion can slow the next bench down; a few files cannot.
+    if removed >= 10_000 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        let _ = fs::write(&stamp, format!("{now}\n"));
+    }
+    println!(
+        "{} entries in {:.1} s",
+        thousands(removed),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(report.rows.iter().all(|r| r.outcome.is_ok()))
+}
+
+/// Time since the Unix time written in `stamp`, if any.
+fn since_stamp(stamp: &Path) -> Option<Duration> {
+    let secs: u64 = fs::read_to_string(stamp).ok()?.trim().parse().ok()?;
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH + Duration::from_secs(secs))
+        .ok()
+}
+
+/// Sleeps until `SETTLE` has passed since `since`.
+fn settle(since: Instant) {
+    if let Some(left) = SETTLE.checked_sub(since.elapsed()) {
+        std::thread::sleep(left);
+    }
+}
+
+/// A generated source tree.
+struct Source {
+    dir: PathBuf,
+    written: Instant,
+}
+
+/// A destination of each tool that mirrors a source, with our server's cache for it.
+struct Mirror {
+    ours: PathBuf,
+    server_cache: PathBuf,
+    rsync: String,
+    written: Instant,
+}
+
+/// Trees and mirrors carried from one workload to the next, by `Tree`.
+#[derive(Default)]
+struct State {
+    sources: [Option<Source>; 3],
+    mirrors: [Option<Mirror>; 3],
+}
+
+/// Where everything lives during one bench.
+struct Bench {
+    server_bin: PathBuf,
+    client_bin: PathBuf,
+    logs: PathBuf,
+    sources: PathBuf,
+    ours_root: PathBuf,
+    rsync_root: PathBuf,
+    server_caches: PathBuf,
+    client_cache: PathBuf,
+    rsync_conf: PathBuf,
+}
+
+impl Bench {
+    fn new(bin_dir: &Path, work: &Path, logs: &Path) -> Result<Bench> {
+        let b = Bench {
+            server_bin: bin_dir.join("server-sync"),
+            client_bin: bin_dir.join("client-sync"),
+            logs: logs.to_owned(),
+            sources: work.join("src"),
+            ours_root: work.join("dst-ours"),
+            rsync_root: work.join("dst-rsync"),
+            server_caches: work.join("cache-server"),
+            client_cache: work.join("cache-client"),
+            rsync_conf: work.join("rsyncd.conf"),
+        };
+        for d in [
+            &b.sources,
+            &b.ours_root,
+            &b.rsync_root,
+            &b.server_caches,
+            &b.client_cache,
+        ] {
+            fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
+        // Run as ourselves (as root, rsync would otherwise switch to `nobody`); no chroot, so
+        // the daemon needs no privilege; symlink munging and reverse DNS are switched off
+        // because they are costs ours does not have and the workloads do not need.
+        // SAFETY: getuid and getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let conf = format!(
+            "# Written by `cargo xtask bench`.\n\
+             uid = {uid}\ngid = {gid}\nuse chroot = no\nmunge symlinks = no\n\
+             reverse lookup = no\nlog file = {}\n\n[bench]\n    path = {}\n    read only = no\n",
+            logs.join("rsyncd.log").display(),
+            b.rsync_root.display()
+        );
+        fs::write(&b.rsync_conf, conf)?;
+        Ok(b)
+    }
+
+    /// The workload's source tree, generated on first use.
+    fn source<'s>(&self, ds: &Dataset, tree: Tree, st: &'s mut State) -> Result<&'s mut Source> {
+        let slot = &mut st.sources[tree as usize];
+        if slot.is_none() {
+            let dir = self.sources.join(ds.name);
+            let t = Instant::now();
+            ds.generate(&dir)?;
+            println!(
+                "  generated {} ({} × {}) in {:.1} s",
+                dir.display(),
+                thousands(ds.files),
+                size_text(ds.size),
+                t.elapsed().as_secs_f64()
+            );
+            *slot = Some(Source {
+                dir,
+                written: Instant::now(),
+            });
+        }
+        Ok(slot.as_mut().expect("just filled"))
+    }
+
+    fn workload(
+        &self,
+        w: &Workload,
+        ds: &Dataset,
+        pairs: usize,
+        st: &mut State,
+    ) -> Result<(ToolRuns, ToolRuns)> {
+        let src = self.source(ds, w.tree, st)?;
+        let (src_dir, src_written) = (src.dir.clone(), src.written);
+        let (mut ours, mut rsync) = (ToolRuns::default(), ToolRuns::default());
+        if w.kind == Kind::Initial {
+            settle(src_written);
+            let mut last = None;
+            for i in 0..=pairs {
+                // Fresh, never-used destinations and server cache every run (see NOTES).
+                let name = format!("{}-{i}", w.id);
+                let (dst, cache) = (self.ours_root.join(&name), self.server_caches.join(&name));
+                let s = self.run_ours(&src_dir, &dst, &cache, &format!("{name}-ours"), i)?;
+                record(i, &mut ours, s);
+                let s = self.run_rsync(&src_dir, &name, &format!("{name}-rsync"), i)?;
+                record(i, &mut rsync, s);
+                last = Some(Mirror {
+                    ours: dst,
+                    server_cache: cache,
+                    rsync: name,
+                    written: Instant::now(),
+                });
+            }
+            st.mirrors[w.tree as usize] = last;
+            return Ok((ours, rsync));
+        }
+
+        // A re-sync takes the mirror out of the state and puts it back only when all went well,
+        // so a later workload never builds on a half-synced destination.
+        let mirror = match st.mirrors[w.tree as usize].take() {
+            Some(m) => m,
+            None => self.setup_mirror(w, &src_dir, src_written)?,
+        };
+        settle(mirror.written.max(src_written));
+        for i in 0..=pairs {
+            if let Kind::Changed { changed, added } = w.kind {
+                // The same fresh change for both tools: applied once, before the pair.
+                ds.apply_change(&src_dir, i as u64, changed, added)?;
+            }
+            let tag = format!("{}-{i}", w.id);
+            let s = self.run_ours(
+                &src_dir,
+                &mirror.ours,
+                &mirror.server_cache,
+                &format!("{tag}-ours"),
+                i,
+            )?;
+            record(i, &mut ours, s);
+            let s = self.run_rsync(&src_dir, &mirror.rsync, &format!("{tag}-rsync"), i)?;
+            record(i, &mut rsync, s);
+        }
+        if let Some(src) = st.sources[w.tree as usize].as_mut() {
+            src.written = Instant::now();
+        }
+        st.mirrors[w.tree as usize] = Some(Mirror {
+            written: Instant::now(),
+            ..mirror
+        });
+        Ok((ours, rsync))
+    }
+
+    /// An untimed initial sync of each tool, for a re-sync whose initial workload was filtered out.
+    fn setup_mirror(&self, w: &Workload, src: &Path, src_written: Instant) -> Result<Mirror> {
+        settle(src_written);
+        let name = format!("setup-{}", w.id);
+        let (ours, server_cache) = (self.ours_root.join(&name), self.server_caches.join(&name));
+        println!("  setting up mirrors for {} (untimed)", w.id);
+        self.run_ours(
+            src,
+            &ours,
+            &server_cache,
+            &format!("{name}-ours"),
+            usize::MAX,
+        )?;
+        self.run_rsync(src, &name, &format!("{name}-rsync"), usize::MAX)?;
+        Ok(Mirror {
+            ours,
+            server_cache,
+            rsync: name,
+            written: Instant::now(),
+        })
+    }
+
+    /// Runs `argv` to completion, timed, after flushing all dirty pages; then times one more
+    /// flush, which is what the run left unwritten (rsync's data; ours has flushed already).
+    fn timed(&self, argv: &[String], log: &Path) -> Result<Timed> {
+        // Neither tool may pay for the other's (or the generator's) dirty pages.
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        let lo_before = lo_tx_bytes()?;
+        let m = Supervised::start(argv, log)?.finish(RUN_TIMEOUT)?;
+        let lo_bytes = lo_tx_bytes()?.saturating_sub(lo_before);
+        let t1 = Instant::now();
+        // SAFETY: as above.
+        unsafe { libc::sync() };
+        Ok(Timed {
+            wall_s: m.wall_s,
+            exit: m.exit,
+            lo_bytes,
+            flush_s: t1.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn run_ours(
+        &self,
+        src: &Path,
+        dst: &Path,
+        server_cache: &Path,
+        tag: &str,
+        i: usize,
+    ) -> Result<Sample> {
+        fs::create_dir_all(dst)?;
+        fs::create_dir_all(server_cache)?;
+        let (server_log, client_log) = (
+            self.logs.join(format!("{tag}-server.log")),
+            self.logs.join(format!("{tag}-client.log")),
+        );
+        let mut server = OurServer::start(&self.server_bin, dst, server_cache, &server_log)?;
+        let argv: Vec<String> = vec![
+            self.client_bin.display().to_string(),
+            src.display().to_string(),
+            "--server".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            server.port.to_string(),
+            "--once".into(),
+            "-q".into(),
+            "--cache-dir".into(),
+            self.client_cache.display().to_string(),
+        ];
+        let Timed {
+            wall_s,
+            exit,
+            lo_bytes,
+            flush_s,
+        } = self.timed(&argv, &client_log)?;
+        // The session is over once the client has its `sync:done`: the high-water mark now is
+        // the run's (server start-up included, shutdown not).
+        let hwm = vm_hwm_kib(server.proc.pid()).map_err(|e| format!("{e:#}"));
+        let server_exit = server.proc.terminate(Duration::from_secs(15))?;
+        if !exit.success() {
+            bail!(
+                "`{}` failed ({exit}); {}\n{}",
+                shown(&argv),
+                log_tail(&client_log, 20),
+                log_tail(&server_log, 20)
+            );
+        }
+        if !server_exit.success() {
+            bail!(
+                "server-sync ended with {server_exit} after SIGTERM; {}",
+                log_tail(&server_log, 20)
+            );
+        }
+        data::check_mirror(src, dst).with_context(|| format!("after `{}`", shown(&argv)))?;
+        let s = Sample {
+            wall_s,
+            client_rss_kib: exit.maxrss_kib,
+            server_rss_kib: hwm,
+            lo_bytes,
+            flush_s,
+        };
+        progress(tag, i, &s);
+        Ok(s)
+    }
+
+    fn run_rsync(&self, src: &Path, name: &str, tag: &str, i: usize) -> Result<Sample> {
+        let dst = self.rsync_root.join(name);
+        fs::create_dir_all(&dst)?;
+        let daemon = RsyncDaemon::start(&self.rsync_conf, &self.logs.join("rsyncd.log"))?;
+        let argv: Vec<String> = vec![
+            "rsync".into(),
+            "-a".into(),
+            "--delete".into(),
+            format!("{}/", src.display()),
+            format!("rsync://127.0.0.1:{}/bench/{name}/", daemon.port),
+        ];
+        let log = self.logs.join(format!("{tag}-client.log"));
+        let Timed {
+            wall_s,
+            exit,
+            lo_bytes,
+            flush_s,
+        } = self.timed(&argv, &log)?;
+        let server_rss = daemon.finish();
+        if !exit.success() {
+            bail!(
+                "`{}` failed ({exit}); {}\n{}",
+                shown(&argv),
+                log_tail(&log, 20),
+                log_tail(&self.logs.join("rsyncd.log"), 10)
+            );
+        }
+        data::check_mirror(src, &dst).with_context(|| format!("after `{}`", shown(&argv)))?;
+        let s = Sample {
+            wall_s,
+            client_rss_kib: exit.maxrss_kib,
+            server_rss_kib: server_rss,
+            lo_bytes,
+            flush_s,
+        };
+        progress(tag, i, &s);
+        Ok(s)
+    }
+}
+
+/// What [`Bench::timed`] measured.
+struct Timed {
+    wall_s: f64,
+    exit: proc::Exit,
+    lo_bytes: u64,
+    flush_s: f64,
+}
+
+/// Files run `i` of a tool: run 0 is the warm-up.
+fn record(i: usize, runs: &mut ToolRuns, s: Sample) {
+    if i == 0 {
+        runs.warmup = Some(s);
+    } else {
+        runs.runs.push(s);
+    }
+}
+
+fn shown(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn progress(tag: &str, i: usize, s: &Sample) {
+    let which = match i {
+        0 => " (warm-up)",
+        usize::MAX => " (setup)",
+        _ => "",
+    };
+    println!(
+        "  {tag:<16}{which:<10} {:>8.3} s (+{:.3} s flush)   client {:>9}   server {:>9}   \
+         loopback {:>7.1} MiB",
+        s.wall_s,
+        s.flush_s,
+        mib(s.client_rss_kib),
+        s.server_rss_kib.as_ref().map_or("n/a".into(), |k| mib(*k)),
+        s.lo_bytes as f64 / f64::from(1 << 20)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn titles_and_selection() {
+        let sets = datasets(false);
+        let t: Vec<String> = WORKLOADS
+            .iter()
+            .map(|w| title(w, &sets[w.tree as usize]))
+            .collect();
+        assert_eq!(t[0], "initial sync, 10,000 files × 4 KiB in 100 dirs");
+        assert_eq!(t[1], "initial sync, one 1 GiB file");
+        assert_eq!(t[2], "re-sync of W1, nothing changed");
+        assert_eq!(t[3], "initial sync, 100,000 files × 1 KiB in 1,000 dirs");
+        assert_eq!(t[5], "re-sync of W4 after 10 files changed and 10 added");
+        let ids = |f: &[&str]| {
+            let f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+            select(&f).map(|v| v.iter().map(|w| w.id).collect::<Vec<_>>())
+        };
+        assert_eq!(ids(&["w4N", "W1"]).unwrap(), ["W1", "W4n"]);
+        assert_eq!(ids(&[]).unwrap().len(), WORKLOADS.len());
+        assert!(ids(&["W5"]).is_err());
+    }
+}

@@ -1,0 +1,705 @@
+//! Results of `cargo xtask bench`: statistics, the table, `report.md`, `report.json`, machine info.
+//!
+//! JSON is written by hand (a small value type below): the report is a handful of numbers and
+//! strings, not worth a serde_json dependency.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+/// Peak RSS allowed to each side of ours on W4 (issue 4).
+pub const RSS_LIMIT_KIB: u64 = 64 * 1024;
+
+/// One timed run of one tool.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub wall_s: f64,
+    /// `ru_maxrss` of the client process (and any child it reaped), KiB.
+    pub client_rss_kib: u64,
+    /// Peak RSS of the server side, KiB, or why it is not known.
+    pub server_rss_kib: Result<u64, String>,
+    /// `lo` tx_bytes delta over the client's run.
+    pub lo_bytes: u64,
+    /// How long a `sync` right after the run took: the data the run left unflushed.
+    pub flush_s: f64,
+}
+
+/// The runs of one tool on one workload.
+#[derive(Clone, Debug, Default)]
+pub struct ToolRuns {
+    pub warmup: Option<Sample>,
+    pub runs: Vec<Sample>,
+}
+
+impl ToolRuns {
+    pub fn median_s(&self) -> f64 {
+        median(&self.runs.iter().map(|s| s.wall_s).collect::<Vec<_>>())
+    }
+
+    /// Median of wall time plus the flush that followed: the time until the data is on disk.
+    pub fn median_flushed_s(&self) -> f64 {
+        median(
+            &self
+                .runs
+                .iter()
+                .map(|s| s.wall_s + s.flush_s)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// The largest client peak over the measured runs.
+    pub fn client_rss_kib(&self) -> u64 {
+        self.runs
+            .iter()
+            .map(|s| s.client_rss_kib)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The largest server peak over the measured runs, or why there is none.
+    pub fn server_rss_kib(&self) -> Result<u64, String> {
+        let mut best = None;
+        for s in &self.runs {
+            match &s.server_rss_kib {
+                Ok(k) => best = best.max(Some(*k)),
+                Err(why) => return Err(why.clone()),
+            }
+        }
+        best.ok_or_else(|| "no run".to_string())
+    }
+
+    pub fn lo_bytes(&self) -> u64 {
+        median(
+            &self
+                .runs
+                .iter()
+                .map(|s| s.lo_bytes as f64)
+                .collect::<Vec<_>>(),
+        ) as u64
+    }
+}
+
+/// Median; the mean of the middle two for an even count; NaN for none.
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// One workload's line of the report.
+#[derive(Debug)]
+pub struct Row {
+    pub id: &'static str,
+    pub title: String,
+    pub target: f64,
+    /// Our runs and rsync's, or why the workload could not be measured.
+    pub outcome: Result<(ToolRuns, ToolRuns), String>,
+}
+
+impl Row {
+    fn ratio(&self) -> Option<f64> {
+        let (o, r) = self.outcome.as_ref().ok()?;
+        Some(o.median_s() / r.median_s())
+    }
+
+    fn time_met(&self) -> Option<bool> {
+        self.ratio().map(|r| r <= self.target)
+    }
+
+    /// Whether both sides of ours stay under the RSS limit; only W4 carries that target.
+    fn rss_met(&self) -> Option<bool> {
+        let (o, _) = self.outcome.as_ref().ok()?;
+        if self.id != "W4" {
+            return None;
+        }
+        let server = o.server_rss_kib().ok()?;
+        Some(o.client_rss_kib() <= RSS_LIMIT_KIB && server <= RSS_LIMIT_KIB)
+    }
+}
+
+/// What the report says about the machine.
+#[derive(Debug)]
+pub struct Machine {
+    pub date: String,
+    pub nproc: usize,
+    pub cpu: String,
+    pub memory: String,
+    pub kernel: String,
+    pub rsync: String,
+    pub filesystem: String,
+    pub product: String,
+    pub loopback: String,
+    /// `ru_maxrss` of `true` started like the measured commands: the least any of them shows.
+    pub rss_floor_kib: Option<u64>,
+    /// When the previous bench deleted its trees.
+    pub last_cleanup: String,
+}
+
+impl Machine {
+    /// Reads it off this machine; `work` is where the trees live, `root` the workspace.
+    pub fn read(work: &Path, root: &Path, loopback: String, rss_floor_kib: Option<u64>) -> Machine {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cpuinfo = read("/proc/cpuinfo");
+        let field = |text: &str, key: &str| {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_else(|| "unknown".into())
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let date = xtask::tree::format_time(now, 0);
+        Machine {
+            date: format!("{} UTC", &date[..19]),
+            nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu: field(&cpuinfo, "model name"),
+            memory: memory_text(&field(&read("/proc/meminfo"), "MemTotal")),
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+            rsync: command_line(Command::new("rsync").arg("--version")),
+            filesystem: filesystem_of(work),
+            product: product_version(root),
+            loopback,
+            rss_floor_kib,
+            last_cleanup: "none recorded".into(),
+        }
+    }
+}
+
+/// `24683656 kB` → `23.5 GiB`.
+fn memory_text(meminfo: &str) -> String {
+    match meminfo.trim_end_matches("kB").trim().parse::<f64>() {
+        Ok(kib) => format!("{:.1} GiB", kib / f64::from(1 << 20)),
+        Err(_) => meminfo.to_string(),
+    }
+}
+
+fn command_line(cmd: &mut Command) -> String {
+    cmd.output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `fstype (device)` of the mount holding `path`, from /proc/self/mountinfo.
+fn filesystem_of(path: &Path) -> String {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        let (pre, post) = line.split_once(" - ").unwrap_or((line, ""));
+        let Some(mount) = pre.split_whitespace().nth(4) else {
+            continue;
+        };
+        let mut post = post.split_whitespace();
+        let (fstype, source) = (post.next().unwrap_or("?"), post.next().unwrap_or("?"));
+        if path.starts_with(mount) && best.as_ref().is_none_or(|(n, _)| mount.len() >= *n) {
+            best = Some((mount.len(), format!("{fstype} ({source})")));
+        }
+    }
+    best.map_or_else(|| "unknown".into(), |(_, s)| s)
+}
+
+/// The commit benchmarked, and whether the product had uncommitted changes.
+fn product_version(root: &Path) -> String {
+    let head =
+        command_line(
+            Command::new("git")
+                .arg("-C")
+                .arg(root)
+                .args(["log", "-1", "--format=%h %s"]),
+        );
+    let dirty = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args([
+            "status",
+            "--porcelain",
+            "--",
+            "src",
+            "Cargo.toml",
+            "Cargo.lock",
+        ])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    if dirty {
+        format!("{head} (plus uncommitted changes to the product)")
+    } else {
+        head
+    }
+}
+
+/// Everything a run of the bench produced.
+#[derive(Debug)]
+pub struct Report {
+    pub quick: bool,
+    pub pairs: usize,
+    pub machine: Machine,
+    pub rows: Vec<Row>,
+    pub wall_s: f64,
+}
+
+fn secs(s: f64) -> String {
+    if s.is_nan() {
+        "–".into()
+    } else {
+        format!("{s:.3} s")
+    }
+}
+
+pub fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn bytes(b: u64) -> String {
+    if b >= 10 << 20 {
+        format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+    } else if b >= 1 << 20 {
+        format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    } else {
+        format!("{:.0} KiB", b as f64 / 1024.0)
+    }
+}
+
+fn met(m: Option<bool>) -> &'static str {
+    match m {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "–",
+    }
+}
+
+/// A markdown table with padded columns, readable as plain text too.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect();
+        format!("| {} |\n", padded.join(" | "))
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    out += &line(width.iter().map(|w| "-".repeat(*w)).collect());
+    for r in rows {
+        out += &line(r.clone());
+    }
+    out
+}
+
+impl Report {
+    /// The results table (stdout and report.md).
+    pub fn table(&self) -> String {
+        let header = [
+            "id",
+            "workload",
+            "ours",
+            "rsync",
+            "rsync + flush",
+            "ours/rsync",
+            "target",
+            "time target",
+            "ours client RSS",
+            "ours server RSS",
+            "rsync client RSS",
+            "rsync server RSS",
+            "loopback ours",
+            "loopback rsync",
+        ];
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let mut cells = vec![r.id.to_string(), r.title.clone()];
+                match &r.outcome {
+                    Ok((o, s)) => {
+                        let server = |t: &ToolRuns| match t.server_rss_kib() {
+                            Ok(k) => mib(k),
+                            Err(_) => "n/a".into(),
+                        };
+                        cells.extend([
+                            secs(o.median_s()),
+                            secs(s.median_s()),
+                            secs(s.median_flushed_s()),
+                            format!("{:.2}", r.ratio().unwrap_or(f64::NAN)),
+                            format!("≤ {}", r.target),
+                            met(r.time_met()).into(),
+                            mib(o.client_rss_kib()),
+                            server(o),
+                            mib(s.client_rss_kib()),
+                            server(s),
+                            bytes(o.lo_bytes()),
+                            bytes(s.lo_bytes()),
+                        ]);
+                    }
+                    Err(_) => {
+                        cells.extend(["FAILED".into(), "–".into(), "–".into(), "–".into()]);
+                        cells.push(format!("≤ {}", r.target));
+                        cells.extend(std::iter::repeat_n("–".to_string(), 7));
+                    }
+                }
+                cells
+            })
+            .collect();
+        table(&header, &rows)
+    }
+
+    /// Lines under the table: the memory target and any failure.
+    pub fn verdicts(&self) -> String {
+        let mut out = String::new();
+        for r in &self.rows {
+            if let (Some(m), Ok((o, _))) = (r.rss_met(), &r.outcome) {
+                let _ = writeln!(
+                    out,
+                    "{} peak RSS of ours: client {}, server {} (limit {} each): {}",
+                    r.id,
+                    mib(o.client_rss_kib()),
+                    o.server_rss_kib().map_or_else(|e| e, mib),
+                    mib(RSS_LIMIT_KIB),
+                    met(Some(m))
+                );
+            }
+            if let Err(e) = &r.outcome {
+                let _ = writeln!(out, "{} FAILED: {e}", r.id);
+            }
+        }
+        let time_met = self.rows.iter().filter(|r| r.time_met() == Some(true));
+        let _ = writeln!(
+            out,
+            "time targets met: {} of {}",
+            time_met.count(),
+            self.rows.len()
+        );
+        out
+    }
+
+    fn samples_table(&self) -> String {
+        let runs = |t: &ToolRuns| {
+            t.runs
+                .iter()
+                .map(|s| format!("{:.3}", s.wall_s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let warm = |t: &ToolRuns| {
+            t.warmup
+                .as_ref()
+                .map_or("–".into(), |s| format!("{:.3}", s.wall_s))
+        };
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .filter_map(|r| {
+                let (o, s) = r.outcome.as_ref().ok()?;
+                Some(vec![r.id.to_string(), runs(o), warm(o), runs(s), warm(s)])
+            })
+            .collect();
+        table(
+            &[
+                "id",
+                "ours runs (s)",
+                "ours warm-up",
+                "rsync runs (s)",
+                "rsync warm-up",
+            ],
+            &rows,
+        )
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# server-sync vs rsync{}\n",
+            if self.quick {
+                " (--quick: reduced sizes, indicative only)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            out,
+            "Medians of {} measured run(s) per tool and workload, run alternately (ours, rsync) \
+             after one warm-up run of each. `cargo xtask bench{}` took {:.0} s.\n",
+            self.pairs,
+            if self.quick { " --quick" } else { "" },
+            self.wall_s
+        );
+        out += &self.table();
+        out.push('\n');
+        out += &self.verdicts();
+        let _ = writeln!(out, "\n## All runs\n");
+        out += &self.samples_table();
+        let _ = writeln!(out, "\n## Machine\n");
+        for (k, v) in [
+            ("date", m.date.clone()),
+            ("nproc", m.nproc.to_string()),
+            ("cpu", m.cpu.clone()),
+            ("memory", m.memory.clone()),
+            ("kernel", m.kernel.clone()),
+            ("rsync", m.rsync.clone()),
+            ("file system of the trees", m.filesystem.clone()),
+            ("product", m.product.clone()),
+            ("loopback", m.loopback.clone()),
+            ("previous bench's cleanup", m.last_cleanup.clone()),
+            (
+                "RSS floor (`true` started as the clients are)",
+                m.rss_floor_kib.map_or("unknown".into(), mib),
+            ),
+        ] {
+            let _ = writeln!(out, "- {k}: {v}");
+        }
+        let _ = writeln!(out, "\n## Method\n");
+        for n in NOTES {
+            let _ = writeln!(out, "- {n}");
+        }
+        out
+    }
+
+    pub fn json(&self) -> String {
+        let m = &self.machine;
+        let tool = |t: &ToolRuns| {
+            let (server, note) = match t.server_rss_kib() {
+                Ok(k) => (J::Int(k), J::Null),
+                Err(e) => (J::Null, J::Str(e)),
+            };
+            J::Obj(vec![
+                ("median_s", J::Num(t.median_s())),
+                (
+                    "runs_s",
+                    J::Arr(t.runs.iter().map(|s| J::Num(s.wall_s)).collect()),
+                ),
+                (
+                    "warmup_s",
+                    t.warmup.as_ref().map_or(J::Null, |s| J::Num(s.wall_s)),
+                ),
+                ("client_peak_rss_kib", J::Int(t.client_rss_kib())),
+                ("server_peak_rss_kib", server),
+                ("server_peak_rss_note", note),
+                ("loopback_bytes", J::Int(t.lo_bytes())),
+            ])
+        };
+        let opt_bool = |b: Option<bool>| b.map_or(J::Null, J::Bool);
+        let rows = self
+            .rows
+            .iter()
+            .map(|r| {
+                let (ours, rsync, error) = match &r.outcome {
+                    Ok((o, s)) => (tool(o), tool(s), J::Null),
+                    Err(e) => (J::Null, J::Null, J::Str(e.clone())),
+                };
+                J::Obj(vec![
+                    ("id", J::Str(r.id.into())),
+                    ("workload", J::Str(r.title.clone())),
+                    ("target_ratio", J::Num(r.target)),
+                    ("ratio", r.ratio().map_or(J::Null, J::Num)),
+                    ("time_met", opt_bool(r.time_met())),
+                    ("rss_met", opt_bool(r.rss_met())),
+                    ("ours", ours),
+                    ("rsync", rsync),
+                    ("error", error),
+                ])
+            })
+            .collect();
+        let doc = J::Obj(vec![
+            ("quick", J::Bool(self.quick)),
+            ("pairs", J::Int(self.pairs as u64)),
+            ("bench_wall_s", J::Num(self.wall_s)),
+            ("rss_limit_kib", J::Int(RSS_LIMIT_KIB)),
+            (
+                "machine",
+                J::Obj(vec![
+                    ("date", J::Str(m.date.clone())),
+                    ("nproc", J::Int(m.nproc as u64)),
+                    ("cpu", J::Str(m.cpu.clone())),
+                    ("memory", J::Str(m.memory.clone())),
+                    ("kernel", J::Str(m.kernel.clone())),
+                    ("rsync", J::Str(m.rsync.clone())),
+                    ("filesystem", J::Str(m.filesystem.clone())),
+                    ("product", J::Str(m.product.clone())),
+                    ("loopback", J::Str(m.loopback.clone())),
+                    ("previous_cleanup", J::Str(m.last_cleanup.clone())),
+                    ("rss_floor_kib", m.rss_floor_kib.map_or(J::Null, J::Int)),
+                ]),
+            ),
+            ("workloads", J::Arr(rows)),
+            (
+                "method",
+                J::Arr(NOTES.iter().map(|n| J::Str((*n).into())).collect()),
+            ),
+        ]);
+        let mut s = String::new();
+        doc.write(&mut s, 0);
+        s.push('\n');
+        s
+    }
+}
+
+/// How the figures were obtained, for whoever reads them (report.md and report.json).
+const NOTES: &[&str] = &[
+    "Ours: `client-sync SRC --server 127.0.0.1 --port P --once -q --cache-dir C` against a fresh \
+     `server-sync DST --bind 127.0.0.1 --port 0 --data-port 0 -q --cache-dir S` per run. rsync: \
+     `rsync -a --delete SRC/ rsync://127.0.0.1:P/bench/DST/` against a fresh `rsync --daemon \
+     --no-detach` per run (module with `use chroot = no`, `munge symlinks = no`, \
+     `reverse lookup = no`, running as the current user). Only the client is timed: the server \
+     or daemon is already listening.",
+    "`sync` runs before every timed run, so neither tool pays for the other's dirty pages. Our \
+     server calls syncfs() before `sync:done` when a session wrote anything (what it reports \
+     done survives a power cut), inside the timed run; rsync never flushes, so its written data \
+     is still only in the page cache when it exits. The ratio compares the plain times, as the \
+     user waits them; `rsync + flush` adds the `sync` timed right after each rsync run, the \
+     cost of the same guarantee for rsync.",
+    "Page cache warm: one untimed warm-up run of each tool precedes the measured runs.",
+    "Initial syncs (W1, W2, W4) write into a fresh, never-used destination every run, and no \
+     tree is deleted before the end: on ext4, creating files right after deleting many is \
+     much slower (`recently_deleted` in ext4_create), which would penalise whichever run comes \
+     next. That lasts minutes, so a bench started soon after another's cleanup still sees it \
+     (see Machine: previous bench's cleanup).",
+    "Hash caches: the client cache persists for the whole bench (a real client has scanned \
+     its tree before; the warm-up fills it), so initial syncs run with a warm client cache and \
+     a fresh, empty server cache. Re-syncs (W3, W4n, W6) reuse the mirror and server cache of \
+     the last measured initial sync of the same tree; they start at least 2.5 s after that \
+     tree was last written, since files changed within 2 s of a scan are never cached.",
+    "W6: before each pair (warm-up included) a fresh seeded change rewrites 10 files and adds \
+     10, and both tools then sync that same change.",
+    "Every run is checked afterwards (outside the timing): the destination must match the \
+     source in paths, kinds, modes, sizes and file mtimes.",
+    "Peak RSS is the kernel's high-water mark: `ru_maxrss` from wait4() for the clients; for \
+     our server, VmHWM from /proc/PID/status right after the client exits; for rsync's server \
+     side, `ru_maxrss` of the per-run daemon after it has reaped its session processes, i.e. \
+     the largest single process of that session (rsync's receiving side is a generator and a \
+     receiver process: their peaks are not added up). The largest over the measured runs is \
+     shown. The clients and the daemon are started and reaped by a small supervisor process \
+     (`xtask __bench-run`), not by the bench: `ru_maxrss` includes the resident memory of the \
+     process that forked, and the bench itself grows to tens of MiB; the floor this leaves is \
+     listed under Machine.",
+    "Loopback bytes: delta of `lo` tx_bytes in /proc/net/dev over the client's run: both \
+     directions, TCP/IP headers included; median over the measured runs.",
+];
+
+/// A JSON value, just enough for the report.
+enum J {
+    Null,
+    Bool(bool),
+    Int(u64),
+    Num(f64),
+    Str(String),
+    Arr(Vec<J>),
+    Obj(Vec<(&'static str, J)>),
+}
+
+impl J {
+    fn write(&self, out: &mut String, indent: usize) {
+        let pad = |n: usize| "  ".repeat(n);
+        match self {
+            J::Null => out.push_str("null"),
+            J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            J::Int(i) => out.push_str(&i.to_string()),
+            // JSON has no NaN or infinity.
+            J::Num(f) if !f.is_finite() => out.push_str("null"),
+            J::Num(f) => {
+                // Six decimals (microseconds, for times) without trailing zeros: 2.0, 1.5.
+                let s = format!("{f:.6}");
+                let s = s.trim_end_matches('0');
+                out.push_str(s);
+                if s.ends_with('.') {
+                    out.push('0');
+                }
+            }
+            J::Str(s) => write_str(out, s),
+            J::Arr(items) if items.is_empty() => out.push_str("[]"),
+            J::Arr(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    out.push_str(if i == 0 { "\n" } else { ",\n" });
+                    out.push_str(&pad(indent + 1));
+                    item.write(out, indent + 1);
+                }
+                out.push('\n');
+                out.push_str(&pad(indent));
+                out.push(']');
+            }
+            J::Obj(fields) => {
+                out.push('{');
+                for (i, (k, v)) in fields.iter().enumerate() {
+                    out.push_str(if i == 0 { "\n" } else { ",\n" });
+                    out.push_str(&pad(indent + 1));
+                    write_str(out, k);
+                    out.push_str(": ");
+                    v.write(out, indent + 1);
+                }
+                out.push('\n');
+                out.push_str(&pad(indent));
+                out.push('}');
+            }
+        }
+    }
+}
+
+fn write_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn json_escapes_and_numbers() {
+        let mut s = String::new();
+        J::Obj(vec![
+            ("a", J::Str("x\"y\\\n\u{1}".into())),
+            ("n", J::Num(1.5)),
+            ("w", J::Num(2.0)),
+            ("nan", J::Num(f64::NAN)),
+            ("l", J::Arr(vec![J::Int(1), J::Null, J::Bool(true)])),
+        ])
+        .write(&mut s, 0);
+        assert_eq!(
+            s,
+            "{\n  \"a\": \"x\\\"y\\\\\\n\\u0001\",\n  \"n\": 1.5,\n  \"w\": 2.0,\n  \"nan\": null,\n  \
+             \"l\": [\n    1,\n    null,\n    true\n  ]\n}"
+        );
+    }
+}
