@@ -30,6 +30,9 @@ struct Case {
 }
 
 /// Runs a case on a fresh world; returns the world and the output of the sync under test.
+/// The summary of a sync that had nothing to do.
+const NOTHING_DONE: &str = "requested=0 copied=0 renamed=0 deleted=0 failed=0 bytes=0";
+
 fn check(case: Case) -> (World, Output) {
     check_in(World::start(&[]), case)
 }
@@ -55,7 +58,7 @@ fn check_in(w: World, case: Case) -> (World, Output) {
     let again = w.sync_ok();
     assert_eq!(
         summary(&again),
-        "requested=0 copied=0 renamed=0 deleted=0 failed=0 bytes=0",
+        NOTHING_DONE,
         "a second sync still had work to do"
     );
     for verb in ["Requesting", "Copying", "Renaming", "Deleting", "Creating"] {
@@ -351,10 +354,7 @@ fn permission_changes_are_applied_without_transfer() {
         no_logs: &["Requesting file", "Received file: ", "Copying file"],
         ..Case::default()
     });
-    assert_eq!(
-        summary(&out),
-        "requested=0 copied=0 renamed=0 deleted=0 failed=0 bytes=0"
-    );
+    assert_eq!(summary(&out), NOTHING_DONE);
 }
 
 #[test]
@@ -375,10 +375,7 @@ fn mtime_changes_are_applied_without_transfer() {
         no_logs: &["Requesting file", "Received file: ", "Creating symlink"],
         ..Case::default()
     });
-    assert_eq!(
-        summary(&out),
-        "requested=0 copied=0 renamed=0 deleted=0 failed=0 bytes=0"
-    );
+    assert_eq!(summary(&out), NOTHING_DONE);
 }
 
 #[test]
