@@ -763,9 +763,9 @@ fn special_files_on_the_server_do_not_block_the_mirror() {
     w.assert_mirrored();
 }
 
-/// Runs `adjust` on the server command so that the server runs as `nobody`, when this
-/// process is root; the server DIR is handed over to that user. Returns false (test skipped)
-/// when that is impossible here.
+/// When this process is root, hands the server DIR over to `nobody` so that a server started
+/// with [`nobody`] can run as that user. Returns false (test skipped) when that is impossible
+/// here.
 fn as_unprivileged_server(w: &World) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -780,6 +780,17 @@ fn as_unprivileged_server(w: &World) -> bool {
     true
 }
 
+/// A world whose server runs as `nobody` (when this process is root), or `None` when that is
+/// impossible here (the test is then skipped, with the reason printed).
+fn unprivileged_world() -> Option<World> {
+    let mut w = World::new();
+    if !as_unprivileged_server(&w) {
+        return None;
+    }
+    w.start_server_with(&[], nobody);
+    Some(w)
+}
+
 fn nobody(cmd: &mut Command) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -791,11 +802,9 @@ fn nobody(cmd: &mut Command) {
 
 #[test]
 fn unprivileged_server_keeps_read_only_directories_in_sync() {
-    let mut w = World::new();
-    if !as_unprivileged_server(&w) {
+    let Some(w) = unprivileged_world() else {
         return;
-    }
-    w.start_server_with(&[], nobody);
+    };
     w.apply(&[write("ro/f", "one"), write("ro/g", "g"), chmod("ro", 0o555)]);
     w.sync_ok();
     w.assert_mirrored();
@@ -811,11 +820,9 @@ fn unprivileged_server_keeps_read_only_directories_in_sync() {
 
 #[test]
 fn unprivileged_server_mirrors_modes_and_stays_stable() {
-    let mut w = World::new();
-    if !as_unprivileged_server(&w) {
+    let Some(w) = unprivileged_world() else {
         return;
-    }
-    w.start_server_with(&[], nobody);
+    };
     check_in(
         w,
         Case {
@@ -835,11 +842,9 @@ fn unprivileged_server_mirrors_modes_and_stays_stable() {
 
 #[test]
 fn unprivileged_server_does_not_resend_files_it_cannot_read() {
-    let mut w = World::new();
-    if !as_unprivileged_server(&w) {
+    let Some(w) = unprivileged_world() else {
         return;
-    }
-    w.start_server_with(&[], nobody);
+    };
     check_in(
         w,
         Case {
