@@ -3,16 +3,13 @@
 //! The binaries are thin: `server-sync` calls [`server::run`], `client-sync` calls
 //! [`client::sync_once`] or [`client::run`]. See ARCHITECTURE.md for the map.
 
-pub mod apply;
-pub mod cache;
+// Layers, arrows pointing down: binaries → server, client → transfer → store, wire → core.
 pub mod client;
-pub mod manifest;
-pub mod plan;
-pub mod protocol;
-pub mod root;
-pub mod scan;
+pub mod core;
 pub mod server;
+pub mod store;
 pub mod transfer;
+pub mod wire;
 
 /// Sets up logging to stdout, one line per event: time, level, message. `verbosity` is the
 /// number of `-v` minus the number of `-q`; `RUST_LOG`, when set, wins.

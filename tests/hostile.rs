@@ -12,8 +12,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use server_sync::manifest::{Entry, Kind, Md5, Meta, RelPath};
-use server_sync::protocol::{self, Message, ProtocolError, VERSION};
+use server_sync::core::manifest::{Entry, Kind, Md5, Meta, RelPath};
+use server_sync::wire::protocol::{self, Message, ProtocolError, VERSION};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
@@ -605,7 +605,7 @@ fn lying_and_malformed_transfers_change_nothing() {
                 begin("victim"),
                 chunk(NEW),
                 frame(&Message::FileEnd {
-                    md5: Some(server_sync::manifest::Md5::of(b"something else")),
+                    md5: Some(server_sync::core::manifest::Md5::of(b"something else")),
                 }),
             ],
             expect: Expect::Failed("client ended the file with md5"),

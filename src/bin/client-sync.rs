@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use server_sync::cache::HashCache;
+use server_sync::store::cache::HashCache;
 use server_sync::client;
 
 /// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.

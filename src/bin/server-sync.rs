@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use server_sync::cache::HashCache;
+use server_sync::store::cache::HashCache;
 use server_sync::server;
 
 /// Keep DIR an exact, verified mirror of the directory a `client-sync` sends.

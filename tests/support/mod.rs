@@ -665,7 +665,7 @@ pub fn apply(root: &Path, action: &Action) {
 
 /// Sets the mtime of `p` itself (not of a symlink's target).
 pub fn set_mtime(p: &Path, secs: i64, nanos: u32) -> std::io::Result<()> {
-    server_sync::root::set_mtime_nofollow(p, secs, nanos)
+    server_sync::store::root::set_mtime_nofollow(p, secs, nanos)
 }
 
 pub fn mkfifo(p: &Path) -> std::io::Result<()> {

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::manifest::{Entry, Kind, MAX_PATH_LEN, Md5, Meta, PathError, RelPath};
+use crate::core::manifest::{Entry, Kind, MAX_PATH_LEN, Md5, Meta, PathError, RelPath};
 
 /// Bumped on any incompatible change; the server refuses other versions in its `Welcome`.
 pub const VERSION: u32 = 1;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use md5::Digest;
 
-use crate::manifest::{Md5, cmp_components};
+use crate::core::manifest::{Md5, cmp_components};
 
 const MAGIC: &[u8; 8] = b"SSHCACH2";
 
@@ -229,7 +229,7 @@ impl HashCache {
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
-        let mut tmp = crate::root::TempFile::new_in(dir)?;
+        let mut tmp = crate::store::root::TempFile::new_in(dir)?;
         tmp.file().write_all(&body)?;
         tmp.persist_to(&self.file)
     }

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use md5::Digest;
 use tracing::{debug, info, warn};
 
-use crate::manifest::{Md5, RelPath, TEMP_PREFIX};
-use crate::plan::{LocalCopy, Plan, Request};
-use crate::root::{Root, TempFile, in_dir};
+use crate::core::manifest::{Md5, RelPath, TEMP_PREFIX};
+use crate::core::plan::{LocalCopy, Plan, Request};
+use crate::store::root::{Root, TempFile, in_dir};
 
 /// What the local phases did. Failures are recorded and the rest goes on.
 #[derive(Debug, Default)]
@@ -152,14 +152,14 @@ fn stage_one(root: &Root, stage: &Stage, c: &LocalCopy) -> io::Result<TempFile> 
         let src_dir = src.parent().expect("resolved paths are below the root");
         in_dir(src_dir, || fs::rename(&src, tmp.path()))?;
         // Moved, not yet trusted: a file modified behind our back since the scan is refused.
-        let (_, md5) = crate::scan::hash_file(tmp.path())?;
+        let (_, md5) = crate::store::scan::hash_file(tmp.path())?;
         check_md5(md5, c.md5)?;
         tmp
     } else {
         let mut tmp = TempFile::new_in(&stage.dir)?;
         let mut from = File::open(&src)?;
         let mut h = md5::Md5::new();
-        let mut buf = vec![0u8; crate::protocol::CHUNK_SIZE];
+        let mut buf = vec![0u8; crate::wire::protocol::CHUNK_SIZE];
         loop {
             let n = from.read(&mut buf)?;
             if n == 0 {

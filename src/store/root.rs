@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
-use crate::manifest::{Meta, RelPath, TEMP_PREFIX};
+use crate::core::manifest::{Meta, RelPath, TEMP_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootError {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use md5::Digest;
 
-use crate::cache::{HashCache, Stamp};
-use crate::manifest::{Entry, Kind, Md5, Meta, RelPath, TEMP_PREFIX};
+use crate::store::cache::{HashCache, Stamp};
+use crate::core::manifest::{Entry, Kind, Md5, Meta, RelPath, TEMP_PREFIX};
 
 /// What a walk found: entries in component order (parents first), and warnings about what it
 /// skipped.
@@ -304,7 +304,7 @@ pub fn hash_stable(path: &Path) -> io::Result<(u64, Md5, Option<Stamp>)> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    let opened = crate::cache::now_ns();
+    let opened = crate::store::cache::now_ns();
     let before = Stamp::of(&f.metadata()?);
     let (size, md5) = hash_reader(&mut f)?;
     if Stamp::of(&f.metadata()?) != before {
@@ -320,7 +320,7 @@ pub fn hash_file(path: &Path) -> io::Result<(u64, Md5)> {
 
 fn hash_reader(f: &mut File) -> io::Result<(u64, Md5)> {
     let mut h = md5::Md5::new();
-    let mut buf = vec![0u8; crate::protocol::CHUNK_SIZE];
+    let mut buf = vec![0u8; crate::wire::protocol::CHUNK_SIZE];
     let mut size = 0u64;
     loop {
         let n = match f.read(&mut buf) {

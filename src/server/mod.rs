@@ -14,11 +14,11 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::apply;
-use crate::manifest::{Entry, Kind, Manifest, ManifestError, RelPath};
-use crate::plan::{self, Request};
-use crate::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
-use crate::root::Root;
+use crate::store::apply;
+use crate::core::manifest::{Entry, Kind, Manifest, ManifestError, RelPath};
+use crate::core::plan::{self, Request};
+use crate::wire::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
+use crate::store::root::Root;
 use crate::transfer;
 
 /// Most entries accepted in one client file list: bounds a session's memory against a peer
@@ -568,10 +568,10 @@ async fn sync(
     // Walk our own tree while the client walks its own and sends the list.
     let (root, cache_file) = (shared.root.clone(), shared.cache_file.clone());
     let scanning = tokio::task::spawn_blocking(move || {
-        let scan = crate::scan::scan_cached(
+        let scan = crate::store::scan::scan_cached(
             root.path(),
             cache_file,
-            crate::scan::Options {
+            crate::store::scan::Options {
                 read_own: true,
                 defer_above: None,
             },
@@ -656,7 +656,7 @@ async fn sync(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Md5, Meta};
+    use crate::core::manifest::{Md5, Meta};
 
     /// Batch sizes for requests of the given file sizes over `transfers` connections.
     fn check(sizes: &[u64], transfers: usize, expected: &[usize]) {

@@ -13,11 +13,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use md5::Digest;
 use tracing::{info, warn};
 
-use crate::cache::Stamp;
-use crate::manifest::{Entry, Kind, Md5, RelPath, find_sorted};
-use crate::plan::Request;
-use crate::protocol::{self, CHUNK_SIZE, Message, ProtocolError};
-use crate::root::{Root, TempFile};
+use crate::store::cache::Stamp;
+use crate::core::manifest::{Entry, Kind, Md5, RelPath, find_sorted};
+use crate::core::plan::Request;
+use crate::wire::protocol::{self, CHUNK_SIZE, Message, ProtocolError};
+use crate::store::root::{Root, TempFile};
 
 /// What the server got from one data connection.
 #[derive(Debug, Default)]
@@ -327,7 +327,7 @@ fn send_one<W: Write>(
         Err(e) => return Ok(Err(format!("failed to open: {e}"))),
     };
     let stamp = |f: &File| f.metadata().map(|m| Stamp::of(&m));
-    let opened = crate::cache::now_ns();
+    let opened = crate::store::cache::now_ns();
     let before = if hash {
         match stamp(&f) {
             Ok(s) => Some(s),
@@ -378,7 +378,7 @@ fn send_one<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Meta;
+    use crate::core::manifest::Meta;
 
     /// Receives `content` for a file announced with `announced` and ended with `end_md5`;
     /// checks the outcome: `Ok(())` placed intact, or `Err(reason fragment)` rejected with

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
-use crate::manifest::{Entry, Kind, Manifest, Md5, Meta, RelPath};
+use crate::core::manifest::{Entry, Kind, Manifest, Md5, Meta, RelPath};
 
 /// A file whose content the server already holds under another path.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,11 +10,11 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tracing::{error, info, warn};
 
-use crate::cache::{HashCache, Stamp};
-use crate::manifest::{Entry, Kind, Md5, Meta, RelPath, find_sorted};
-use crate::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
-use crate::root::Root;
-use crate::scan;
+use crate::store::cache::{HashCache, Stamp};
+use crate::core::manifest::{Entry, Kind, Md5, Meta, RelPath, find_sorted};
+use crate::wire::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
+use crate::store::root::Root;
+use crate::store::scan;
 use crate::transfer;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,3 @@
+//! The wire layer: the only code that knows byte layouts (frames, control and data messages).
+
+pub mod protocol;
