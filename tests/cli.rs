@@ -74,7 +74,7 @@ fn seed_001_file_added_on_client_is_sent() {
         change: vec![write("test001.txt", "content of test 001\n")],
         logs: &[
             "Requesting file: test001.txt",
-            "Received file: test001.txt (20 bytes, md5 ok)",
+            "Received file: test001.txt (20 bytes, blake3 ok)",
         ],
         ..Case::default()
     });
@@ -107,8 +107,8 @@ fn seed_003_rename_on_client_is_a_rename_not_a_transfer() {
     check(Case {
         before: vec![write("test003a.txt", "three")],
         change: vec![mv("test003a.txt", "test003b.txt")],
-        logs: &["Renaming file: test003a.txt to test003b.txt"],
-        no_logs: &["Requesting file", "Deleting file", "Copying file"],
+        logs: &["Copying file: test003a.txt and renaming to test003b.txt (moved)"],
+        no_logs: &["Requesting file", "Deleting file"],
     });
 }
 
@@ -119,7 +119,7 @@ fn seed_004_modified_file_is_sent_again() {
         change: vec![write("test004.txt", "new content")],
         logs: &[
             "Requesting file: test004.txt",
-            "Received file: test004.txt (11 bytes, md5 ok)",
+            "Received file: test004.txt (11 bytes, blake3 ok)",
         ],
         ..Case::default()
     });
@@ -152,10 +152,77 @@ fn seed_007_file_deleted_on_server_is_sent_again() {
         change: vec![rm("test007.txt").on_server()],
         logs: &[
             "Requesting file: test007.txt",
-            "Received file: test007.txt (5 bytes, md5 ok)",
+            "Received file: test007.txt (5 bytes, blake3 ok)",
         ],
         ..Case::default()
     });
+}
+
+/// The public MD5 collision pair: `one` and `two` share an MD5 and differ in six bytes. With
+/// the default hash the server must not take one for the other, neither for a local copy of
+/// new content nor for a file overwritten in place by its twin. (Tree listings compare by MD5
+/// too, so the bytes are compared directly.)
+#[test]
+fn md5_collisions_mirror_exactly_with_the_default_hash() {
+    let (a, b) = server_sync::core::hash::md5_collision_pair();
+    let w = World::start(&[]);
+    w.apply(&[write("one", &a)]);
+    w.sync_ok();
+    w.apply(&[write("two", &b)]);
+    let mark = w.mark();
+    w.sync_ok();
+    w.assert_logged(mark, "Requesting file: two");
+    w.assert_not_logged(mark, "Copying file");
+    assert_eq!(fs::read(w.server_dir.join("two")).unwrap(), b);
+
+    // Overwritten in place by its twin: same size, same MD5, other bytes.
+    let mtime = fs::metadata(w.client.join("one"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    w.apply(&[write("one", &b)]);
+    fs::File::options()
+        .write(true)
+        .open(w.client.join("one"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    w.sync_ok();
+    assert_eq!(fs::read(w.server_dir.join("one")).unwrap(), b);
+    w.assert_mirrored();
+}
+
+/// `--hash md5` is the seed's behaviour: MD5 on the wire and in the log, and trusted for
+/// local copies, which the help text warns about.
+#[test]
+fn hash_md5_is_the_seeds_behaviour() {
+    let w = World::start(&[]);
+    w.apply(&[write("a.txt", "hello")]);
+    let mut cmd = w.client_command(&w.client);
+    cmd.args(["--hash", "md5"]);
+    let mark = w.mark();
+    let out = w.run(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    w.assert_logged(mark, "connected (md5)");
+    w.assert_logged(mark, "Received file: a.txt (5 bytes, md5 ok)");
+    w.assert_mirrored();
+    // Then the default: a session of its own algorithm, not fooled by the other's cache.
+    w.apply(&[write("b.txt", "hello")]);
+    let mark = w.mark();
+    w.sync_ok();
+    w.assert_logged(mark, "connected (blake3)");
+    w.assert_logged(mark, "Copying file: a.txt and renaming to b.txt");
+    w.assert_mirrored();
+
+    let mut bad = w.client_command(&w.client);
+    bad.args(["--hash", "sha1"]);
+    let out = w.run(bad);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown hash algorithm"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -168,7 +235,7 @@ fn nested_directories_are_created_with_their_files() {
         ],
         logs: &[
             "Creating directory: a/b/c",
-            "Received file: a/b/c/deep.txt (4 bytes, md5 ok)",
+            "Received file: a/b/c/deep.txt (4 bytes, blake3 ok)",
             "Received file: x/y.txt",
         ],
         ..Case::default()
@@ -180,7 +247,7 @@ fn rename_across_directories_moves_the_file() {
     check(Case {
         before: vec![write("a/b/c/deep.txt", "deep"), mkdir("x")],
         change: vec![mv("a/b/c/deep.txt", "x/deep.txt")],
-        logs: &["Renaming file: a/b/c/deep.txt to x/deep.txt"],
+        logs: &["Copying file: a/b/c/deep.txt and renaming to x/deep.txt (moved)"],
         no_logs: &["Requesting file", "Deleting file"],
     });
 }
@@ -191,8 +258,8 @@ fn renamed_directory_moves_its_files() {
         before: vec![write("old/one.txt", "1"), write("old/sub/two.txt", "2")],
         change: vec![mv("old", "new")],
         logs: &[
-            "Renaming file: old/one.txt to new/one.txt",
-            "Renaming file: old/sub/two.txt to new/sub/two.txt",
+            "Copying file: old/one.txt and renaming to new/one.txt (moved)",
+            "Copying file: old/sub/two.txt and renaming to new/sub/two.txt (moved)",
             "Deleting directory: old/sub",
             "Deleting directory: old",
         ],
@@ -294,7 +361,7 @@ fn unicode_space_and_odd_names() {
     w.assert_mirrored();
     w.assert_logged(
         mark,
-        "Renaming file: ünïcödé/日本語 ファイル.txt to with space 2.txt",
+        "Copying file: ünïcödé/日本語 ファイル.txt and renaming to with space 2.txt (moved)",
     );
 }
 
@@ -562,8 +629,8 @@ fn large_file_renamed_is_moved_not_sent() {
         before: vec![write("big.bin", large(1))],
         change: vec![mv("big.bin", "moved.bin")],
         logs: &[
-            "Asking the client for the md5 of 1 large file(s)",
-            "Renaming file: big.bin to moved.bin",
+            "Asking the client for the blake3 of 1 large file(s)",
+            "Copying file: big.bin and renaming to moved.bin (moved)",
         ],
         no_logs: &["Requesting file"],
     });
@@ -585,9 +652,9 @@ fn large_file_changed_in_place_with_the_same_size_is_sent() {
         before: vec![write("big.bin", large(3))],
         change: vec![write("big.bin", large(4))],
         logs: &[
-            "Asking the client for the md5 of 1 large file(s)",
+            "Asking the client for the blake3 of 1 large file(s)",
             "Requesting file: big.bin",
-            "Received file: big.bin (9437184 bytes, md5 ok)",
+            "Received file: big.bin (9437184 bytes, blake3 ok)",
         ],
         ..Case::default()
     });
@@ -606,7 +673,7 @@ fn large_file_of_64_mib_arrives_intact_in_bounded_memory() {
         "content differs"
     );
     w.assert_mirrored();
-    w.assert_logged(mark, "Received file: big.bin (67108864 bytes, md5 ok)");
+    w.assert_logged(mark, "Received file: big.bin (67108864 bytes, blake3 ok)");
     assert_eq!(
         summary(&out),
         "requested=1 copied=0 renamed=0 deleted=0 failed=0 bytes=67108864"

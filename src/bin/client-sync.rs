@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use server_sync::store::cache::HashCache;
 use server_sync::client;
+use server_sync::core::hash::HashAlgorithm;
+use server_sync::store::cache::HashCache;
 
 /// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.
 ///
@@ -34,6 +35,12 @@ struct Args {
     /// Data connections to run at once
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=8))]
     transfers: u64,
+    /// Content hash: blake3, or md5 for the original tool's exact behaviour. MD5 is not
+    /// collision-resistant: the server copies content it already holds under the same MD5
+    /// instead of transferring it, so two different files with one MD5 (public collision
+    /// pairs exist) can leave a wrong copy. [default: blake3, or md5 with an older server]
+    #[arg(long, value_name = "ALGORITHM")]
+    hash: Option<HashAlgorithm>,
     /// Keep the hash cache here [default: $XDG_CACHE_HOME/server-sync or ~/.cache/server-sync]
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -76,6 +83,10 @@ async fn run(args: Args) -> ExitCode {
         port: args.port,
         cache_file,
         transfers: args.transfers as usize,
+        hashes: match args.hash {
+            Some(h) => vec![h],
+            None => HashAlgorithm::ALL.to_vec(),
+        },
     };
     if !args.once {
         if let Err(e) = std::fs::read_dir(&cfg.root) {

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use server_sync::store::cache::HashCache;
 use server_sync::server;
+use server_sync::store::cache::HashCache;
 
 /// Keep DIR an exact, verified mirror of the directory a `client-sync` sends.
 ///

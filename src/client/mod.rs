@@ -10,19 +10,17 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tracing::{error, info, warn};
 
-use crate::store::cache::{HashCache, Stamp};
-use crate::core::manifest::{Entry, Kind, Md5, Meta, RelPath, find_sorted};
-use crate::wire::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
+use crate::core::hash::HashAlgorithm;
+use crate::core::manifest::{Entry, Kind, Meta, RelPath, find_sorted};
+use crate::store::cache::{HashCache, Learned};
 use crate::store::root::Root;
 use crate::store::scan;
 use crate::transfer;
+use crate::wire::protocol::{self, BATCH, Capabilities, Message, ProtocolError, Summary, VERSION};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Large files the cache cannot vouch for are announced unhashed (see `scan::Options`).
-const SCAN: scan::Options = scan::Options {
-    read_own: false,
-    defer_above: Some(8 << 20),
-};
+const DEFER_ABOVE: u64 = 8 << 20;
 /// A data connection the server does not drain for this long is given up.
 const DATA_WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often an empty file-list batch is sent while a long scan runs; well under the server's
@@ -38,6 +36,8 @@ pub struct Config {
     pub cache_file: Option<PathBuf>,
     /// Data connections run at once (the server may allow fewer).
     pub transfers: usize,
+    /// Content hashes offered to the server, in order of preference; it picks one.
+    pub hashes: Vec<HashAlgorithm>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,28 +143,40 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
         &Message::Hello {
             version: VERSION,
             transfers,
+            hashes: cfg.hashes.clone(),
+            capabilities: Capabilities::NONE,
         },
     )
     .await?;
     wr.flush().await.map_err(ProtocolError::from)?;
-    let (data_port, token) = match next(&mut rd).await? {
+    let (data_port, token, algorithm) = match next(&mut rd).await? {
         Message::Welcome {
-            data_port, token, ..
-        } => (data_port, token),
+            data_port,
+            token,
+            hash,
+            ..
+        } if cfg.hashes.contains(&hash) => (data_port, token, hash),
+        Message::Welcome { hash, .. } => {
+            return Err(ProtocolError::Unrequested(format!("hash algorithm {hash}")).into());
+        }
         Message::Error(e) => return Err(ClientError::Refused(e)),
         m => return Err(m.unexpected("welcome").into()),
     };
 
     // Scan only now that the session has started: the server walks its own tree meanwhile.
     let cache_file = cfg.cache_file.clone();
+    let opts = scan::Options {
+        defer_above: Some(DEFER_ABOVE),
+        ..scan::Options::new(algorithm)
+    };
     let mut scanning =
-        tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file, SCAN));
+        tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file, opts));
     let scan = loop {
         tokio::select! {
             r = &mut scanning => break r.expect("scan does not panic"),
             _ = tokio::time::sleep(KEEPALIVE) => {
-                // An empty batch tells the server we are still here during a long scan.
-                protocol::write(&mut wr, &Message::FileList(Vec::new())).await?;
+                // Tells the server we are still here during a long scan.
+                protocol::write(&mut wr, &Message::Ping).await?;
                 wr.flush().await.map_err(ProtocolError::from)?;
             }
         }
@@ -213,21 +225,22 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     let listed = Arc::new(scan.entries);
 
     let root = Root::new(&cfg.root);
-    // MD5s of unhashed files computed during the session, for the hash cache.
-    let mut learned: Vec<(String, Stamp, Md5)> = Vec::new();
+    // Hashes of unhashed files computed during the session, for the hash cache.
+    let mut learned: Vec<Learned> = Vec::new();
     // Data connections in flight, each on its own thread.
     let mut sending = tokio::task::JoinSet::<Result<_, ProtocolError>>::new();
     loop {
         match next(&mut rd).await? {
             Message::HashRequest(paths) => {
                 let (root, listed) = (root.clone(), listed.clone());
-                let mut hashing =
-                    tokio::task::spawn_blocking(move || answer_hashes(&root, &listed, &paths));
+                let mut hashing = tokio::task::spawn_blocking(move || {
+                    answer_hashes(&root, &listed, &paths, algorithm)
+                });
                 let (entries, got) = loop {
                     tokio::select! {
                         r = &mut hashing => break r.expect("hashing does not panic"),
                         _ = tokio::time::sleep(KEEPALIVE) => {
-                            protocol::write(&mut wr, &Message::FileList(Vec::new())).await?;
+                            protocol::write(&mut wr, &Message::Ping).await?;
                             wr.flush().await.map_err(ProtocolError::from)?;
                         }
                     }
@@ -241,7 +254,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                     }
                 }
                 learned.extend(got);
-                protocol::write_file_list(&mut wr, &entries).await?;
+                protocol::write(&mut wr, &Message::HashAnswer(entries)).await?;
                 wr.flush().await.map_err(ProtocolError::from)?;
             }
             Message::FileRequest { id, paths } => {
@@ -264,11 +277,9 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                     .map_err(ProtocolError::from)?;
                 let (root, listed) = (root.clone(), listed.clone());
                 sending.spawn_blocking(move || {
-                    let sent = transfer::send(data, &root, (token, id), &paths, &listed)?;
-                    Ok(sent
-                        .learned
-                        .into_iter()
-                        .map(|(p, md5, stamp)| (p.to_string(), stamp, md5)))
+                    let sent =
+                        transfer::send(data, &root, (token, id), &paths, &listed, algorithm)?;
+                    Ok(sent.learned)
                 });
                 // Surface a finished transfer's error without waiting for the rest.
                 while let Some(sent) = sending.try_join_next() {
@@ -288,7 +299,9 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
         }
     }
     if let Some(file) = cfg.cache_file.clone().filter(|_| !learned.is_empty()) {
-        let saved = tokio::task::spawn_blocking(move || HashCache::remember(file, learned)).await;
+        let saved =
+            tokio::task::spawn_blocking(move || HashCache::remember(&file, algorithm, learned))
+                .await;
         if let Ok(Err(e)) = saved {
             warn!("failed to save the hash cache: {e}");
         }
@@ -299,12 +312,13 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
 }
 
 /// Hashes the unhashed files the server asks about; the answer has one entry per path, in
-/// order: the file with its MD5, or `Unreadable` with the reason it could not be hashed.
+/// order: the file with its hash, or `Unreadable` with the reason it could not be hashed.
 fn answer_hashes(
     root: &Root,
     listed: &[Entry],
     paths: &[RelPath],
-) -> (Vec<Entry>, Vec<(String, Stamp, Md5)>) {
+    algorithm: HashAlgorithm,
+) -> (Vec<Entry>, Vec<Learned>) {
     let mut learned = Vec::new();
     let entries = paths
         .iter()
@@ -322,13 +336,17 @@ fn answer_hashes(
             let hashed = root
                 .resolve(path)
                 .map_err(std::io::Error::other)
-                .and_then(|p| scan::hash_stable(&p));
+                .and_then(|p| scan::hash_stable(&p, algorithm));
             match hashed {
-                Ok((size, md5, stamp)) => {
-                    learned.extend(stamp.map(|stamp| (path.to_string(), stamp, md5)));
+                Ok((size, hash, stamp)) => {
+                    learned.extend(stamp.map(|stamp| Learned {
+                        path: path.to_string(),
+                        stamp,
+                        hash,
+                    }));
                     Entry {
                         path: path.clone(),
-                        kind: Kind::File { size, md5 },
+                        kind: Kind::File { size, hash },
                         meta: e.meta,
                     }
                 }

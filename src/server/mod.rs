@@ -14,12 +14,14 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::store::apply;
+use crate::core::hash::HashAlgorithm;
 use crate::core::manifest::{Entry, Kind, Manifest, ManifestError, RelPath};
 use crate::core::plan::{self, Request};
-use crate::wire::protocol::{self, BATCH, Message, ProtocolError, Summary, VERSION};
+use crate::store::apply;
+use crate::store::cache::HashCache;
 use crate::store::root::Root;
 use crate::transfer;
+use crate::wire::protocol::{self, BATCH, Capabilities, Message, ProtocolError, Summary, VERSION};
 
 /// Most entries accepted in one client file list: bounds a session's memory against a peer
 /// that never stops listing.
@@ -102,6 +104,31 @@ enum SessionError {
     NoDataConnection,
     #[error("cannot scan the server directory: {0}")]
     Scan(std::io::Error),
+    #[error("no content hash in common: the client offers {0:?}, this server knows blake3 and md5")]
+    NoCommonHash(Vec<HashAlgorithm>),
+    #[error("client sent a {got} hash for {path} in a {session} session")]
+    WrongHash {
+        path: RelPath,
+        got: HashAlgorithm,
+        session: HashAlgorithm,
+    },
+}
+
+/// Refuses entries hashed in another algorithm than the session's: they could never match
+/// anything, and would be requested and rejected forever.
+fn check_algorithm(entries: &[Entry], session: HashAlgorithm) -> Result<(), SessionError> {
+    match entries.iter().find_map(|e| {
+        e.hash()
+            .filter(|h| h.algorithm() != session)
+            .map(|h| (e, h))
+    }) {
+        Some((e, h)) => Err(SessionError::WrongHash {
+            path: e.path.clone(),
+            got: h.algorithm(),
+            session,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Creates the directory if needed and removes temporary files left by an earlier crash.
@@ -289,6 +316,7 @@ async fn read_list(
     let mut bytes = 0usize;
     loop {
         match protocol::read_within(rd, idle).await? {
+            Message::Ping => {}
             Message::FileList(batch) => {
                 bytes += batch.iter().map(entry_bytes).sum::<usize>();
                 if entries.len() + batch.len() > MAX_ENTRIES || bytes > MAX_LIST_BYTES {
@@ -340,7 +368,7 @@ async fn fetch(
     wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
     batches: Vec<Vec<Request>>,
-    transfers: usize,
+    (transfers, algorithm): (usize, HashAlgorithm),
 ) -> Result<transfer::Received, SessionError> {
     let idle = shared.idle;
     let mut total = transfer::Received::default();
@@ -379,7 +407,7 @@ async fn fetch(
                 let root = shared.root.clone();
                 running.spawn_blocking(move || {
                     let mut stream = std::io::BufReader::with_capacity(256 << 10, stream);
-                    (id, transfer::receive(&mut stream, &root, &batch))
+                    (id, transfer::receive(&mut stream, &root, &batch, algorithm))
                 });
             }
             Some(done) = running.join_next(), if !running.is_empty() => {
@@ -389,6 +417,7 @@ async fn fetch(
                 total.files += got.files;
                 total.bytes += got.bytes;
                 total.failed.extend(got.failed);
+                total.learned.extend(got.learned);
             }
             _ = tokio::time::sleep(idle), if running.is_empty() => {
                 return Err(SessionError::NoDataConnection);
@@ -406,7 +435,7 @@ async fn hash_where_it_matters(
     wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
     client: Manifest,
     server: &Manifest,
-    idle: Duration,
+    (idle, algorithm): (Duration, HashAlgorithm),
 ) -> Result<Manifest, SessionError> {
     let sizes: HashSet<u64> = server
         .iter()
@@ -424,7 +453,8 @@ async fn hash_where_it_matters(
         return Ok(client);
     }
     info!(
-        "Asking the client for the md5 of {} large file(s) that may already be here",
+        "Asking the client for the {} of {} large file(s) that may already be here",
+        algorithm,
         wanted.len()
     );
     let mut answers: HashMap<RelPath, Entry> = HashMap::with_capacity(wanted.len());
@@ -433,9 +463,9 @@ async fn hash_where_it_matters(
         wr.flush().await.map_err(ProtocolError::from)?;
         let entries = loop {
             match protocol::read_within(rd, idle).await? {
-                Message::FileList(e) if e.is_empty() => continue, // keepalive while hashing
-                Message::FileList(e) => break e,
-                m => return Err(m.unexpected("filelist").into()),
+                Message::Ping => continue, // while the client hashes
+                Message::HashAnswer(e) => break e,
+                m => return Err(m.unexpected("hash-answer").into()),
             }
         };
         let fits = |(want, e): (&RelPath, &Entry)| {
@@ -444,6 +474,7 @@ async fn hash_where_it_matters(
         if entries.len() != batch.len() || !batch.iter().zip(&entries).all(fits) {
             return Err(ProtocolError::Malformed("hash answer").into());
         }
+        check_algorithm(&entries, algorithm)?;
         answers.extend(entries.into_iter().map(|e| (e.path.clone(), e)));
     }
     let entries = client
@@ -505,9 +536,20 @@ async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result
     let mut rd = BufReader::new(rd);
     let mut wr = BufWriter::new(wr);
 
-    let transfers = match protocol::read_within(&mut rd, idle).await? {
-        Message::Hello { version, transfers } if version == VERSION => {
-            usize::from(transfers).clamp(1, MAX_TRANSFERS)
+    let (transfers, algorithm) = match protocol::read_within(&mut rd, idle).await? {
+        Message::Hello {
+            version,
+            transfers,
+            hashes,
+            ..
+        } if version == VERSION => {
+            let Some(algorithm) = HashAlgorithm::negotiate(&HashAlgorithm::ALL, &hashes) else {
+                let err = SessionError::NoCommonHash(hashes);
+                protocol::write(&mut wr, &Message::Error(err.to_string())).await?;
+                wr.flush().await.map_err(ProtocolError::from)?;
+                return Err(err);
+            };
+            (usize::from(transfers).clamp(1, MAX_TRANSFERS), algorithm)
         }
         Message::Hello { version, .. } => {
             let err = SessionError::Version(version);
@@ -531,7 +573,7 @@ async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result
         wr.flush().await.map_err(ProtocolError::from)?;
         return Err(err);
     }
-    info!("client {addr} connected");
+    info!("client {addr} connected ({algorithm})");
     let token = crate::random_u64();
     let (tx, mut rx) = mpsc::channel(MAX_TRANSFERS);
     shared.waiting.lock().unwrap().insert(token, tx);
@@ -542,12 +584,22 @@ async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result
             version: VERSION,
             data_port: shared.data_port,
             token,
+            hash: algorithm,
+            capabilities: Capabilities::NONE,
         },
     )
     .await?;
     wr.flush().await.map_err(ProtocolError::from)?;
 
-    let result = sync(shared, &mut rd, &mut wr, &mut rx, transfers, addr).await;
+    let result = sync(
+        shared,
+        &mut rd,
+        &mut wr,
+        &mut rx,
+        (transfers, algorithm),
+        addr,
+    )
+    .await;
     if let Err(e) = &result {
         // Tell the client why, if it still listens; the error itself is what we report.
         let _ = protocol::write(&mut wr, &Message::Error(e.to_string())).await;
@@ -561,7 +613,7 @@ async fn sync(
     rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
     wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
-    transfers: usize,
+    (transfers, algorithm): (usize, HashAlgorithm),
     addr: SocketAddr,
 ) -> Result<(), SessionError> {
     let idle = shared.idle;
@@ -573,7 +625,7 @@ async fn sync(
             cache_file,
             crate::store::scan::Options {
                 read_own: true,
-                defer_above: None,
+                ..crate::store::scan::Options::new(algorithm)
             },
         )
         .map_err(SessionError::Scan)?;
@@ -588,13 +640,14 @@ async fn sync(
     let server = scanning.await.expect("scan does not panic");
     let entries = listed?;
     let server = server?;
+    check_algorithm(&entries, algorithm)?;
     let client = Manifest::from_entries(entries)?;
     info!(
         "Received file list from {addr}: {} entries, {} bytes",
         client.len(),
         client.file_bytes()
     );
-    let client = hash_where_it_matters(rd, wr, client, &server, idle).await?;
+    let client = hash_where_it_matters(rd, wr, client, &server, (idle, algorithm)).await?;
 
     let root = shared.root.clone();
     let (mut outcome, plan) = tokio::task::spawn_blocking(move || {
@@ -614,14 +667,22 @@ async fn sync(
     let refetched = outcome.refetch.len();
     requests.append(&mut outcome.refetch);
     summary.requested = requests.len() as u64;
-    let got = fetch(shared, wr, data, batches(requests, transfers), transfers).await?;
+    let batches = batches(requests, transfers);
+    let got = fetch(shared, wr, data, batches, (transfers, algorithm)).await?;
     summary.received = got.files;
     summary.bytes = got.bytes;
     outcome.failed.extend(got.failed);
+    let (cache_file, learned) = (shared.cache_file.clone(), got.learned);
 
     let root = shared.root.clone();
     let outcome = tokio::task::spawn_blocking(move || {
         apply::apply_meta(&root, &plan, &mut outcome);
+        // What was just received and verified need not be read again next session.
+        if let Some(file) = cache_file.filter(|_| !learned.is_empty())
+            && let Err(e) = HashCache::remember(&file, algorithm, learned)
+        {
+            warn!("failed to save the hash cache: {e}");
+        }
         // An unchanged tree costs no flush: nothing of ours is dirty.
         if plan.is_empty() && refetched == 0 {
             return outcome;
@@ -656,7 +717,7 @@ async fn sync(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::manifest::{Md5, Meta};
+    use crate::core::manifest::Meta;
 
     /// Batch sizes for requests of the given file sizes over `transfers` connections.
     fn check(sizes: &[u64], transfers: usize, expected: &[usize]) {
@@ -666,7 +727,7 @@ mod tests {
             .map(|(i, &size)| Request {
                 path: RelPath::new(format!("f{i}")).unwrap(),
                 size,
-                md5: Some(Md5::of(b"")),
+                hash: Some(HashAlgorithm::Blake3.of(b"")),
                 meta: Meta::default(),
             })
             .collect();

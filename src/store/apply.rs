@@ -5,10 +5,10 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
-use md5::Digest;
 use tracing::{debug, info, warn};
 
-use crate::core::manifest::{Md5, RelPath, TEMP_PREFIX};
+use crate::core::hash::ContentHash;
+use crate::core::manifest::{RelPath, TEMP_PREFIX};
 use crate::core::plan::{LocalCopy, Plan, Request};
 use crate::store::root::{Root, TempFile, in_dir};
 
@@ -84,7 +84,7 @@ pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
                 out.refetch.push(Request {
                     path: c.dst.clone(),
                     size: c.size,
-                    md5: Some(c.md5),
+                    hash: Some(c.hash),
                     meta: c.meta,
                 });
             }
@@ -111,8 +111,10 @@ pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
 
     for (c, tmp) in staged {
         match root.place(tmp, &c.dst) {
+            // The seed's wording for a rename: the content is found locally and renamed into
+            // place (here by moving it, as the source is gone on the client).
             Ok(()) if c.is_move => {
-                info!("Renaming file: {} to {}", c.src, c.dst);
+                info!("Copying file: {} and renaming to {} (moved)", c.src, c.dst);
                 out.renamed += 1;
             }
             Ok(()) => {
@@ -152,14 +154,14 @@ fn stage_one(root: &Root, stage: &Stage, c: &LocalCopy) -> io::Result<TempFile> 
         let src_dir = src.parent().expect("resolved paths are below the root");
         in_dir(src_dir, || fs::rename(&src, tmp.path()))?;
         // Moved, not yet trusted: a file modified behind our back since the scan is refused.
-        let (_, md5) = crate::store::scan::hash_file(tmp.path())?;
-        check_md5(md5, c.md5)?;
+        let (_, hash) = crate::store::scan::hash_file(tmp.path(), c.hash.algorithm())?;
+        check_hash(hash, c.hash)?;
         tmp
     } else {
         let mut tmp = TempFile::new_in(&stage.dir)?;
         let mut from = File::open(&src)?;
-        let mut h = md5::Md5::new();
-        let mut buf = vec![0u8; crate::wire::protocol::CHUNK_SIZE];
+        let mut h = c.hash.algorithm().hasher();
+        let mut buf = vec![0u8; COPY_BUF];
         loop {
             let n = from.read(&mut buf)?;
             if n == 0 {
@@ -168,17 +170,21 @@ fn stage_one(root: &Root, stage: &Stage, c: &LocalCopy) -> io::Result<TempFile> 
             h.update(&buf[..n]);
             tmp.file().write_all(&buf[..n])?;
         }
-        check_md5(Md5(h.finalize().into()), c.md5)?;
+        check_hash(h.finish(), c.hash)?;
         tmp
     };
     tmp.set_meta(&c.meta)?;
     Ok(tmp)
 }
 
-fn check_md5(got: Md5, want: Md5) -> io::Result<()> {
+/// Bytes read at a time by a local copy.
+const COPY_BUF: usize = 256 << 10;
+
+fn check_hash(got: ContentHash, want: ContentHash) -> io::Result<()> {
     if got != want {
         return Err(io::Error::other(format!(
-            "content changed since the scan (md5 {got}, expected {want})"
+            "content changed since the scan ({} {got}, expected {want})",
+            got.algorithm()
         )));
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! Persistent hash cache: each file's MD5 with the metadata it had when hashed, so that a file
+//! Persistent hash cache: each file's content hash with the metadata it had when hashed, so that a file
 //! whose metadata has not changed is never read again.
 //!
 //! A record is trusted only when size, mtime, inode and ctime all still match: a file
@@ -12,11 +12,13 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use md5::Digest;
+use crate::core::hash::{ContentHash, HashAlgorithm};
+use crate::core::manifest::cmp_components;
 
-use crate::core::manifest::{Md5, cmp_components};
-
-const MAGIC: &[u8; 8] = b"SSHCACH2";
+/// Opens every cache file; the byte after it names the algorithm of the hashes it holds.
+const MAGIC: &[u8; 8] = b"SSHCACH3";
+/// The cache file ends with the BLAKE3 of everything before it.
+const SUM_LEN: usize = 32;
 
 /// Files modified this close to the scan are not cached: a write later in the same clock tick
 /// would leave size and mtime unchanged (git's "racily clean" problem).
@@ -53,6 +55,16 @@ impl Stamp {
     pub fn settled_at(&self, at_ns: i64) -> bool {
         at_ns - self.mtime_ns.max(self.ctime_ns) >= RACY_NS
     }
+
+    /// Whether a file this process has just written, verified and given an mtime of its
+    /// peer's, may be cached at once: yes when that mtime is at least 2 s older than `at_ns`.
+    /// Its ctime is recent (the write, the rename), but any later write moves the mtime to
+    /// the present, away from the old one recorded, so a change in the same clock tick is
+    /// still seen. (A writer that also puts the mtime back within that tick is not: the
+    /// price of not reading every received file again.)
+    pub fn settled_own_write(&self, at_ns: i64) -> bool {
+        at_ns - self.mtime_ns >= RACY_NS
+    }
 }
 
 /// Now, in nanoseconds since the epoch, as stamps count.
@@ -66,7 +78,15 @@ pub fn now_ns() -> i64 {
 struct Record {
     path: String,
     stamp: Stamp,
-    md5: Md5,
+    hash: ContentHash,
+}
+
+/// A hash learnt outside a scan, for [`HashCache::remember`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Learned {
+    pub path: String,
+    pub stamp: Stamp,
+    pub hash: ContentHash,
 }
 
 /// The cache of one directory tree, as loaded. Records are kept in walk order (component
@@ -74,6 +94,7 @@ struct Record {
 #[derive(Debug)]
 pub struct HashCache {
     file: PathBuf,
+    algorithm: HashAlgorithm,
     old: Vec<Record>,
     cursor: usize,
     pub(crate) now_ns: i64,
@@ -86,7 +107,7 @@ impl HashCache {
     /// MD5 of its canonical path.
     pub fn file_for(cache_dir: &Path, dir: &Path) -> PathBuf {
         let canon = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-        let key = Md5::of(canon.as_os_str().as_encoded_bytes());
+        let key = HashAlgorithm::Md5.of(canon.as_os_str().as_encoded_bytes());
         cache_dir.join(format!("{key}.hashes"))
     }
 
@@ -117,15 +138,19 @@ impl HashCache {
         Ok(Some(Self::file_for(&cache_dir, dir)))
     }
 
-    /// Loads the cache file; anything unreadable starts an empty cache.
-    pub fn load(file: PathBuf) -> HashCache {
+    /// Loads the cache of `algorithm`'s hashes kept beside `base` (the path `file_for` gives):
+    /// one file per algorithm, so a server serving clients of both keeps both. Anything
+    /// unreadable, or holding another algorithm's hashes, starts an empty cache.
+    pub fn load(base: &Path, algorithm: HashAlgorithm) -> HashCache {
+        let file = base.with_extension(format!("{algorithm}.hashes"));
         let old = fs::read(&file)
             .ok()
-            .and_then(|b| decode(&b))
+            .and_then(|b| decode(&b, algorithm))
             .unwrap_or_default();
         let now = now_ns();
         HashCache {
             file,
+            algorithm,
             old,
             cursor: 0,
             now_ns: now,
@@ -134,15 +159,24 @@ impl HashCache {
         }
     }
 
-    /// The MD5 recorded for `rel`, if its stamp is unchanged since it was hashed. Calls must
+    pub fn algorithm(&self) -> HashAlgorithm {
+        self.algorithm
+    }
+
+    /// The file this cache is kept in.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The hash recorded for `rel`, if its stamp is unchanged since it was hashed. Calls must
     /// come in component order (as a walk makes them); out of order, they only miss.
-    pub fn lookup(&mut self, rel: &str, stamp: &Stamp) -> Option<Md5> {
+    pub fn lookup(&mut self, rel: &str, stamp: &Stamp) -> Option<ContentHash> {
         while let Some(r) = self.old.get(self.cursor) {
             match cmp_components(&r.path, rel) {
                 Ordering::Less => self.cursor += 1,
                 Ordering::Equal if r.stamp == *stamp => {
                     self.hits += 1;
-                    return Some(r.md5);
+                    return Some(r.hash);
                 }
                 _ => break,
             }
@@ -157,21 +191,27 @@ impl HashCache {
         stamp.settled_at(self.now_ns)
     }
 
-    /// Adds MD5s learnt outside a scan (files hashed while being sent) to the cache in `file`,
-    /// replacing records of the same paths. Callers pass only stamps that were settled when
-    /// the file was read (`Stamp::settled_at`).
-    pub fn remember(file: PathBuf, learned: Vec<(String, Stamp, Md5)>) -> io::Result<()> {
-        let cache = HashCache::load(file);
+    /// Adds hashes learnt outside a scan (files hashed while being sent or received) to the
+    /// cache beside `base`, replacing records of the same paths. Records whose stamp is not
+    /// settled, or whose hash is of another algorithm, are left out.
+    pub fn remember(
+        base: &Path,
+        algorithm: HashAlgorithm,
+        learned: Vec<Learned>,
+    ) -> io::Result<()> {
+        let cache = HashCache::load(base, algorithm);
         // One record per path, the last learnt: a file both hashed on request and hashed while
         // sent is learnt twice, and duplicates would make the whole cache unreadable.
-        let latest: std::collections::HashMap<String, (Stamp, Md5)> = learned
+        let latest: std::collections::HashMap<String, (Stamp, ContentHash)> = learned
             .into_iter()
-            .filter(|(_, stamp, _)| cache.may_record(stamp))
-            .map(|(path, stamp, md5)| (path, (stamp, md5)))
+            // Callers vouch for their stamps (`settled_at`, or `settled_own_write` for files
+            // this process wrote); both imply this much.
+            .filter(|l| l.stamp.settled_own_write(cache.now_ns) && l.hash.algorithm() == algorithm)
+            .map(|l| (l.path, (l.stamp, l.hash)))
             .collect();
         let mut new: Vec<Record> = latest
             .into_iter()
-            .map(|(path, (stamp, md5))| Record { path, stamp, md5 })
+            .map(|(path, (stamp, hash))| Record { path, stamp, hash })
             .collect();
         if new.is_empty() {
             return Ok(());
@@ -193,36 +233,41 @@ impl HashCache {
                 (None, _) => new.next(),
             };
             let Some(r) = next else { break };
-            merged.push((r.path.as_str(), r.stamp, r.md5));
+            merged.push((r.path.as_str(), r.stamp, r.hash));
         }
         cache.save(merged.into_iter())
     }
 
     /// Replaces the cache file with `records` (in walk order), atomically; skipped when they
     /// are exactly what was loaded.
-    pub fn save<'a>(&self, records: impl Iterator<Item = (&'a str, Stamp, Md5)>) -> io::Result<()> {
-        let mut body = Vec::with_capacity(16 + self.old.len() * 80);
+    pub fn save<'a>(
+        &self,
+        records: impl Iterator<Item = (&'a str, Stamp, ContentHash)>,
+    ) -> io::Result<()> {
+        let mut body = Vec::with_capacity(16 + self.old.len() * 96);
         body.extend_from_slice(MAGIC);
+        body.push(self.algorithm.id());
         let mut n = 0usize;
         let mut same = true;
-        for (path, s, md5) in records {
+        for (path, s, hash) in records {
+            debug_assert_eq!(hash.algorithm(), self.algorithm);
             same &= self
                 .old
                 .get(n)
-                .is_some_and(|r| r.path == path && r.stamp == s && r.md5 == md5);
+                .is_some_and(|r| r.path == path && r.stamp == s && r.hash == hash);
             n += 1;
             body.extend_from_slice(&(path.len() as u32).to_le_bytes());
             body.extend_from_slice(path.as_bytes());
             for v in [s.size, s.mtime_ns as u64, s.ctime_ns as u64, s.ino, s.dev] {
                 body.extend_from_slice(&v.to_le_bytes());
             }
-            body.extend_from_slice(&md5.0);
+            body.extend_from_slice(hash.digest());
         }
         if same && n == self.old.len() {
             return Ok(());
         }
-        let sum = Md5::of(&body);
-        body.extend_from_slice(&sum.0);
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
         let dir = self.file.parent().unwrap_or(Path::new("."));
         // It lists every path of the tree: private, like the files themselves may be.
         std::fs::DirBuilder::new()
@@ -245,12 +290,15 @@ fn take_u64(r: &mut &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(take(r, 8)?.try_into().ok()?))
 }
 
-fn decode(b: &[u8]) -> Option<Vec<Record>> {
-    let (body, sum) = b.split_at_checked(b.len().checked_sub(16)?)?;
-    if md5::Md5::digest(body).as_slice() != sum || !body.starts_with(MAGIC) {
+fn decode(b: &[u8], algorithm: HashAlgorithm) -> Option<Vec<Record>> {
+    let (body, sum) = b.split_at_checked(b.len().checked_sub(SUM_LEN)?)?;
+    if blake3::hash(body).as_bytes() != sum
+        || !body.starts_with(MAGIC)
+        || body.get(MAGIC.len()) != Some(&algorithm.id())
+    {
         return None;
     }
-    let mut r = &body[MAGIC.len()..];
+    let mut r = &body[MAGIC.len() + 1..];
     let mut out: Vec<Record> = Vec::new();
     while !r.is_empty() {
         let len = u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?) as usize;
@@ -262,7 +310,7 @@ fn decode(b: &[u8]) -> Option<Vec<Record>> {
             ino: take_u64(&mut r)?,
             dev: take_u64(&mut r)?,
         };
-        let md5 = Md5(take(&mut r, 16)?.try_into().ok()?);
+        let hash = ContentHash::new(algorithm, take(&mut r, algorithm.digest_len())?)?;
         // Out of order means not ours, or damaged: start afresh.
         if out
             .last()
@@ -270,7 +318,7 @@ fn decode(b: &[u8]) -> Option<Vec<Record>> {
         {
             return None;
         }
-        out.push(Record { path, stamp, md5 });
+        out.push(Record { path, stamp, hash });
     }
     Some(out)
 }
@@ -278,6 +326,8 @@ fn decode(b: &[u8]) -> Option<Vec<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const B3: HashAlgorithm = HashAlgorithm::Blake3;
 
     fn stamp(size: u64) -> Stamp {
         Stamp {
@@ -293,23 +343,23 @@ mod tests {
     fn round_trip_lookup_in_walk_order_and_corruption() {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("c/cache");
-        let c = HashCache::load(file.clone());
+        let c = HashCache::load(&file, B3);
         let recs = [("a", 1), ("a/b", 2), ("a b", 3)];
         c.save(
             recs.iter()
-                .map(|(p, n)| (*p, stamp(*n), Md5::of(p.as_bytes()))),
+                .map(|(p, n)| (*p, stamp(*n), B3.of(p.as_bytes()))),
         )
         .unwrap();
 
-        let mut c = HashCache::load(file.clone());
-        assert_eq!(c.lookup("a", &stamp(1)), Some(Md5::of(b"a")));
+        let mut c = HashCache::load(&file, B3);
+        assert_eq!(c.lookup("a", &stamp(1)), Some(B3.of(b"a")));
         assert_eq!(c.lookup("a/a", &stamp(2)), None, "absent");
         assert_eq!(c.lookup("a/b", &stamp(9)), None, "stamp differs");
-        assert_eq!(c.lookup("a b", &stamp(3)), Some(Md5::of(b"a b")));
+        assert_eq!(c.lookup("a b", &stamp(3)), Some(B3.of(b"a b")));
         assert_eq!((c.hits, c.misses), (2, 2));
 
         // Any flipped byte is caught by the trailing checksum; anything short is refused.
-        let bytes = fs::read(&file).unwrap();
+        let bytes = fs::read(&c.file).unwrap();
         for bad in [
             {
                 let mut b = bytes.clone();
@@ -320,23 +370,22 @@ mod tests {
             Vec::new(),
             b"garbage that is long enough to hold a checksum".to_vec(),
         ] {
-            fs::write(&file, &bad).unwrap();
-            assert!(HashCache::load(file.clone()).old.is_empty());
+            fs::write(c.file.clone(), &bad).unwrap();
+            assert!(HashCache::load(&file, B3).old.is_empty());
         }
     }
 
     #[test]
     fn unchanged_cache_is_not_rewritten() {
         let d = tempfile::tempdir().unwrap();
-        let file = d.path().join("cache");
-        let recs = || [("a", stamp(1), Md5::of(b"a"))].into_iter();
-        HashCache::load(file.clone()).save(recs()).unwrap();
+        let base = d.path().join("cache");
+        let recs = || [("a", stamp(1), B3.of(b"a"))].into_iter();
+        HashCache::load(&base, B3).save(recs()).unwrap();
+        let file = HashCache::load(&base, B3).file().to_owned();
         let before = fs::metadata(&file).unwrap().ino();
-        HashCache::load(file.clone()).save(recs()).unwrap();
+        HashCache::load(&base, B3).save(recs()).unwrap();
         assert_eq!(fs::metadata(&file).unwrap().ino(), before, "not replaced");
-        HashCache::load(file.clone())
-            .save(std::iter::empty())
-            .unwrap();
+        HashCache::load(&base, B3).save(std::iter::empty()).unwrap();
         assert_ne!(
             fs::metadata(&file).unwrap().ino(),
             before,
@@ -345,36 +394,57 @@ mod tests {
     }
 
     #[test]
-    fn learnt_md5s_merge_into_the_cache() {
+    fn learnt_hashes_merge_into_the_cache() {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("cache");
-        let md5 = |s: &str| Md5::of(s.as_bytes());
-        let recs = [("a", stamp(1), md5("a")), ("c", stamp(3), md5("c"))];
-        HashCache::load(file.clone())
-            .save(recs.into_iter())
-            .unwrap();
+        let h = |s: &str| B3.of(s.as_bytes());
+        let recs = [("a", stamp(1), h("a")), ("c", stamp(3), h("c"))];
+        HashCache::load(&file, B3).save(recs.into_iter()).unwrap();
         let mut fresh = stamp(2);
         fresh.mtime_ns = i64::MAX; // racy: never recorded
+        let learned = |path: &str, stamp, hash| Learned {
+            path: path.into(),
+            stamp,
+            hash,
+        };
         HashCache::remember(
-            file.clone(),
+            &file,
+            B3,
             vec![
-                ("b".into(), stamp(2), md5("b")),
-                ("b".into(), stamp(2), md5("b")),
-                ("c".into(), stamp(4), md5("c2")),
-                ("d".into(), fresh, md5("d")),
+                learned("b", stamp(2), h("b")),
+                learned("b", stamp(2), h("b")),
+                learned("c", stamp(4), h("c2")),
+                learned("d", fresh, h("d")),
+                learned("e", stamp(5), HashAlgorithm::Md5.of(b"e")),
             ],
         )
         .unwrap();
-        let mut c = HashCache::load(file);
-        assert_eq!(c.lookup("a", &stamp(1)), Some(md5("a")));
-        assert_eq!(c.lookup("b", &stamp(2)), Some(md5("b")));
-        assert_eq!(c.lookup("c", &stamp(4)), Some(md5("c2")));
+        let mut c = HashCache::load(&file, B3);
+        assert_eq!(c.lookup("a", &stamp(1)), Some(h("a")));
+        assert_eq!(c.lookup("b", &stamp(2)), Some(h("b")));
+        assert_eq!(c.lookup("c", &stamp(4)), Some(h("c2")));
         assert_eq!(c.lookup("d", &fresh), None);
+        assert_eq!(c.lookup("e", &stamp(5)), None, "another algorithm's hash");
+    }
+
+    #[test]
+    fn a_cache_of_another_algorithm_is_not_used() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("cache");
+        let c = HashCache::load(&file, B3);
+        c.save([("a", stamp(1), B3.of(b"a"))].into_iter()).unwrap();
+        // Kept apart: the MD5 cache of the same tree is another file, empty here...
+        assert!(HashCache::load(&file, HashAlgorithm::Md5).old.is_empty());
+        // ...and a BLAKE3 cache put where the MD5 one belongs is refused, not misread.
+        let md5_file = HashCache::load(&file, HashAlgorithm::Md5).file;
+        fs::copy(&c.file, &md5_file).unwrap();
+        assert!(HashCache::load(&file, HashAlgorithm::Md5).old.is_empty());
+        assert_eq!(HashCache::load(&file, B3).old.len(), 1);
     }
 
     #[test]
     fn racy_stamps_are_not_recorded() {
-        let c = HashCache::load(PathBuf::from("/nonexistent"));
+        let c = HashCache::load(Path::new("/nonexistent"), B3);
         let mut s = stamp(1);
         s.mtime_ns = c.now_ns - 1;
         assert!(!c.may_record(&s));

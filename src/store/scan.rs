@@ -1,4 +1,4 @@
-//! Walks a directory and lists it as entries: files with their MD5, directories, symlinks
+//! Walks a directory and lists it as entries: files with their content hash, directories, symlinks
 //! (never followed) and what could not be read. Special files and non-UTF-8 names are skipped.
 
 use std::fs::{self, File, Metadata};
@@ -6,10 +6,9 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use md5::Digest;
-
+use crate::core::hash::{ContentHash, HashAlgorithm};
+use crate::core::manifest::{Entry, Kind, Meta, RelPath, TEMP_PREFIX};
 use crate::store::cache::{HashCache, Stamp};
-use crate::core::manifest::{Entry, Kind, Md5, Meta, RelPath, TEMP_PREFIX};
 
 /// What a walk found: entries in component order (parents first), and warnings about what it
 /// skipped.
@@ -17,7 +16,7 @@ use crate::core::manifest::{Entry, Kind, Md5, Meta, RelPath, TEMP_PREFIX};
 pub struct Scan {
     pub entries: Vec<Entry>,
     pub warnings: Vec<String>,
-    /// Files whose MD5 may go into the hash cache: (index in `entries`, stamp), in order.
+    /// Files whose hash may go into the hash cache: (index in `entries`, stamp), in order.
     cacheable: Vec<(usize, Stamp)>,
 }
 
@@ -37,7 +36,7 @@ impl Scan {
             (
                 e.path.as_str(),
                 stamp,
-                e.md5().expect("only files are cacheable"),
+                e.hash().expect("only files are cacheable"),
             )
         }))
     }
@@ -55,16 +54,29 @@ pub fn meta_of(m: &Metadata) -> Meta {
 /// cannot be read at all; anything below that cannot be read becomes an `Unreadable` entry.
 ///
 /// How a side scans.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Options {
+    /// The session's content hash.
+    pub algorithm: HashAlgorithm,
     /// Read a file this process owns but may not read (mode 0000 on a server that is not
     /// root) by granting owner-read for the moment of hashing: the server must know what its
     /// own mirror holds.
     pub read_own: bool,
     /// List files at least this large that the cache cannot vouch for as `Unhashed` instead
-    /// of reading them now: their MD5 is computed while they are sent, or when the server
+    /// of reading them now: their hash is computed while they are sent, or when the server
     /// asks for it, so a new large file is read once rather than twice in a row.
     pub defer_above: Option<u64>,
+}
+
+impl Options {
+    /// A plain scan in `algorithm`: nothing deferred, nothing of its own forced open.
+    pub fn new(algorithm: HashAlgorithm) -> Options {
+        Options {
+            algorithm,
+            read_own: false,
+            defer_above: None,
+        }
+    }
 }
 
 /// Files are hashed after the metadata walk, on every core, except those `cache` vouches for.
@@ -73,7 +85,7 @@ pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, opts: Options) -> io
     let mut pending = Vec::new();
     let top = read_dir_sorted(root)?;
     walk(None, top, &mut scan, &mut pending, &mut cache, &opts);
-    hash_pending(&mut scan, pending, cache.as_deref(), opts.read_own);
+    hash_pending(&mut scan, pending, cache.as_deref(), &opts);
     Ok(scan)
 }
 
@@ -82,7 +94,7 @@ pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>, opts: Options) -> io
     let Some(file) = cache_file else {
         return scan(dir, None, opts);
     };
-    let mut cache = HashCache::load(file);
+    let mut cache = HashCache::load(&file, opts.algorithm);
     let found = scan(dir, Some(&mut cache), opts)?;
     tracing::debug!("hash cache: {} hits, {} misses", cache.hits, cache.misses);
     if let Err(e) = found.save_cache(&cache) {
@@ -98,16 +110,17 @@ struct Pending {
     stamp: Stamp,
 }
 
-fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache>, read_own: bool) {
-    let hash = |p: &Pending| match hash_file(&p.path) {
-        Err(e) if read_own && e.kind() == io::ErrorKind::PermissionDenied => {
-            hash_own_unreadable(&p.path).unwrap_or(Err(e))
+fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache>, opts: &Options) {
+    let alg = opts.algorithm;
+    let hash = |p: &Pending| match hash_file(&p.path, alg) {
+        Err(e) if opts.read_own && e.kind() == io::ErrorKind::PermissionDenied => {
+            hash_own_unreadable(&p.path, alg).unwrap_or(Err(e))
         }
         r => r,
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = pending.len().div_ceil(threads).max(1);
-    let results: Vec<io::Result<(u64, Md5)>> = std::thread::scope(|s| {
+    let results: Vec<io::Result<(u64, ContentHash)>> = std::thread::scope(|s| {
         let workers: Vec<_> = pending
             .chunks(chunk)
             .map(|part| s.spawn(move || part.iter().map(hash).collect::<Vec<_>>()))
@@ -121,12 +134,12 @@ fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache
     for (res, p) in results.into_iter().zip(&pending) {
         let e = &mut scan.entries[p.index];
         match res {
-            Ok((size, md5)) => {
+            Ok((size, hash)) => {
                 // A file that changed size while read is hashed again next time, not cached.
                 if cache.is_some_and(|c| size == p.stamp.size() && c.may_record(&p.stamp)) {
                     scan.cacheable.push((p.index, p.stamp));
                 }
-                e.kind = Kind::File { size, md5 };
+                e.kind = Kind::File { size, hash };
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => vanished.push(p.index),
             Err(err) => {
@@ -229,16 +242,17 @@ fn walk(
             let index = scan.entries.len();
             let size = md.len();
             let kind = match cached {
-                Some(md5) => {
+                Some(hash) => {
                     scan.cacheable.push((index, stamp));
-                    Kind::File { size, md5 }
+                    Kind::File { size, hash }
                 }
                 None if opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
                 None => {
                     pending.push(Pending { index, path, stamp });
+                    // Filled in by `hash_pending`.
                     Kind::File {
                         size,
-                        md5: Md5([0; 16]),
+                        hash: placeholder(opts.algorithm),
                     }
                 }
             };
@@ -280,7 +294,7 @@ fn walk(
 
 /// Hashes a file this process owns but may not read, by adding owner-read for the moment and
 /// putting the mode back. `None` when the file is not ours to do that to.
-fn hash_own_unreadable(path: &Path) -> Option<io::Result<(u64, Md5)>> {
+fn hash_own_unreadable(path: &Path, alg: HashAlgorithm) -> Option<io::Result<(u64, ContentHash)>> {
     use std::os::unix::fs::PermissionsExt;
     let m = fs::symlink_metadata(path).ok()?;
     // SAFETY: geteuid has no preconditions.
@@ -289,38 +303,49 @@ fn hash_own_unreadable(path: &Path) -> Option<io::Result<(u64, Md5)>> {
     }
     let mode = m.permissions().mode();
     fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o400)).ok()?;
-    let res = hash_file(path);
+    let res = hash_file(path, alg);
     if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
         return Some(Err(e));
     }
     Some(res)
 }
 
-/// Size and MD5 of a file that must not change while it is read: its stamp is taken before
+/// Size and hash of a file that must not change while it is read: its stamp is taken before
 /// and after, and a difference is an error (the file is being written to). Also the stamp,
-/// when it had settled before the read, so that the MD5 may be cached.
-pub fn hash_stable(path: &Path) -> io::Result<(u64, Md5, Option<Stamp>)> {
+/// when it had settled before the read, so that the hash may be cached.
+pub fn hash_stable(
+    path: &Path,
+    alg: HashAlgorithm,
+) -> io::Result<(u64, ContentHash, Option<Stamp>)> {
     let mut f = File::options()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     let opened = crate::store::cache::now_ns();
     let before = Stamp::of(&f.metadata()?);
-    let (size, md5) = hash_reader(&mut f)?;
+    let (size, hash) = hash_reader(&mut f, alg)?;
     if Stamp::of(&f.metadata()?) != before {
         return Err(io::Error::other("changed while being hashed"));
     }
-    Ok((size, md5, before.settled_at(opened).then_some(before)))
+    Ok((size, hash, before.settled_at(opened).then_some(before)))
 }
 
-/// Size and MD5 of a file, read in bounded chunks.
-pub fn hash_file(path: &Path) -> io::Result<(u64, Md5)> {
-    hash_reader(&mut File::open(path)?)
+/// Size and hash of a file, read in bounded chunks.
+pub fn hash_file(path: &Path, alg: HashAlgorithm) -> io::Result<(u64, ContentHash)> {
+    hash_reader(&mut File::open(path)?, alg)
 }
 
-fn hash_reader(f: &mut File) -> io::Result<(u64, Md5)> {
-    let mut h = md5::Md5::new();
-    let mut buf = vec![0u8; crate::wire::protocol::CHUNK_SIZE];
+/// Bytes read at a time when hashing: large enough that system calls do not dominate.
+const READ_SIZE: usize = 256 << 10;
+
+/// A hash of the right algorithm for an entry whose real hash is computed later.
+fn placeholder(alg: HashAlgorithm) -> ContentHash {
+    ContentHash::new(alg, &[0; 32][..alg.digest_len()]).expect("length of the algorithm")
+}
+
+fn hash_reader(f: &mut File, alg: HashAlgorithm) -> io::Result<(u64, ContentHash)> {
+    let mut h = alg.hasher();
+    let mut buf = vec![0u8; READ_SIZE];
     let mut size = 0u64;
     loop {
         let n = match f.read(&mut buf) {
@@ -332,7 +357,7 @@ fn hash_reader(f: &mut File) -> io::Result<(u64, Md5)> {
         h.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((size, Md5(h.finalize().into())))
+    Ok((size, h.finish()))
 }
 
 #[cfg(test)]
@@ -344,7 +369,7 @@ mod tests {
         scan.entries
             .iter()
             .map(|e| match &e.kind {
-                Kind::File { size, md5 } => format!("{} file {size} {md5}", e.path),
+                Kind::File { size, hash } => format!("{} file {size} {hash}", e.path),
                 Kind::Symlink { target } => format!("{} -> {target}", e.path),
                 k => format!("{} {}", e.path, k.name()),
             })
@@ -361,7 +386,7 @@ mod tests {
         fs::create_dir(r.join("empty")).unwrap();
         symlink("/etc", r.join("link")).unwrap();
         fs::write(r.join(".server-sync-tmp.123"), "partial").unwrap();
-        let s = scan(r, None, Options::default()).unwrap();
+        let s = scan(r, None, Options::new(HashAlgorithm::Md5)).unwrap();
         assert_eq!(
             listing(&s),
             [
@@ -379,9 +404,9 @@ mod tests {
     /// Scans `dir` through a cache whose clock runs far ahead, so files just written by the
     /// test are old enough to be cached.
     fn scan_through(dir: &Path, cache_file: &Path) -> (Scan, u64) {
-        let mut cache = HashCache::load(cache_file.to_owned());
+        let mut cache = HashCache::load(cache_file, HashAlgorithm::Md5);
         cache.now_ns += 3600 * 1_000_000_000;
-        let s = scan(dir, Some(&mut cache), Options::default()).unwrap();
+        let s = scan(dir, Some(&mut cache), Options::new(HashAlgorithm::Md5)).unwrap();
         s.save_cache(&cache).unwrap();
         (s, cache.hits)
     }
@@ -400,10 +425,13 @@ mod tests {
             2,
             "warm cache answers both files"
         );
-        change(&dir, &cache);
+        let file = HashCache::load(&cache, HashAlgorithm::Md5)
+            .file()
+            .to_owned();
+        change(&dir, &file);
         let (s, _) = scan_through(&dir, &cache);
         let a = s.entries.iter().find(|e| e.path.as_str() == "a").unwrap();
-        assert_eq!(a.md5(), Some(Md5::of(want)));
+        assert_eq!(a.hash(), Some(HashAlgorithm::Md5.of(want)));
     }
 
     #[test]
@@ -465,7 +493,7 @@ mod tests {
     fn special_files_are_listed_as_such() {
         let d = tempfile::tempdir().unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
-        let s = scan(d.path(), None, Options::default()).unwrap();
+        let s = scan(d.path(), None, Options::new(HashAlgorithm::Md5)).unwrap();
         assert_eq!(listing(&s), ["sock special"]);
         assert!(s.warnings.is_empty());
     }

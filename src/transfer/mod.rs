@@ -1,6 +1,6 @@
 //! File data over a data connection: the client streams requested files in bounded chunks; the
 //! server writes each to a temporary file next to its target, hashing as it writes, and renames
-//! it into place only when size and MD5 match what the client announced.
+//! it into place only when size and content hash match what the client announced.
 //!
 //! Both ends are blocking code run on a thread of their own per connection: per file this is a
 //! handful of system calls, where async file I/O would add a thread-pool hop to each of them.
@@ -10,14 +10,14 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 
-use md5::Digest;
 use tracing::{info, warn};
 
-use crate::store::cache::Stamp;
-use crate::core::manifest::{Entry, Kind, Md5, RelPath, find_sorted};
+use crate::core::hash::{ContentHash, ContentHasher, HashAlgorithm};
+use crate::core::manifest::{Entry, Kind, RelPath, find_sorted};
 use crate::core::plan::Request;
-use crate::wire::protocol::{self, CHUNK_SIZE, Message, ProtocolError};
+use crate::store::cache::{Learned, Stamp};
 use crate::store::root::{Root, TempFile};
+use crate::wire::protocol::{self, CHUNK_SIZE, Message, ProtocolError};
 
 /// What the server got from one data connection.
 #[derive(Debug, Default)]
@@ -25,6 +25,9 @@ pub struct Received {
     pub files: u64,
     pub bytes: u64,
     pub failed: Vec<(String, String)>,
+    /// Hashes of the files placed, with the stamp each has in place: the server's hash cache
+    /// need not read them again.
+    pub learned: Vec<Learned>,
 }
 
 /// A file being received: where it goes, and how far it got.
@@ -45,34 +48,34 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 /// Files at least this large are hashed on a thread of their own, beside their I/O.
 const HASH_THREAD_ABOVE: u64 = 8 << 20;
 
-/// MD5 of a stream of owned chunks: inline for small files; for large ones on a helper
-/// thread, so that hashing (about 2 s per GiB here) overlaps reading and writing instead of
-/// adding to them. Chunks come back for reuse; the channel bounds the memory in flight.
+/// The hash of a stream of owned chunks: inline for small files; for large ones on a helper
+/// thread, so that hashing overlaps reading and writing instead of adding to them. Chunks
+/// come back for reuse; the channel bounds the memory in flight.
 enum Hasher {
-    Inline(md5::Md5),
+    Inline(ContentHasher),
     Threaded {
         to: std::sync::mpsc::SyncSender<Vec<u8>>,
         back: std::sync::mpsc::Receiver<Vec<u8>>,
-        done: std::thread::JoinHandle<Md5>,
+        done: std::thread::JoinHandle<ContentHash>,
     },
 }
 
 impl Hasher {
-    fn new(size: u64) -> Hasher {
+    fn new(algorithm: HashAlgorithm, size: u64) -> Hasher {
+        let mut h = algorithm.hasher();
         if size < HASH_THREAD_ABOVE {
-            return Hasher::Inline(md5::Md5::new());
+            return Hasher::Inline(h);
         }
         let (to, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         // Bounded, and a full one drops the chunk: a caller that never takes spares must not
         // make them pile up.
         let (back_tx, back) = std::sync::mpsc::sync_channel(4);
         let done = std::thread::spawn(move || {
-            let mut h = md5::Md5::new();
             for chunk in rx {
                 h.update(&chunk);
                 let _ = back_tx.try_send(chunk);
             }
-            Md5(h.finalize().into())
+            h.finish()
         });
         Hasher::Threaded { to, back, done }
     }
@@ -95,9 +98,9 @@ impl Hasher {
         }
     }
 
-    fn finish(self) -> Md5 {
+    fn finish(self) -> ContentHash {
         match self {
-            Hasher::Inline(h) => Md5(h.finalize().into()),
+            Hasher::Inline(h) => h.finish(),
             Hasher::Threaded { to, done, .. } => {
                 drop(to);
                 done.join().expect("hashing does not panic")
@@ -110,11 +113,13 @@ impl Hasher {
 /// each at most once. Returns when the client closes the connection. A file that fails
 /// (aborted by the client, changed while being sent, cannot be written) is recorded and the
 /// connection goes on; a protocol violation ends it. Set a read timeout on the stream to
-/// bound how long a silent client can hold it.
+/// bound how long a silent client can hold it. `algorithm` is the session's: files announced
+/// unhashed are hashed in it, and every hash the client sends must be in it.
 pub fn receive<S: Read>(
     conn: &mut S,
     root: &Root,
     wanted: &[Request],
+    algorithm: HashAlgorithm,
 ) -> Result<Received, ProtocolError> {
     let mut pending: HashMap<&RelPath, &Request> = wanted.iter().map(|r| (&r.path, r)).collect();
     let mut out = Received::default();
@@ -135,7 +140,7 @@ pub fn receive<S: Read>(
                 cur = Some(Incoming {
                     want,
                     sink,
-                    hasher: Hasher::new(want.size),
+                    hasher: Hasher::new(algorithm, want.size),
                     bytes: 0,
                     flushed: 0,
                     error,
@@ -171,14 +176,20 @@ pub fn receive<S: Read>(
                     inc.sink = None;
                 }
             }
-            (Message::FileEnd { md5 }, Some(_)) => {
+            (Message::FileEnd { hash }, Some(_)) => {
                 let inc = cur.take().expect("matched Some");
                 let path = inc.want.path.to_string();
-                match finish(root, inc, md5) {
-                    Ok(n) => {
-                        info!("Received file: {path} ({n} bytes, md5 ok)");
+                match finish(root, inc, hash) {
+                    Ok(placed) => {
+                        let n = placed.bytes;
+                        info!("Received file: {path} ({n} bytes, {algorithm} ok)");
                         out.files += 1;
                         out.bytes += n;
+                        out.learned.extend(placed.stamp.map(|stamp| Learned {
+                            path,
+                            stamp,
+                            hash: placed.hash,
+                        }));
                     }
                     Err(why) => {
                         warn!(
@@ -212,34 +223,61 @@ pub fn receive<S: Read>(
     Ok(out)
 }
 
-/// Verifies a completely received file and renames it into place. Returns its size.
-/// `end_md5` is what the client sent with `FileEnd`: the only MD5 there is for a file
-/// announced unhashed; for the others it must agree with the announced one.
-fn finish(root: &Root, inc: Incoming<'_>, end_md5: Option<Md5>) -> Result<u64, String> {
+/// A received file, verified and in place.
+struct Placed {
+    bytes: u64,
+    hash: ContentHash,
+    /// Its stamp in place, when the cache may trust it at once (see `Stamp::settled_own_write`).
+    stamp: Option<Stamp>,
+}
+
+/// Verifies a completely received file and renames it into place. `end_hash` is what the
+/// client sent with `FileEnd`: the only hash there is for a file announced unhashed; for the
+/// others it must agree with the announced one.
+fn finish(
+    root: &Root,
+    mut inc: Incoming<'_>,
+    end_hash: Option<ContentHash>,
+) -> Result<Placed, String> {
     if let Some(e) = inc.error {
         return Err(e);
     }
-    let tmp = inc.sink.ok_or("no temporary file")?;
-    let want = match (inc.want.md5, end_md5) {
+    let mut tmp = inc.sink.take().ok_or("no temporary file")?;
+    let want = match (inc.want.hash, end_hash) {
         (Some(a), Some(b)) if a != b => {
             return Err(format!(
-                "client ended the file with md5 {b}, having announced {a}"
+                "client ended the file with {} {b}, having announced {a}",
+                b.algorithm()
             ));
         }
-        (Some(m), _) | (None, Some(m)) => m,
-        (None, None) => return Err("file announced unhashed was sent without its md5".into()),
+        (Some(h), _) | (None, Some(h)) => h,
+        (None, None) => return Err("file announced unhashed was sent without its hash".into()),
     };
     let got = inc.hasher.finish();
     if inc.bytes != inc.want.size || got != want {
         return Err(format!(
-            "content changed while being sent ({} bytes, md5 {got}; announced {} bytes, md5 {want})",
-            inc.bytes, inc.want.size
+            "content changed while being sent ({} bytes, {} {got}; announced {} bytes, {} {want})",
+            inc.bytes,
+            got.algorithm(),
+            inc.want.size,
+            want.algorithm()
         ));
     }
     tmp.set_meta(&inc.want.meta)
         .map_err(|e| format!("failed to set metadata: {e}"))?;
+    // The descriptor outlives the rename, so the stamp read from it after the rename (which
+    // moves ctime) is that of the very file verified here, whatever happens to the path.
+    let fd = tmp.file().try_clone().ok();
     root.place(tmp, &inc.want.path).map_err(|e| e.to_string())?;
-    Ok(inc.bytes)
+    let stamp = fd
+        .and_then(|f| f.metadata().ok())
+        .map(|m| Stamp::of(&m))
+        .filter(|s| s.settled_own_write(crate::store::cache::now_ns()));
+    Ok(Placed {
+        bytes: inc.bytes,
+        hash: got,
+        stamp,
+    })
 }
 
 /// What the client sent over one data connection.
@@ -248,9 +286,9 @@ pub struct Sent {
     pub files: u64,
     pub bytes: u64,
     pub failed: Vec<(String, String)>,
-    /// MD5s of unhashed files, computed while sending them, with the stamp they had
+    /// Hashes of unhashed files, computed while sending them, with the stamp they had
     /// throughout (for the hash cache).
-    pub learned: Vec<(RelPath, Md5, Stamp)>,
+    pub learned: Vec<Learned>,
 }
 
 /// Sends the requested files over a data connection, then closes it. Only regular files of
@@ -262,6 +300,7 @@ pub fn send<S: Write>(
     (token, request): (u64, u32),
     paths: &[RelPath],
     listed: &[Entry],
+    algorithm: HashAlgorithm,
 ) -> Result<Sent, ProtocolError> {
     let mut w = BufWriter::with_capacity(64 << 10, conn);
     protocol::write_blocking(&mut w, &Message::DataHello { token, request })?;
@@ -272,17 +311,21 @@ pub fn send<S: Write>(
         info!("Sending file: {path}");
         let res = match find_sorted(listed, path) {
             Some(e) if e.is_file() => {
-                let hash = matches!(e.kind, Kind::Unhashed { .. });
+                let hash = matches!(e.kind, Kind::Unhashed { .. }).then_some(algorithm);
                 send_one(&mut w, root, path, &mut buf, hash)?
             }
             _ => Err("not a file this client offered".to_string()),
         };
         match res {
             Ok((n, hashed)) => {
-                let md5 = hashed.map(|(md5, _)| md5);
-                protocol::write_blocking(&mut w, &Message::FileEnd { md5 })?;
-                if let Some((md5, Some(stamp))) = hashed {
-                    out.learned.push((path.clone(), md5, stamp));
+                let hash = hashed.map(|(hash, _)| hash);
+                protocol::write_blocking(&mut w, &Message::FileEnd { hash })?;
+                if let Some((hash, Some(stamp))) = hashed {
+                    out.learned.push(Learned {
+                        path: path.to_string(),
+                        stamp,
+                        hash,
+                    });
                 }
                 out.files += 1;
                 out.bytes += n;
@@ -301,19 +344,19 @@ pub fn send<S: Write>(
     Ok(out)
 }
 
-/// What `send_one` learnt of a file it hashed: the MD5, and the stamp when it may be cached.
-type Hashed = Option<(Md5, Option<Stamp>)>;
+/// What `send_one` learnt of a file it hashed: the hash, and the stamp when it may be cached.
+type Hashed = Option<(ContentHash, Option<Stamp>)>;
 
-/// Streams one file's chunks, hashing them too when `hash`. The outer error is the
-/// connection's; the inner one the file's. Returns the bytes sent and, when hashed, the MD5
-/// and the file's stamp, which must not change while it is read: a file written to meanwhile
+/// Streams one file's chunks, hashing them too when `hash` names an algorithm. The outer error
+/// is the connection's; the inner one the file's. Returns the bytes sent and, when hashed, the
+/// hash and the file's stamp, which must not change while it is read: a file written to meanwhile
 /// is aborted, to be sent whole next cycle.
 fn send_one<W: Write>(
     w: &mut W,
     root: &Root,
     path: &RelPath,
     buf: &mut [u8],
-    hash: bool,
+    hash: Option<HashAlgorithm>,
 ) -> Result<Result<(u64, Hashed), String>, ProtocolError> {
     let open = || {
         let p = root.resolve(path).map_err(io::Error::other)?;
@@ -328,7 +371,7 @@ fn send_one<W: Write>(
     };
     let stamp = |f: &File| f.metadata().map(|m| Stamp::of(&m));
     let opened = crate::store::cache::now_ns();
-    let before = if hash {
+    let before = if hash.is_some() {
         match stamp(&f) {
             Ok(s) => Some(s),
             Err(e) => return Ok(Err(format!("failed to stat: {e}"))),
@@ -336,7 +379,7 @@ fn send_one<W: Write>(
     } else {
         None
     };
-    let mut hasher = hash.then(|| Hasher::new(HASH_THREAD_ABOVE));
+    let mut hasher = hash.map(|alg| Hasher::new(alg, HASH_THREAD_ABOVE));
     let mut sent = 0u64;
     loop {
         // With a hashing thread, each chunk is handed over: read into a recycled one.
@@ -364,10 +407,10 @@ fn send_one<W: Write>(
     };
     match stamp(&f) {
         Ok(after) if after == before => {
-            let md5 = hasher.expect("hashing when stamped").finish();
+            let hash = hasher.expect("hashing when stamped").finish();
             Ok(Ok((
                 sent,
-                Some((md5, after.settled_at(opened).then_some(after))),
+                Some((hash, after.settled_at(opened).then_some(after))),
             )))
         }
         Ok(_) => Ok(Err("changed while being sent".into())),
@@ -380,13 +423,15 @@ mod tests {
     use super::*;
     use crate::core::manifest::Meta;
 
-    /// Receives `content` for a file announced with `announced` and ended with `end_md5`;
+    const B3: HashAlgorithm = HashAlgorithm::Blake3;
+
+    /// Receives `content` for a file announced with `announced` and ended with `end_hash`;
     /// checks the outcome: `Ok(())` placed intact, or `Err(reason fragment)` rejected with
     /// nothing placed and no temp file left.
     fn check(
         announced: Option<&[u8]>,
         content: &[u8],
-        end_md5: Option<&[u8]>,
+        end_hash: Option<&[u8]>,
         want: Result<(), &str>,
     ) {
         let d = tempfile::tempdir().unwrap();
@@ -395,7 +440,7 @@ mod tests {
         let req = Request {
             path: path.clone(),
             size: content.len() as u64,
-            md5: announced.map(Md5::of),
+            hash: announced.map(|c| B3.of(c)),
             meta: Meta {
                 mode: 0o640,
                 ..Meta::default()
@@ -406,12 +451,12 @@ mod tests {
             Message::FileBegin { path },
             Message::Chunk(content.to_vec()),
             Message::FileEnd {
-                md5: end_md5.map(Md5::of),
+                hash: end_hash.map(|c| B3.of(c)),
             },
         ] {
             m.encode(&mut wire);
         }
-        let got = receive(&mut &wire[..], &root, &[req]).unwrap();
+        let got = receive(&mut &wire[..], &root, &[req], B3).unwrap();
         let names: Vec<_> = std::fs::read_dir(d.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -435,7 +480,7 @@ mod tests {
 
     #[test]
     fn received_files_are_placed_only_when_verified() {
-        // Announced with its MD5, which the end may repeat but not contradict.
+        // Announced with its hash, which the end may repeat but not contradict.
         check(Some(b"abc"), b"abc", None, Ok(()));
         check(Some(b"abc"), b"abc", Some(b"abc"), Ok(()));
         check(
@@ -448,9 +493,9 @@ mod tests {
             Some(b"abc"),
             b"abc",
             Some(b"xyz"),
-            Err("client ended the file with md5"),
+            Err("client ended the file with blake3"),
         );
-        // Announced unhashed: the MD5 comes at the end and must match what arrived.
+        // Announced unhashed: the hash comes at the end and must match what arrived.
         check(None, b"abc", Some(b"abc"), Ok(()));
         check(
             None,
@@ -458,6 +503,6 @@ mod tests {
             Some(b"abd"),
             Err("content changed while being sent"),
         );
-        check(None, b"abc", None, Err("sent without its md5"));
+        check(None, b"abc", None, Err("sent without its hash"));
     }
 }
