@@ -225,6 +225,42 @@ fn hash_md5_is_the_seeds_behaviour() {
     );
 }
 
+/// A file the server has just received and verified is not read again at the next session:
+/// its hash is cached with the stamp it has in place. (Its mtime, the client's, is old; a
+/// file whose mtime is recent is hashed again, see the next test.)
+#[test]
+fn a_received_file_is_not_hashed_again() {
+    let w = World::start(&["-v"]);
+    w.apply(&[write("a.txt", "content"), mtime("a.txt", 1_600_000_000, 0)]);
+    w.sync_ok();
+    let mark = w.mark();
+    let out = w.sync_ok();
+    assert_eq!(summary(&out), NOTHING_DONE);
+    w.assert_logged(mark, "hash cache: 1 hits, 0 misses");
+}
+
+/// The racy window stays honest for the server's own writes: a file changed on the server
+/// right after it was placed, in the same clock tick, with the same size, is still noticed.
+#[test]
+fn a_write_right_after_placing_is_noticed() {
+    let w = World::start(&["-v"]);
+    w.apply(&[write("a.txt", "content"), mtime("a.txt", 1_600_000_000, 0)]);
+    w.sync_ok();
+    // At once: the same size, other bytes.
+    fs::write(w.server_dir.join("a.txt"), "CONTENT").unwrap();
+    let mark = w.mark();
+    w.sync_ok();
+    w.assert_logged(mark, "Requesting file: a.txt");
+    w.assert_mirrored();
+
+    // A file whose own mtime is recent is not trusted at once: hashed again next time.
+    w.apply(&[write("new.txt", "fresh")]);
+    w.sync_ok();
+    let mark = w.mark();
+    w.sync_ok();
+    w.assert_logged(mark, "hash cache: 1 hits, 1 misses");
+}
+
 #[test]
 fn nested_directories_are_created_with_their_files() {
     check(Case {
