@@ -4,3 +4,4 @@
 pub mod hash;
 pub mod manifest;
 pub mod plan;
+pub mod stamp;

@@ -15,26 +15,10 @@ use std::path::{Path, PathBuf};
 use crate::core::hash::{ContentHash, HashAlgorithm};
 use crate::core::manifest::cmp_components;
 
-/// Opens every cache file; the byte after it names the algorithm of the hashes it holds.
-const MAGIC: &[u8; 8] = b"SSHCACH3";
-/// The cache file ends with the BLAKE3 of everything before it.
-const SUM_LEN: usize = 32;
-
-/// Files modified this close to the scan are not cached: a write later in the same clock tick
-/// would leave size and mtime unchanged (git's "racily clean" problem).
-const RACY_NS: i64 = 2_000_000_000;
-
-/// What identifies one version of a file without reading it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stamp {
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
-    ino: u64,
-    dev: u64,
-}
+pub use crate::core::stamp::Stamp;
 
 impl Stamp {
+    /// The stamp of a file as `lstat`/`fstat` reports it.
     pub fn of(m: &Metadata) -> Stamp {
         Stamp {
             size: m.size(),
@@ -43,27 +27,6 @@ impl Stamp {
             ino: m.ino(),
             dev: m.dev(),
         }
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// Whether a file with this stamp, read at time `at_ns`, may be cached: not when it
-    /// changed less than 2 s before, since a later write in the same clock tick could leave
-    /// the stamp as it is.
-    pub fn settled_at(&self, at_ns: i64) -> bool {
-        at_ns - self.mtime_ns.max(self.ctime_ns) >= RACY_NS
-    }
-
-    /// Whether a file this process has just written, verified and given an mtime of its
-    /// peer's, may be cached at once: yes when that mtime is at least 2 s older than `at_ns`.
-    /// Its ctime is recent (the write, the rename), but any later write moves the mtime to
-    /// the present, away from the old one recorded, so a change in the same clock tick is
-    /// still seen. (A writer that also puts the mtime back within that tick is not: the
-    /// price of not reading every received file again.)
-    pub fn settled_own_write(&self, at_ns: i64) -> bool {
-        at_ns - self.mtime_ns >= RACY_NS
     }
 }
 
@@ -74,12 +37,7 @@ pub fn now_ns() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
-#[derive(Debug)]
-struct Record {
-    path: String,
-    stamp: Stamp,
-    hash: ContentHash,
-}
+use crate::wire::cache_file::{self, CacheFileWriter, CacheRecord as Record};
 
 /// A hash learnt outside a scan, for [`HashCache::remember`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,7 +103,7 @@ impl HashCache {
         let file = base.with_extension(format!("{algorithm}.hashes"));
         let old = fs::read(&file)
             .ok()
-            .and_then(|b| decode(&b, algorithm))
+            .and_then(|b| cache_file::decode(&b, algorithm))
             .unwrap_or_default();
         let now = now_ns();
         HashCache {
@@ -244,9 +202,7 @@ impl HashCache {
         &self,
         records: impl Iterator<Item = (&'a str, Stamp, ContentHash)>,
     ) -> io::Result<()> {
-        let mut body = Vec::with_capacity(16 + self.old.len() * 96);
-        body.extend_from_slice(MAGIC);
-        body.push(self.algorithm.id());
+        let mut file = CacheFileWriter::new(self.algorithm, self.old.len());
         let mut n = 0usize;
         let mut same = true;
         for (path, s, hash) in records {
@@ -256,18 +212,12 @@ impl HashCache {
                 .get(n)
                 .is_some_and(|r| r.path == path && r.stamp == s && r.hash == hash);
             n += 1;
-            body.extend_from_slice(&(path.len() as u32).to_le_bytes());
-            body.extend_from_slice(path.as_bytes());
-            for v in [s.size, s.mtime_ns as u64, s.ctime_ns as u64, s.ino, s.dev] {
-                body.extend_from_slice(&v.to_le_bytes());
-            }
-            body.extend_from_slice(hash.digest());
+            file.push(path, &s, &hash);
         }
         if same && n == self.old.len() {
             return Ok(());
         }
-        let sum = blake3::hash(&body);
-        body.extend_from_slice(sum.as_bytes());
+        let body = file.finish();
         let dir = self.file.parent().unwrap_or(Path::new("."));
         // It lists every path of the tree: private, like the files themselves may be.
         std::fs::DirBuilder::new()
@@ -278,49 +228,6 @@ impl HashCache {
         tmp.file().write_all(&body)?;
         tmp.persist_to(&self.file)
     }
-}
-
-fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    let (head, tail) = r.split_at_checked(n)?;
-    *r = tail;
-    Some(head)
-}
-
-fn take_u64(r: &mut &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(take(r, 8)?.try_into().ok()?))
-}
-
-fn decode(b: &[u8], algorithm: HashAlgorithm) -> Option<Vec<Record>> {
-    let (body, sum) = b.split_at_checked(b.len().checked_sub(SUM_LEN)?)?;
-    if blake3::hash(body).as_bytes() != sum
-        || !body.starts_with(MAGIC)
-        || body.get(MAGIC.len()) != Some(&algorithm.id())
-    {
-        return None;
-    }
-    let mut r = &body[MAGIC.len() + 1..];
-    let mut out: Vec<Record> = Vec::new();
-    while !r.is_empty() {
-        let len = u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?) as usize;
-        let path = String::from_utf8(take(&mut r, len)?.to_vec()).ok()?;
-        let stamp = Stamp {
-            size: take_u64(&mut r)?,
-            mtime_ns: take_u64(&mut r)? as i64,
-            ctime_ns: take_u64(&mut r)? as i64,
-            ino: take_u64(&mut r)?,
-            dev: take_u64(&mut r)?,
-        };
-        let hash = ContentHash::new(algorithm, take(&mut r, algorithm.digest_len())?)?;
-        // Out of order means not ours, or damaged: start afresh.
-        if out
-            .last()
-            .is_some_and(|p| cmp_components(&p.path, &path) != Ordering::Less)
-        {
-            return None;
-        }
-        out.push(Record { path, stamp, hash });
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -448,7 +355,7 @@ mod tests {
         let mut s = stamp(1);
         s.mtime_ns = c.now_ns - 1;
         assert!(!c.may_record(&s));
-        s.mtime_ns = c.now_ns - 3 * RACY_NS;
+        s.mtime_ns = c.now_ns - 3 * crate::core::stamp::RACY_NS;
         s.ctime_ns = c.now_ns - 1;
         assert!(!c.may_record(&s), "ctime counts too");
         s.ctime_ns = s.mtime_ns;
