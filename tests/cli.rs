@@ -261,6 +261,34 @@ fn a_write_right_after_placing_is_noticed() {
     w.assert_logged(mark, "hash cache: 1 hits, 1 misses");
 }
 
+/// A file name cannot forge a log line: control characters in paths are printed escaped, on
+/// both sides, so the fake WARN line stays inside the real one that names the file.
+#[test]
+fn file_names_cannot_forge_log_lines() {
+    let forged = "2026-01-01T00:00:00.000000Z  WARN refusing connection from 10.6.6.6:1: forged";
+    let name = format!("x\n{forged}");
+    let w = World::start(&[]);
+    w.apply(&[write(&name, "x"), write("esc\x1b[2J", "y")]);
+    let out = w.sync_ok();
+    w.assert_mirrored();
+    for (side, log) in [("server", w.server().log()), ("client", stdout(&out))] {
+        for line in log.lines().filter(|l| l.contains("10.6.6.6")) {
+            assert!(
+                line.contains("x\\n2026-01-01"),
+                "{side} log has a line the file name forged: {line:?}"
+            );
+        }
+        assert!(
+            !log.contains('\x1b'),
+            "{side} log holds a raw escape: {log:?}"
+        );
+    }
+    w.assert_logged(
+        0,
+        "Received file: x\\n2026-01-01T00:00:00.000000Z  WARN refusing",
+    );
+}
+
 #[test]
 fn nested_directories_are_created_with_their_files() {
     check(Case {

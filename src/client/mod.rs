@@ -193,7 +193,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
         warn!("cannot read {path}, not syncing it: {reason}");
         report
             .unreadable
-            .push((path.to_string(), format!("cannot read: {reason}")));
+            .push((path.as_str().to_owned(), format!("cannot read: {reason}")));
     }
     // Sockets, FIFOs and devices are not synced: leave them out of the list.
     let mut scan = scan;
@@ -250,7 +250,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                         warn!("cannot hash {}, not syncing it: {reason}", e.path);
                         report
                             .unreadable
-                            .push((e.path.to_string(), format!("cannot hash: {reason}")));
+                            .push((e.path.as_str().to_owned(), format!("cannot hash: {reason}")));
                     }
                 }
                 learned.extend(got);
@@ -340,7 +340,7 @@ fn answer_hashes(
             match hashed {
                 Ok((size, hash, stamp)) => {
                     learned.extend(stamp.map(|stamp| Learned {
-                        path: path.to_string(),
+                        path: path.as_str().to_owned(),
                         stamp,
                         hash,
                     }));

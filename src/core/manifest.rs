@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::core::hash::ContentHash;
 #[cfg(test)]
 use crate::core::hash::HashAlgorithm;
+use crate::core::text::Escaped;
 
 /// Names starting with this prefix are the server's in-flight temporary files: never listed,
 /// never accepted from a peer, removed at start-up.
@@ -123,9 +124,11 @@ pub fn cmp_components(a: &str, b: &str) -> std::cmp::Ordering {
     }
 }
 
+/// For people and logs: control characters escaped (see [`Escaped`]). The raw path, for the
+/// wire and the file system, is [`RelPath::as_str`].
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        fmt::Display::fmt(&Escaped(&self.0), f)
     }
 }
 

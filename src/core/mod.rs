@@ -5,3 +5,4 @@ pub mod hash;
 pub mod manifest;
 pub mod plan;
 pub mod stamp;
+pub mod text;

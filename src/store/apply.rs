@@ -27,7 +27,7 @@ impl Outcome {
     fn fail(&mut self, what: &str, path: &RelPath, err: impl std::fmt::Display) {
         warn!("failed to {what} {path}: {err}");
         self.failed
-            .push((path.to_string(), format!("failed to {what}: {err}")));
+            .push((path.as_str().to_owned(), format!("failed to {what}: {err}")));
     }
 }
 

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::core::hash::{ContentHash, ContentHasher, HashAlgorithm};
 use crate::core::manifest::{Entry, Kind, RelPath, find_sorted};
 use crate::core::plan::Request;
+use crate::core::text::Escaped;
 use crate::store::cache::{Learned, Stamp};
 use crate::store::root::{Root, TempFile};
 use crate::wire::protocol::{self, CHUNK_SIZE, Message, ProtocolError};
@@ -178,11 +179,14 @@ pub fn receive<S: Read>(
             }
             (Message::FileEnd { hash }, Some(_)) => {
                 let inc = cur.take().expect("matched Some");
-                let path = inc.want.path.to_string();
+                let path = inc.want.path.as_str().to_owned();
                 match finish(root, inc, hash) {
                     Ok(placed) => {
                         let n = placed.bytes;
-                        info!("Received file: {path} ({n} bytes, {algorithm} ok)");
+                        info!(
+                            "Received file: {} ({n} bytes, {algorithm} ok)",
+                            Escaped(&path)
+                        );
                         out.files += 1;
                         out.bytes += n;
                         out.learned.extend(placed.stamp.map(|stamp| Learned {
@@ -193,7 +197,9 @@ pub fn receive<S: Read>(
                     }
                     Err(why) => {
                         warn!(
-                            "Rejected file: {path}: {why}; it will be requested again next cycle"
+                            "Rejected file: {}: {}; it will be requested again next cycle",
+                            Escaped(&path),
+                            Escaped(&why)
                         );
                         out.failed.push((path, why));
                     }
@@ -201,8 +207,12 @@ pub fn receive<S: Read>(
             }
             (Message::FileAbort { reason }, Some(_)) => {
                 let inc = cur.take().expect("matched Some");
-                warn!("Client could not send {}: {reason}", inc.want.path);
-                out.failed.push((inc.want.path.to_string(), reason));
+                warn!(
+                    "Client could not send {}: {}",
+                    inc.want.path,
+                    Escaped(&reason)
+                );
+                out.failed.push((inc.want.path.as_str().to_owned(), reason));
             }
             (m, None) => return Err(m.unexpected("file-begin")),
             (m, Some(_)) => return Err(m.unexpected("chunk, file-end or file-abort")),
@@ -210,13 +220,13 @@ pub fn receive<S: Read>(
     }
     if let Some(inc) = cur {
         out.failed.push((
-            inc.want.path.to_string(),
+            inc.want.path.as_str().to_owned(),
             "connection closed in the middle of the file".into(),
         ));
     }
     for r in pending.into_values() {
         out.failed.push((
-            r.path.to_string(),
+            r.path.as_str().to_owned(),
             "requested but not sent by the client".into(),
         ));
     }
@@ -322,7 +332,7 @@ pub fn send<S: Write>(
                 protocol::write_blocking(&mut w, &Message::FileEnd { hash })?;
                 if let Some((hash, Some(stamp))) = hashed {
                     out.learned.push(Learned {
-                        path: path.to_string(),
+                        path: path.as_str().to_owned(),
                         stamp,
                         hash,
                     });
@@ -336,7 +346,7 @@ pub fn send<S: Write>(
                     reason: reason.clone(),
                 };
                 protocol::write_blocking(&mut w, &abort)?;
-                out.failed.push((path.to_string(), reason));
+                out.failed.push((path.as_str().to_owned(), reason));
             }
         }
     }
