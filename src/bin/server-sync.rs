@@ -75,13 +75,13 @@ async fn run(args: Args) -> ExitCode {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let root = server::prepare_root(&args.dir)?;
+    // Checked before DIR is created: a refused setup leaves nothing behind.
     let cache_file = if args.no_cache {
         None
     } else {
-        HashCache::file_for_dir(args.cache_dir.as_deref(), root.path())
-            .map_err(anyhow::Error::msg)?
+        HashCache::file_for_dir(args.cache_dir.as_deref(), &args.dir).map_err(anyhow::Error::msg)?
     };
+    let root = server::prepare_root(&args.dir)?;
     let (control, data) = server::bind(&args.bind, args.port, args.data_port).await?;
     println!(
         "listening control={} data={}",
