@@ -72,13 +72,17 @@ pub fn set_keepalive(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
+/// Resolves on the first SIGINT, SIGTERM or SIGHUP. SIGHUP (the terminal or the session
+/// going away) is a request to stop like the others: left to its default action it would kill
+/// the process mid-transfer and leave a temporary file in DIR until the next start.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+    let mut hup = signal(SignalKind::hangup()).expect("can install a SIGHUP handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = hup.recv() => {}
     }
 }
 

@@ -5,9 +5,13 @@
 
 mod support;
 
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
+use server_sync::manifest::{Entry, Kind, Md5, Meta, RelPath};
+use server_sync::protocol::{self, Message, ProtocolError, VERSION};
 use support::*;
 
 /// Runs `cmd` and checks that it failed with `code` and a single stderr line containing
@@ -85,4 +89,125 @@ fn a_cache_dir_inside_dir_is_refused_before_it_exists() {
     assert_eq!(tree(&w.client), client_before);
     assert_eq!(tree(&w.server_dir), "");
     w.assert_contained();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hand-made peer, for what the real client cannot be made to do
+
+/// A raw blocking connection speaking through the library's codec, one call at a time.
+struct Peer(TcpStream);
+
+impl Peer {
+    fn connect(port: u16) -> Peer {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("server accepts connections");
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        Peer(s)
+    }
+
+    fn send(&mut self, m: &Message) {
+        protocol::write_blocking(&mut self.0, m).expect("server takes what we send");
+    }
+
+    /// The next message; `Ok(None)` when the server hung up, `Err(Idle)` after [`WAIT`].
+    fn recv(&mut self) -> Result<Option<Message>, ProtocolError> {
+        protocol::read_blocking(&mut self.0)
+    }
+}
+
+/// Waits, polling, until `cond` holds; fails the test after [`WAIT`].
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "no {what} within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. SIGHUP
+
+#[test]
+fn sighup_during_a_transfer_stops_the_server_cleanly() {
+    let mut w = World::start(&[]);
+    let mark = w.mark();
+    // A session that announces a large file, starts sending it, and stalls half-way.
+    let big = vec![7u8; 16 << 20];
+    let entry = Entry {
+        path: RelPath::new("big").unwrap(),
+        kind: Kind::File {
+            size: big.len() as u64,
+            md5: Md5::of(&big),
+        },
+        meta: Meta {
+            mode: 0o644,
+            mtime_secs: 1_600_000_000,
+            mtime_nanos: 0,
+        },
+    };
+    let mut control = Peer::connect(w.port());
+    control.send(&Message::Hello {
+        version: VERSION,
+        transfers: 1,
+    });
+    let (data_port, token) = match control.recv() {
+        Ok(Some(Message::Welcome {
+            data_port, token, ..
+        })) => (data_port, token),
+        other => panic!("expected welcome, got {other:?}"),
+    };
+    control.send(&Message::FileList(vec![entry.clone()]));
+    control.send(&Message::FileListEnd);
+    let request = match control.recv() {
+        Ok(Some(Message::FileRequest { id, paths })) if paths == [entry.path.clone()] => id,
+        other => panic!("expected a request for big, got {other:?}"),
+    };
+    let mut data = Peer::connect(data_port);
+    data.send(&Message::DataHello { token, request });
+    data.send(&Message::FileBegin {
+        path: entry.path.clone(),
+    });
+    data.send(&Message::Chunk(big[..256 << 10].to_vec()));
+    wait_for("temporary file", || !temp_files(&w.server_dir).is_empty());
+
+    w.server().proc.signal(libc::SIGHUP);
+    w.assert_logged(mark, "shutting down: waiting for");
+    // The session in flight finishes without the unfinished file.
+    drop(data);
+    match control.recv() {
+        Ok(Some(Message::SyncDone(s))) => assert_eq!(s.failed_total, 1, "{s:?}"),
+        other => panic!("expected sync:done, got {other:?}"),
+    }
+    let status = w.server_mut().proc.wait_exit(WAIT).expect("server exits");
+    assert_eq!(status.code(), Some(0), "{status}");
+    w.assert_logged(mark, "server stopped");
+    assert_eq!(temp_files(&w.server_dir), Vec::<String>::new());
+    assert_eq!(tree(&w.server_dir), "");
+}
+
+#[test]
+fn sighup_stops_the_daemon_client() {
+    let w = World::start(&[]);
+    w.apply(&[write("a.txt", "a")]);
+    // Without --once: syncs every second until stopped.
+    let mut daemon = Command::new(CLIENT_BIN);
+    daemon.arg(&w.client).args([
+        "--server",
+        "127.0.0.1",
+        "--port",
+        &w.port().to_string(),
+        "--interval",
+        "1",
+    ]);
+    isolate(&mut daemon, w.home.path());
+    let mut client = Proc::spawn(daemon);
+    assert!(
+        client.stdout.wait_count("sync:done", 1, WAIT),
+        "no first sync\n{}",
+        client.report()
+    );
+    client.signal(libc::SIGHUP);
+    let status = client.wait_exit(WAIT).expect("client exits after SIGHUP");
+    assert_eq!(status.code(), Some(0), "{}", client.report());
+    assert!(client.stdout.text().contains("client stopped"));
+    w.assert_mirrored();
 }

@@ -10,8 +10,8 @@ use server_sync::client;
 
 /// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.
 ///
-/// Without --once, syncs at start and then every --interval seconds until SIGINT/SIGTERM,
-/// retrying an unreachable server with back-off. Exit status with --once: 0 the server now
+/// Without --once, syncs at start and then every --interval seconds until SIGINT, SIGTERM or
+/// SIGHUP, retrying an unreachable server with back-off. Exit status with --once: 0 the server now
 /// mirrors DIR; 1 some entries failed (each is named on stderr); 2 usage or local error
 /// (DIR missing or not a directory); 3 the server cannot be reached.
 #[derive(Parser)]

@@ -13,8 +13,8 @@ use server_sync::server;
 ///
 /// Files the client does not have are deleted; files whose MD5 is already somewhere in DIR
 /// are copied locally instead of transferred. Prints `listening control=HOST:PORT
-/// data=HOST:PORT` once ready. Exit status: 0 after SIGINT/SIGTERM, 2 on a bad DIR or a
-/// port that cannot be bound.
+/// data=HOST:PORT` once ready. Exit status: 0 after SIGINT, SIGTERM or SIGHUP, 2 on a bad
+/// DIR or a port that cannot be bound.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
