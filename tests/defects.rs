@@ -5,13 +5,14 @@
 
 mod support;
 
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use server_sync::manifest::{Entry, Kind, Md5, Meta, RelPath};
-use server_sync::protocol::{self, Message, ProtocolError, VERSION};
+use server_sync::protocol::{self, Message, ProtocolError, Summary, VERSION};
 use support::*;
 
 /// Runs `cmd` and checks that it failed with `code` and a single stderr line containing
@@ -35,6 +36,150 @@ fn command_in(bin: &str, cwd: &Path, args: &[&str], home: &Path) -> Command {
     cmd.current_dir(cwd).args(args);
     isolate(&mut cmd, home);
     cmd
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-made peers and servers, for what the real binaries cannot be made to do
+
+/// A raw blocking connection speaking through the library's codec, one call at a time.
+struct Peer(TcpStream);
+
+impl Peer {
+    fn connect(port: u16) -> Peer {
+        Peer::from_ip(Ipv4Addr::LOCALHOST, port)
+    }
+
+    /// A connection to the server on 127.0.0.1 from the loopback address `from`: how one
+    /// machine plays several hosts.
+    fn from_ip(from: Ipv4Addr, port: u16) -> Peer {
+        Peer::new(connect_from(from, port).expect("server accepts connections"))
+    }
+
+    fn new(s: TcpStream) -> Peer {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        Peer(s)
+    }
+
+    fn send(&mut self, m: &Message) {
+        protocol::write_blocking(&mut self.0, m).expect("peer takes what we send");
+    }
+
+    /// The next message; `Ok(None)` when the other side hung up, `Err(Idle)` after [`WAIT`].
+    fn recv(&mut self) -> Result<Option<Message>, ProtocolError> {
+        protocol::read_blocking(&mut self.0)
+    }
+
+    /// `Hello` → `Welcome`: the data port and session token.
+    fn hello(&mut self) -> (u16, u64) {
+        self.send(&hello());
+        match self.recv() {
+            Ok(Some(Message::Welcome {
+                data_port, token, ..
+            })) => (data_port, token),
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Plays the server: reads the client's `Hello`.
+    fn expect_hello(&mut self) {
+        match self.recv() {
+            Ok(Some(Message::Hello { .. })) => {}
+            other => panic!("expected hello, got {other:?}"),
+        }
+    }
+
+    /// Plays the server: reads the client's file list up to its end, keepalives included.
+    fn read_list(&mut self) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        loop {
+            match self.recv() {
+                Ok(Some(Message::FileList(batch))) => entries.extend(batch),
+                Ok(Some(Message::FileListEnd)) => return entries,
+                other => panic!("expected the file list, got {other:?}"),
+            }
+        }
+    }
+}
+
+fn hello() -> Message {
+    Message::Hello {
+        version: VERSION,
+        transfers: 1,
+    }
+}
+
+fn welcome() -> Message {
+    Message::Welcome {
+        version: VERSION,
+        data_port: 9,
+        token: 7,
+    }
+}
+
+/// An empty `FileList`: the keepalive of both sides.
+fn keepalive() -> Message {
+    Message::FileList(Vec::new())
+}
+
+/// A TCP connection from `from` (a loopback address) to 127.0.0.1:`port`.
+fn connect_from(from: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor we own, handed to `TcpStream` (which closes
+    // it) before any early return; the addresses are valid for `len` bytes.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let (local, remote) = (sockaddr(from, 0), sockaddr(Ipv4Addr::LOCALHOST, port));
+        if libc::bind(fd, (&raw const local).cast(), len) != 0
+            || libc::connect(fd, (&raw const remote).cast(), len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+/// A fake server on a loopback port: accepts one connection and plays `script` on it, in a
+/// thread whose panic (a script expectation not met) fails the test when joined.
+fn fake_server(script: impl FnOnce(Peer) + Send + 'static) -> (u16, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        script(Peer::new(stream));
+    });
+    (port, thread)
+}
+
+/// Runs `client-sync --once` of the world's client directory against `port`, with `extra`
+/// flags; returns its output and how long it took.
+fn client_against(w: &World, port: u16, extra: &[&str]) -> (Output, Duration) {
+    let mut cmd = client_command(&w.client, port, w.home.path());
+    cmd.args(extra);
+    let start = Instant::now();
+    let out = w.run(cmd);
+    (out, start.elapsed())
+}
+
+/// Waits, polling, until `cond` holds; fails the test after [`WAIT`].
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "no {what} within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -92,35 +237,100 @@ fn a_cache_dir_inside_dir_is_refused_before_it_exists() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A hand-made peer, for what the real client cannot be made to do
+// 3. A peer that does not answer
 
-/// A raw blocking connection speaking through the library's codec, one call at a time.
-struct Peer(TcpStream);
-
-impl Peer {
-    fn connect(port: u16) -> Peer {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("server accepts connections");
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        Peer(s)
-    }
-
-    fn send(&mut self, m: &Message) {
-        protocol::write_blocking(&mut self.0, m).expect("server takes what we send");
-    }
-
-    /// The next message; `Ok(None)` when the server hung up, `Err(Idle)` after [`WAIT`].
-    fn recv(&mut self) -> Result<Option<Message>, ProtocolError> {
-        protocol::read_blocking(&mut self.0)
-    }
+#[test]
+fn the_client_gives_up_on_a_listener_that_never_answers() {
+    // Like `python3 -m http.server`: accepts (the kernel does, from its backlog) and waits
+    // for a request line that never comes.
+    let w = World::new();
+    w.apply(&[write("a.txt", "a")]);
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let (out, took) = client_against(&w, port, &["--idle-timeout", "1"]);
+    let err = check_one_line_error(&out, 3, "did not answer within 1 s");
+    assert_eq!(
+        err,
+        format!(
+            "client-sync: server 127.0.0.1:{port} did not answer within 1 s (not a \
+             server-sync, or not responding)"
+        )
+    );
+    assert!(took < Duration::from_secs(5), "gave up after {took:?}");
 }
 
-/// Waits, polling, until `cond` holds; fails the test after [`WAIT`].
-fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "no {what} within {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+#[test]
+fn the_client_gives_up_on_a_listener_that_never_answers_within_10_s_by_default() {
+    let w = World::new();
+    w.apply(&[write("a.txt", "a")]);
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (out, took) = client_against(&w, silent.local_addr().unwrap().port(), &[]);
+    check_one_line_error(&out, 3, "did not answer within 10 s");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+        "gave up after {took:?}"
+    );
+}
+
+#[test]
+fn the_client_gives_up_on_a_stopped_server() {
+    let w = World::start(&[]);
+    w.apply(&[write("a.txt", "a")]);
+    w.server().proc.signal(libc::SIGSTOP);
+    let (out, took) = client_against(&w, w.port(), &["--idle-timeout", "2"]);
+    w.server().proc.signal(libc::SIGCONT);
+    check_one_line_error(&out, 3, "did not answer within 2 s");
+    assert!(took < Duration::from_secs(10), "gave up after {took:?}");
+    // Running again, it serves.
+    w.sync_ok();
+    w.assert_mirrored();
+}
+
+#[test]
+fn the_client_gives_up_on_a_server_silent_in_the_middle_of_the_sync() {
+    let w = World::new();
+    w.apply(&[write("a.txt", "a")]);
+    let (port, server) = fake_server(|mut p| {
+        p.expect_hello();
+        p.send(&welcome());
+        p.read_list();
+        // Silent from here on, until the client hangs up.
+        assert!(matches!(p.recv(), Ok(None) | Err(ProtocolError::Io(_))));
+    });
+    let (out, took) = client_against(&w, port, &["--idle-timeout", "1"]);
+    check_one_line_error(
+        &out,
+        3,
+        "client-sync: server went silent for 1 s in the middle of the sync",
+    );
+    assert!(took < Duration::from_secs(5), "gave up after {took:?}");
+    server.join().unwrap();
+}
+
+#[test]
+fn keepalives_keep_a_client_waiting_on_a_slow_server() {
+    // A server that keeps the client waiting, first for its welcome then for the end of the
+    // sync, three times its idle limit each, but says it is alive meanwhile.
+    let w = World::new();
+    w.apply(&[write("a.txt", "a")]);
+    let (port, server) = fake_server(|mut p| {
+        let stall = |p: &mut Peer| {
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until {
+                p.send(&keepalive());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+        p.expect_hello();
+        stall(&mut p);
+        p.send(&welcome());
+        p.read_list();
+        stall(&mut p);
+        p.send(&Message::SyncDone(Summary::default()));
+    });
+    let (out, _) = client_against(&w, port, &["--idle-timeout", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    server.join().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -145,16 +355,7 @@ fn sighup_during_a_transfer_stops_the_server_cleanly() {
         },
     };
     let mut control = Peer::connect(w.port());
-    control.send(&Message::Hello {
-        version: VERSION,
-        transfers: 1,
-    });
-    let (data_port, token) = match control.recv() {
-        Ok(Some(Message::Welcome {
-            data_port, token, ..
-        })) => (data_port, token),
-        other => panic!("expected welcome, got {other:?}"),
-    };
+    let (data_port, token) = control.hello();
     control.send(&Message::FileList(vec![entry.clone()]));
     control.send(&Message::FileListEnd);
     let request = match control.recv() {
@@ -210,4 +411,134 @@ fn sighup_stops_the_daemon_client() {
     assert_eq!(status.code(), Some(0), "{}", client.report());
     assert!(client.stdout.text().contains("client stopped"));
     w.assert_mirrored();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Messages and exit statuses
+
+#[test]
+fn each_way_a_sync_ends_has_its_exit_status() {
+    type Script = fn(Peer);
+    // What the fake server does, the exit status, and how the client's one-line stderr starts
+    // (empty: nothing on stderr).
+    let cases: [(&str, Script, i32, &str); 7] = [
+        (
+            "clean sync",
+            |mut p| {
+                p.expect_hello();
+                p.send(&welcome());
+                p.read_list();
+                p.send(&Message::SyncDone(Summary::default()));
+            },
+            0,
+            "",
+        ),
+        (
+            "some entries failed",
+            |mut p| {
+                p.expect_hello();
+                p.send(&welcome());
+                p.read_list();
+                let mut s = Summary::default();
+                s.set_failures(vec![("a.txt".into(), "disk full".into())]);
+                p.send(&Message::SyncDone(s));
+            },
+            1,
+            "client-sync: not synced: a.txt: disk full",
+        ),
+        (
+            "refused before the session",
+            |mut p| {
+                p.expect_hello();
+                p.send(&Message::Error("not today".into()));
+            },
+            3,
+            "client-sync: server refused the sync: not today",
+        ),
+        (
+            "ended during the session",
+            |mut p| {
+                p.expect_hello();
+                p.send(&welcome());
+                p.read_list();
+                p.send(&Message::Error("cannot scan the server directory".into()));
+            },
+            3,
+            "client-sync: server ended the sync: cannot scan the server directory",
+        ),
+        (
+            "connection lost in the middle of the sync",
+            |mut p| {
+                p.expect_hello();
+                p.send(&welcome());
+                p.read_list();
+            },
+            3,
+            "client-sync: server closed the connection in the middle of the sync",
+        ),
+        (
+            "not a server-sync",
+            |mut p| {
+                p.expect_hello();
+                std::io::Write::write_all(&mut p.0, b"HTTP/1.0 400 Bad request\r\n\r\n").unwrap();
+            },
+            3,
+            "client-sync: connection to the server failed: frame of",
+        ),
+        (
+            "a request for a path outside DIR",
+            |mut p| {
+                p.expect_hello();
+                p.send(&welcome());
+                p.read_list();
+                let mut frame = Vec::new();
+                let paths = vec![RelPath::new("xxa.txt").unwrap()];
+                Message::FileRequest { id: 0, paths }.encode(&mut frame);
+                let at = frame.windows(3).position(|w| w == b"xxa").unwrap();
+                frame[at..at + 3].copy_from_slice(b"../");
+                std::io::Write::write_all(&mut p.0, &frame).unwrap();
+            },
+            3,
+            "client-sync: connection to the server failed: invalid path in message",
+        ),
+    ];
+    for (name, script, code, error) in cases {
+        let w = World::new();
+        w.apply(&[write("a.txt", "a")]);
+        let (port, server) = fake_server(script);
+        let (out, _) = client_against(&w, port, &[]);
+        server.join().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{name}:\n{err}");
+        assert_eq!(
+            err.lines().count(),
+            usize::from(!error.is_empty()),
+            "{name}:\n{err}"
+        );
+        assert!(
+            err.starts_with(error),
+            "{name}: stderr is not {error:?}...:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn client_help_documents_exit_status_3() {
+    let w = World::new();
+    let mut cmd = Command::new(CLIENT_BIN);
+    cmd.arg("--help");
+    isolate(&mut cmd, w.home.path());
+    let out = w.run(cmd);
+    let help = stdout(&out)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for words in [
+        "1 some entries failed",
+        "3 the server could not be used",
+        "busy",
+        "--idle-timeout",
+    ] {
+        assert!(help.contains(words), "--help lacks {words:?}:\n{help}");
+    }
 }

@@ -1059,7 +1059,7 @@ fn a_hostile_server_request_with_parent_paths_is_refused() {
         hostile,
     ));
     let status = client.wait_exit(WAIT).expect("client exits");
-    assert_eq!(status.code(), Some(1), "{}", client.report());
+    assert_eq!(status.code(), Some(3), "{}", client.report());
     assert!(
         client.stderr.text().contains("'..' component"),
         "{}",
