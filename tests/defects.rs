@@ -417,6 +417,34 @@ fn sighup_stops_the_daemon_client() {
 // 5. Messages and exit statuses
 
 #[test]
+fn a_port_in_use_is_reported_with_its_cause_once() {
+    let w = World::new();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = w.server_dir.to_str().unwrap();
+    let args = [
+        dir,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--data-port",
+        "0",
+    ];
+    let err = expect_one_line_error(
+        &w,
+        command_in(SERVER_BIN, w.tmp.path(), &args, w.home.path()),
+        2,
+        "cannot listen on control port",
+    );
+    assert_eq!(
+        err.matches("Address already in use").count(),
+        1,
+        "the cause is printed more than once: {err}"
+    );
+}
+
+#[test]
 fn each_way_a_sync_ends_has_its_exit_status() {
     type Script = fn(Peer);
     // What the fake server does, the exit status, and how the client's one-line stderr starts

@@ -68,7 +68,9 @@ async fn run(args: Args) -> ExitCode {
     match serve(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("server-sync: {e:#}");
+            // Not `{e:#}`: our errors already end with their cause, which the chain would
+            // print a second time.
+            eprintln!("server-sync: {e}");
             ExitCode::from(2)
         }
     }
