@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use server_sync::manifest::{Entry, Kind, Md5, Meta, RelPath};
 use server_sync::protocol::{self, Message, ProtocolError, Summary, VERSION};
+use server_sync::server;
 use support::*;
 
 /// Runs `cmd` and checks that it failed with `code` and a single stderr line containing
@@ -182,6 +183,51 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// A server run in this process, for settings the command line does not offer; stopped when
+/// dropped.
+struct InProcessServer {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl InProcessServer {
+    fn start(config: server::Config) -> InProcessServer {
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (control, data) = server::bind("127.0.0.1", 0, 0).await.unwrap();
+                port_tx.send(control.local_addr().unwrap().port()).unwrap();
+                let stopped = async {
+                    let _ = stopped.await;
+                };
+                server::run(config, control, data, stopped).await.unwrap();
+            });
+        });
+        let port = port_rx
+            .recv_timeout(WAIT)
+            .expect("in-process server listens");
+        InProcessServer {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for InProcessServer {
+    fn drop(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = self.thread.take().unwrap().join();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. A cache directory inside the synced tree
 
@@ -234,6 +280,138 @@ fn a_cache_dir_inside_dir_is_refused_before_it_exists() {
     assert_eq!(tree(&w.client), client_before);
     assert_eq!(tree(&w.server_dir), "");
     w.assert_contained();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Idle connections locking clients out
+
+/// What a connection that sent nothing got from the server: told it is busy, or closed.
+#[derive(Debug, PartialEq)]
+enum Fate {
+    Busy(String),
+    Closed(Duration),
+}
+
+/// Waits for what the server does with each idle connection, timed from `opened`.
+fn fates(conns: Vec<Peer>, opened: Instant) -> Vec<Fate> {
+    let fates: Vec<Fate> = conns
+        .into_iter()
+        .map(|mut c| match c.recv() {
+            Ok(Some(Message::Error(e))) => Fate::Busy(e),
+            // Closed: end of stream, or reset since we never read (ours is unread).
+            Ok(None) | Err(ProtocolError::Io(_)) | Err(ProtocolError::Truncated) => {
+                Fate::Closed(opened.elapsed())
+            }
+            other => panic!("an idle connection got {other:?}"),
+        })
+        .collect();
+    fates
+}
+
+#[test]
+fn idle_connections_from_one_host_do_not_lock_out_another() {
+    // The reported attack, with the default settings: 64 connections that say nothing, all
+    // from one host (127.0.0.2). Before, they took every slot for the whole 60 s idle timeout.
+    let w = World::start(&[]);
+    w.apply(&[write("a.txt", "a")]);
+    let attacker = Ipv4Addr::new(127, 0, 0, 2);
+    let opened = Instant::now();
+    let idle: Vec<Peer> = (0..64).map(|_| Peer::from_ip(attacker, w.port())).collect();
+
+    // A client on another address syncs at once.
+    w.sync_ok();
+    w.assert_mirrored();
+
+    // The attacker holds 8 connections (the per-address cap) for the 5 s handshake timeout,
+    // not the 60 s idle timeout; the other 56 are told the server is busy.
+    let fates = fates(idle, opened);
+    let busy = format!("server busy: already 8 connections from {attacker}, try again later");
+    let (told, closed): (Vec<&Fate>, Vec<&Fate>) =
+        fates.iter().partition(|f| matches!(f, Fate::Busy(_)));
+    assert_eq!((told.len(), closed.len()), (56, 8), "{fates:?}");
+    assert!(
+        told.iter().all(|f| **f == Fate::Busy(busy.clone())),
+        "{told:?}"
+    );
+    for f in closed {
+        let Fate::Closed(after) = f else {
+            unreachable!()
+        };
+        assert!(
+            *after >= Duration::from_secs(4) && *after < Duration::from_secs(20),
+            "an idle connection was dropped after {after:?}, not the 5 s handshake timeout"
+        );
+    }
+    // The server logs after closing: wait for its lines.
+    let silent = "ended: peer went silent for 5 s without saying hello";
+    w.server().wait_for_log_count(silent, 8, WAIT);
+    let log = w.server().log();
+    assert_eq!(log.matches(silent).count(), 8, "{log}");
+    assert_eq!(
+        log.matches("refusing connection from 127.0.0.2:").count(),
+        56,
+        "{log}"
+    );
+}
+
+#[test]
+fn idle_connections_from_the_same_host_delay_a_client_only_until_their_handshake_times_out() {
+    // All loopback: the idle connections take this host's 8 slots, so the client is told the
+    // server is busy (promptly, exit 3) until the server drops them, then syncs.
+    let w = World::start(&[]);
+    w.apply(&[write("a.txt", "a")]);
+    let opened = Instant::now();
+    let idle: Vec<Peer> = (0..16).map(|_| Peer::connect(w.port())).collect();
+    let (out, took) = client_against(&w, w.port(), &[]);
+    check_one_line_error(
+        &out,
+        3,
+        "client-sync: server refused the sync: server busy: already 8 connections from \
+         127.0.0.1, try again later",
+    );
+    assert!(took < Duration::from_secs(3), "told after {took:?}");
+
+    let fates = fates(idle, opened);
+    let closed = fates.iter().filter(|f| matches!(f, Fate::Closed(_)));
+    assert_eq!(closed.count(), 8, "{fates:?}");
+    w.sync_ok();
+    w.assert_mirrored();
+}
+
+#[test]
+fn a_full_server_says_busy_and_the_client_exits_3() {
+    let cases = [
+        (
+            "--max-connections",
+            "server busy: already serving 2 connections, try again later",
+        ),
+        (
+            "--max-per-address",
+            "server busy: already 2 connections from 127.0.0.1, try again later",
+        ),
+    ];
+    for (flag, busy) in cases {
+        let w = World::start(&[flag, "2"]);
+        w.apply(&[write("a.txt", "a")]);
+        // Two real sessions: one under way, one waiting for its turn.
+        let mut first = Peer::connect(w.port());
+        first.hello();
+        let mut second = Peer::connect(w.port());
+        second.send(&hello());
+        w.server()
+            .wait_for_log("waits for another session to finish", WAIT);
+
+        let (out, took) = client_against(&w, w.port(), &[]);
+        let err = check_one_line_error(&out, 3, busy);
+        assert_eq!(err, format!("client-sync: server refused the sync: {busy}"));
+        assert!(took < Duration::from_secs(3), "{flag}: told after {took:?}");
+
+        // Once they are gone, the client gets in.
+        drop((first, second));
+        w.server().wait_for_log_count("ended: ", 2, WAIT);
+        w.sync_ok();
+        w.assert_mirrored();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,6 +509,35 @@ fn keepalives_keep_a_client_waiting_on_a_slow_server() {
     let (out, _) = client_against(&w, port, &["--idle-timeout", "1"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     server.join().unwrap();
+}
+
+#[test]
+fn the_server_keeps_a_client_waiting_for_its_turn_alive() {
+    // The server side of the keepalives: a client waits for its turn behind a session that
+    // lasts longer than the client's idle limit, and still syncs.
+    let w = World::new();
+    w.apply(&[write("a.txt", "a")]);
+    let mut config = server::Config::new(&w.server_dir);
+    config.keepalive = Duration::from_millis(100);
+    let srv = InProcessServer::start(config);
+    let mut holder = Peer::connect(srv.port);
+    holder.hello();
+
+    let mut cmd = client_command(&w.client, srv.port, w.home.path());
+    cmd.args(["--idle-timeout", "1"]);
+    let client = std::thread::spawn(move || run(cmd));
+    // A second waiter, behind the client, counts the keepalives it gets: once it has had
+    // 2 s of them, the client, there before it, has waited twice its idle limit.
+    let mut probe = Peer::connect(srv.port);
+    probe.send(&hello());
+    for _ in 0..20 {
+        assert_eq!(probe.recv().unwrap(), Some(keepalive()));
+    }
+    drop((probe, holder));
+
+    let ran = client.join().unwrap();
+    assert_eq!(ran.output.status.code(), Some(0), "{}", ran.report());
+    w.assert_mirrored();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -32,10 +32,13 @@ struct Args {
     /// Drop a peer that sends nothing for this many seconds
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout: u64,
-    /// Most client sessions served at once; more are refused (each may also run up to 8
-    /// data connections)
+    /// Most client sessions served at once; more are told the server is busy (each may also
+    /// run up to 8 data connections)
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     max_connections: u64,
+    /// Most connections from one IP address at once; more are told the server is busy
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_per_address: u64,
     /// Keep the hash cache here [default: $XDG_CACHE_HOME/server-sync or ~/.cache/server-sync]
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -92,10 +95,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     );
     std::io::stdout().flush()?;
     let config = server::Config {
-        root: root.path().to_owned(),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_connections: args.max_connections as usize,
+        max_per_address: args.max_per_address as usize,
         cache_file,
+        ..server::Config::new(root.path())
     };
     server::run(config, control, data, server_sync::shutdown_signal()).await?;
     Ok(())
