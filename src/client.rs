@@ -88,7 +88,7 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::NotADirectory(_) | ClientError::ReadDir { .. } => 2,
-            // The server could not be used: nothing was synced, try again later.
+            // The server could not be used: the sync did not complete, try again later.
             ClientError::Unreachable { .. }
             | ClientError::NoAnswer { .. }
             | ClientError::Refused(_)

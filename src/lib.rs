@@ -43,9 +43,9 @@ pub fn limit_malloc_arenas() {
     }
 }
 
-/// Turns on TCP keepalive (first probe after 30 s idle, then every 10 s, 3 tries): the client
-/// waits on the server without a timeout, since a server may work long before it answers, so
-/// a server host that vanished must still be noticed, within about a minute.
+/// Turns on TCP keepalive (first probe after 30 s idle, then every 10 s, 3 tries): a server
+/// host that vanished is noticed within about a minute, even by a data connection blocked in
+/// a write, which no read timeout covers.
 pub fn set_keepalive(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
     let fd = sock.as_raw_fd();
     for (level, opt, value) in [

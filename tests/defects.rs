@@ -758,22 +758,39 @@ fn each_way_a_sync_ends_has_its_exit_status() {
 }
 
 #[test]
-fn client_help_documents_exit_status_3() {
+fn help_documents_the_new_exit_statuses_and_flags() {
     let w = World::new();
-    let mut cmd = Command::new(CLIENT_BIN);
-    cmd.arg("--help");
-    isolate(&mut cmd, w.home.path());
-    let out = w.run(cmd);
-    let help = stdout(&out)
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
-    for words in [
-        "1 some entries failed",
-        "3 the server could not be used",
-        "busy",
-        "--idle-timeout",
-    ] {
-        assert!(help.contains(words), "--help lacks {words:?}:\n{help}");
+    let cases: [(&str, &[&str]); 2] = [
+        (
+            CLIENT_BIN,
+            &[
+                "1 some entries failed",
+                "3 the server could not be used",
+                "busy",
+                "SIGHUP",
+                "--idle-timeout",
+            ],
+        ),
+        (
+            SERVER_BIN,
+            &["SIGHUP", "--max-per-address", "told the server is busy"],
+        ),
+    ];
+    for (bin, words) in cases {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--help");
+        isolate(&mut cmd, w.home.path());
+        let out = w.run(cmd);
+        assert_eq!(out.status.code(), Some(0));
+        let help = stdout(&out)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for words in words {
+            assert!(
+                help.contains(words),
+                "{bin} --help lacks {words:?}:\n{help}"
+            );
+        }
     }
 }
