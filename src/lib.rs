@@ -40,9 +40,9 @@ pub fn limit_malloc_arenas() {
     }
 }
 
-/// Turns on TCP keepalive (first probe after 30 s idle, then every 10 s, 3 tries): the client
-/// waits on the server without a timeout, since a server may work long before it answers, so
-/// a server host that vanished must still be noticed, within about a minute.
+/// Turns on TCP keepalive (first probe after 30 s idle, then every 10 s, 3 tries): a server
+/// host that vanished is noticed within about a minute, even by a data connection blocked in
+/// a write, which no read timeout covers.
 pub fn set_keepalive(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
     let fd = sock.as_raw_fd();
     for (level, opt, value) in [
@@ -69,13 +69,17 @@ pub fn set_keepalive(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
+/// Resolves on the first SIGINT, SIGTERM or SIGHUP. SIGHUP (the terminal or the session
+/// going away) is a request to stop like the others: left to its default action it would kill
+/// the process mid-transfer and leave a temporary file in DIR until the next start.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+    let mut hup = signal(SignalKind::hangup()).expect("can install a SIGHUP handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = hup.recv() => {}
     }
 }
 

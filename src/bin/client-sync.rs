@@ -11,10 +11,13 @@ use server_sync::store::cache::HashCache;
 
 /// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.
 ///
-/// Without --once, syncs at start and then every --interval seconds until SIGINT/SIGTERM,
-/// retrying an unreachable server with back-off. Exit status with --once: 0 the server now
-/// mirrors DIR; 1 some entries failed (each is named on stderr); 2 usage or local error
-/// (DIR missing or not a directory); 3 the server cannot be reached.
+/// Without --once, syncs at start and then every --interval seconds until SIGINT, SIGTERM or
+/// SIGHUP, retrying with back-off a server that cannot be reached or is busy.
+///
+/// Exit status with --once: 0 the server now mirrors DIR; 1 some entries failed (each is
+/// named on stderr); 2 usage or local error (DIR missing or not a directory, a cache inside
+/// DIR); 3 the server could not be used (unreachable, busy, refused or ended the sync, did
+/// not answer, or the connection was lost), so DIR is not known to be mirrored.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -41,6 +44,10 @@ struct Args {
     /// pairs exist) can leave a wrong copy. [default: blake3, or md5 with an older server]
     #[arg(long, value_name = "ALGORITHM")]
     hash: Option<HashAlgorithm>,
+    /// Give up on a server silent for this many seconds (at most 10 before it welcomes us;
+    /// a working server says it is alive every 5 s)
+    #[arg(long, default_value_t = client::IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
     /// Keep the hash cache here [default: $XDG_CACHE_HOME/server-sync or ~/.cache/server-sync]
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -87,6 +94,8 @@ async fn run(args: Args) -> ExitCode {
             Some(h) => vec![h],
             None => HashAlgorithm::ALL.to_vec(),
         },
+        handshake_timeout: client::HANDSHAKE_TIMEOUT,
+        idle_timeout: Duration::from_secs(args.idle_timeout),
     };
     if !args.once {
         if let Err(e) = std::fs::read_dir(&cfg.root) {

@@ -26,6 +26,12 @@ const DATA_WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often an empty file-list batch is sent while a long scan runs; well under the server's
 /// idle timeout.
 const KEEPALIVE: Duration = Duration::from_secs(5);
+/// The longest wait for the server's `Welcome` (or its keepalives while this client waits
+/// for its turn): twice the server's keepalive interval.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest the server may stay silent in a session: it sends a keepalive every 5 s while
+/// it works, so this much silence means it is stopped, hung or gone.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -38,6 +44,11 @@ pub struct Config {
     pub transfers: usize,
     /// Content hashes offered to the server, in order of preference; it picks one.
     pub hashes: Vec<HashAlgorithm>,
+    /// Gives up on a server that has not welcomed this client within this long (or
+    /// `idle_timeout`, if shorter): a peer that accepts and says nothing is not a server-sync.
+    pub handshake_timeout: Duration,
+    /// Gives up on a server silent for this long in the middle of a session.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,20 +65,49 @@ pub enum ClientError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(
+        "server {addr} did not answer within {} s (not a server-sync, or not responding)",
+        .wait.as_secs_f64()
+    )]
+    NoAnswer { addr: String, wait: Duration },
     #[error("server refused the sync: {0}")]
     Refused(String),
+    #[error("server ended the sync: {0}")]
+    Ended(String),
+    #[error("server went silent for {} s in the middle of the sync", .0.as_secs_f64())]
+    Silent(Duration),
+    #[error("server closed the connection in the middle of the sync")]
+    Closed,
     #[error("connection to the server failed: {0}")]
     Protocol(#[from] ProtocolError),
 }
 
 impl ClientError {
     /// The documented exit status of `client-sync --once` for this error.
+    /// 1 is kept for a sync that ran but left entries behind (see `Report::is_clean`).
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::NotADirectory(_) | ClientError::ReadDir { .. } => 2,
-            ClientError::Unreachable { .. } => 3,
-            ClientError::Refused(_) | ClientError::Protocol(_) => 1,
+            // The server could not be used: the sync did not complete, try again later.
+            ClientError::Unreachable { .. }
+            | ClientError::NoAnswer { .. }
+            | ClientError::Refused(_)
+            | ClientError::Ended(_)
+            | ClientError::Silent(_)
+            | ClientError::Closed
+            | ClientError::Protocol(_) => 3,
         }
+    }
+
+    /// Whether the sync never started (no server, no answer, or turned away): worth retrying
+    /// soon rather than at the next interval.
+    fn before_session(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable { .. }
+                | ClientError::NoAnswer { .. }
+                | ClientError::Refused(_)
+        )
     }
 }
 
@@ -149,7 +189,12 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     )
     .await?;
     wr.flush().await.map_err(ProtocolError::from)?;
-    let (data_port, token, algorithm) = match next(&mut rd).await? {
+    let wait = cfg.handshake_timeout.min(cfg.idle_timeout);
+    let welcome = match next(&mut rd, wait).await {
+        Err(ClientError::Silent(wait)) => return Err(ClientError::NoAnswer { addr, wait }),
+        welcome => welcome?,
+    };
+    let (data_port, token, algorithm) = match welcome {
         Message::Welcome {
             data_port,
             token,
@@ -230,7 +275,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     // Data connections in flight, each on its own thread.
     let mut sending = tokio::task::JoinSet::<Result<_, ProtocolError>>::new();
     loop {
-        match next(&mut rd).await? {
+        match next(&mut rd, cfg.idle_timeout).await? {
             Message::HashRequest(paths) => {
                 let (root, listed) = (root.clone(), listed.clone());
                 let mut hashing = tokio::task::spawn_blocking(move || {
@@ -294,7 +339,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                 report.summary = summary;
                 break;
             }
-            Message::Error(e) => return Err(ClientError::Refused(e)),
+            Message::Error(e) => return Err(ClientError::Ended(e)),
             m => return Err(m.unexpected("filerequest, hashrequest or sync:done").into()),
         }
     }
@@ -357,14 +402,27 @@ fn answer_hashes(
     (entries, learned)
 }
 
-/// The server may work for a long time (hashing its tree) before it answers: no idle limit
-/// here; a dead server shows as a closed connection.
-async fn next<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<Message, ProtocolError> {
-    protocol::read(rd).await?.ok_or(ProtocolError::Truncated)
+/// The server's next message, keepalives (empty `FileList`s) skipped. The server may work
+/// for a long time before it answers, but sends a keepalive every few seconds meanwhile, so
+/// `limit` without a byte means it is stopped, hung, gone, or not a server-sync at all.
+async fn next<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    limit: Duration,
+) -> Result<Message, ClientError> {
+    loop {
+        match tokio::time::timeout(limit, protocol::read(rd)).await {
+            Err(_) => return Err(ClientError::Silent(limit)),
+            Ok(Ok(Some(Message::FileList(e)))) if e.is_empty() => continue,
+            Ok(Ok(Some(m))) => return Ok(m),
+            Ok(Ok(None)) => return Err(ClientError::Closed),
+            Ok(Err(e)) => return Err(e.into()),
+        }
+    }
 }
 
-/// Syncs now and then every `interval` until `shutdown` resolves. An unreachable server is
-/// retried with exponential back-off (1 s doubling, up to `interval`); nothing here exits.
+/// Syncs now and then every `interval` until `shutdown` resolves. A server that cannot be
+/// reached, does not answer or turns the client away (busy, shutting down) is retried with
+/// exponential back-off (1 s doubling, up to `interval`); nothing here exits.
 pub async fn run(cfg: &Config, interval: Duration, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_secs(1);
@@ -377,7 +435,7 @@ pub async fn run(cfg: &Config, interval: Duration, shutdown: impl Future<Output 
                     log_report(&report);
                     interval
                 }
-                Err(e @ ClientError::Unreachable { .. }) => {
+                Err(e) if e.before_session() => {
                     let wait = backoff;
                     backoff = (backoff * 2).min(interval);
                     warn!("{e}; retrying in {} s", wait.as_secs());

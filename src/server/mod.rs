@@ -3,12 +3,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -35,16 +35,32 @@ pub const MAX_TRANSFERS: usize = 8;
 const BATCH_BYTES: u64 = 64 << 20;
 /// How long in-flight sessions may go on after a shutdown signal before they are abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// The most a connection turned away as busy is kept to deliver the reason.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// Prefix of the `Error` message a client turned away for lack of room receives.
+pub const BUSY: &str = "server busy";
 
 #[derive(Clone, Debug)]
 pub struct Config {
     pub root: PathBuf,
     /// A peer that sends nothing for this long loses its connection.
     pub idle_timeout: Duration,
+    /// A connection that has not sent its `Hello` (or a data connection its `DataHello`)
+    /// within this long, or `idle_timeout` if shorter, is dropped: a connection that says
+    /// nothing holds one of `max_connections` for this long only.
+    pub handshake_timeout: Duration,
     /// Sessions (control connections) served at once; more are refused. Data connections
     /// not yet routed to a session have their own cap, `MAX_TRANSFERS` times this: once
     /// routed, they count within their session's transfers.
     pub max_connections: usize,
+    /// Control connections from one IP address at once (data connections not yet routed:
+    /// `MAX_TRANSFERS` times this), so that one host cannot take every slot.
+    pub max_per_address: usize,
+    /// How often a client waiting on the server (for its turn, or while the server scans,
+    /// applies, receives or flushes) is told the server is still at work, with an empty
+    /// `FileList`: the client gives up on a server silent for its own idle limit (10 s before
+    /// its `Welcome`, 60 s after, by default).
+    pub keepalive: Duration,
     /// Where the hash cache of `root` is kept; `None` hashes every file on every session.
     pub cache_file: Option<PathBuf>,
 }
@@ -54,7 +70,10 @@ impl Config {
         Config {
             root: root.into(),
             idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(5),
             max_connections: 64,
+            max_per_address: 8,
+            keepalive: Duration::from_secs(5),
             cache_file: None,
         }
     }
@@ -102,6 +121,8 @@ enum SessionError {
     ShuttingDown,
     #[error("client did not open the data connection")]
     NoDataConnection,
+    #[error("peer went silent for {} s without saying hello", .0.as_secs_f64())]
+    NoHello(Duration),
     #[error("cannot scan the server directory: {0}")]
     Scan(std::io::Error),
     #[error("no content hash in common: the client offers {0:?}, this server knows blake3 and md5")]
@@ -189,6 +210,9 @@ pub async fn bind(
 struct Shared {
     root: Root,
     idle: Duration,
+    /// How long a new connection may take to say hello.
+    handshake: Duration,
+    keepalive: Duration,
     data_port: u16,
     cache_file: Option<PathBuf>,
     /// Held for a whole session: two clients never interleave their changes.
@@ -200,6 +224,43 @@ struct Shared {
     /// Data connections being received on blocking threads, which no task abort can stop:
     /// shutting their sockets down is how an abandoned transfer is ended.
     receiving: Mutex<HashMap<u64, std::net::TcpStream>>,
+    /// Connections open per source address, control and data apart (`true`: data).
+    per_address: Mutex<HashMap<(IpAddr, bool), usize>>,
+}
+
+/// One connection counted in `Shared::per_address`, for as long as it is held.
+struct AddressSlot {
+    shared: Arc<Shared>,
+    key: (IpAddr, bool),
+}
+
+impl AddressSlot {
+    /// Counts a connection from `ip`, unless `max` are already open from there.
+    fn take(shared: &Arc<Shared>, ip: IpAddr, is_data: bool, max: usize) -> Option<AddressSlot> {
+        let key = (ip, is_data);
+        let mut open = shared.per_address.lock().unwrap();
+        let n = open.entry(key).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            shared: shared.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.shared.per_address.lock().unwrap();
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight sessions finish
@@ -213,15 +274,20 @@ pub async fn run(
     let shared = Arc::new(Shared {
         root: Root::new(&config.root),
         idle: config.idle_timeout,
+        handshake: config.handshake_timeout.min(config.idle_timeout),
+        keepalive: config.keepalive,
         data_port: data.local_addr().map(|a| a.port()).unwrap_or(0),
         cache_file: config.cache_file.clone(),
         session: tokio::sync::Mutex::new(()),
         waiting: Mutex::new(HashMap::new()),
         receiving: Mutex::new(HashMap::new()),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        per_address: Mutex::new(HashMap::new()),
     });
     let control_limit = Arc::new(Semaphore::new(config.max_connections));
     let data_limit = Arc::new(Semaphore::new(config.max_connections * MAX_TRANSFERS));
+    // Connections being told they are turned away: bounded too, past it they are just closed.
+    let refusing = Arc::new(Semaphore::new(config.max_connections));
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -238,17 +304,41 @@ pub async fn run(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
         let limit = if is_data { &data_limit } else { &control_limit };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            let (what, n) = match is_data {
-                true => ("data connections", config.max_connections * MAX_TRANSFERS),
-                false => ("connections", config.max_connections),
-            };
-            warn!("refusing connection from {addr}: already serving {n} {what}");
-            continue;
+        let (what, n, per_address) = match is_data {
+            true => (
+                "data connections",
+                config.max_connections * MAX_TRANSFERS,
+                config.max_per_address * MAX_TRANSFERS,
+            ),
+            false => (
+                "connections",
+                config.max_connections,
+                config.max_per_address,
+            ),
+        };
+        let admitted = match limit.clone().try_acquire_owned() {
+            Err(_) => Err(format!("already serving {n} {what}")),
+            Ok(permit) => AddressSlot::take(&shared, addr.ip(), is_data, per_address)
+                .map(|slot| (permit, slot))
+                .ok_or_else(|| format!("already {per_address} {what} from {}", addr.ip())),
+        };
+        let (permit, slot) = match admitted {
+            Ok(admitted) => admitted,
+            Err(why) => {
+                warn!("refusing connection from {addr}: {why}");
+                // A client is told why; a data connection has no one reading it.
+                if let (false, Ok(permit)) = (is_data, refusing.clone().try_acquire_owned()) {
+                    tokio::spawn(async move {
+                        turn_away(stream, format!("{BUSY}: {why}, try again later")).await;
+                        drop(permit);
+                    });
+                }
+                continue;
+            }
         };
         let shared = shared.clone();
         tasks.spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             if is_data {
                 route_data(&shared, stream, addr).await;
             } else if let Err(e) = session(&shared, stream, addr).await {
@@ -280,6 +370,20 @@ pub async fn run(
     Ok(())
 }
 
+/// Sends a connection turned away the reason, as an `Error` message, then closes it.
+async fn turn_away(mut stream: TcpStream, why: String) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        protocol::write(&mut stream, &Message::Error(why)).await?;
+        stream.shutdown().await?;
+        // Read what the client sent (its hello) until it closes: closing with unread data
+        // resets the connection, and the reset can destroy the message before it is read.
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, ProtocolError>(())
+    })
+    .await;
+}
+
 async fn accept_failed(e: std::io::Error) {
     // Typically out of file descriptors: back off instead of spinning.
     warn!("failed to accept a connection: {e}");
@@ -288,13 +392,17 @@ async fn accept_failed(e: std::io::Error) {
 
 /// Reads a data connection's `DataHello` and hands the stream to the session it names.
 async fn route_data(shared: &Shared, mut stream: TcpStream, addr: SocketAddr) {
-    let (token, request) = match protocol::read_within(&mut stream, shared.idle).await {
+    let (token, request) = match protocol::read_within(&mut stream, shared.handshake).await {
         Ok(Message::DataHello { token, request }) => (token, request),
         Ok(m) => {
             return warn!(
                 "data connection from {addr} closed: {}",
                 m.unexpected("data-hello")
             );
+        }
+        Err(ProtocolError::Idle) => {
+            let e = SessionError::NoHello(shared.handshake);
+            return warn!("data connection from {addr} closed: {e}");
         }
         Err(e) => return warn!("data connection from {addr} closed: {e}"),
     };
@@ -361,6 +469,40 @@ fn batches(requests: Vec<Request>, transfers: usize) -> Vec<Vec<Request>> {
     out
 }
 
+/// Awaits `work`, telling the client every `every` that the server is still at it. A client
+/// that is gone does not cut the work short (a session always waits for its own work): the
+/// keepalives just stop, and the next real message fails.
+async fn keepalive<T>(
+    every: Duration,
+    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    work: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let mut tick = ticks(every);
+    let mut alive = true;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tick.tick(), if alive => alive = send_keepalive(wr).await.is_ok(),
+        }
+    }
+}
+
+/// Ticks every `every`, the first one `every` from now.
+fn ticks(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// An empty `FileList`: the client skips it, and knows the server is alive.
+async fn send_keepalive(
+    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+) -> Result<(), ProtocolError> {
+    protocol::write(wr, &Message::FileList(Vec::new())).await?;
+    Ok(wr.flush().await?)
+}
+
 /// Requests the batches, keeping up to `transfers` of them in flight, each received on its
 /// own data connection and thread.
 async fn fetch(
@@ -377,6 +519,11 @@ async fn fetch(
     let mut asked: HashMap<u32, Vec<Request>> = HashMap::new();
     let mut running = JoinSet::new();
     let mut registered: HashMap<u32, Receiving> = HashMap::new();
+    // The control connection is quiet while files arrive on the data connections: keepalives
+    // tell the client the server is still there. Waiting for a data connection is bounded
+    // from the last time one arrived or finished, not from the last keepalive.
+    let mut tick = ticks(shared.keepalive);
+    let mut progress = tokio::time::Instant::now();
     loop {
         while asked.len() + running.len() < transfers {
             let Some((id, batch)) = batches.next() else {
@@ -396,6 +543,7 @@ async fn fetch(
         }
         tokio::select! {
             conn = data.recv(), if !asked.is_empty() => {
+                progress = tokio::time::Instant::now();
                 let (id, stream) = conn.ok_or(SessionError::NoDataConnection)?;
                 let batch = asked
                     .remove(&id)
@@ -411,6 +559,7 @@ async fn fetch(
                 });
             }
             Some(done) = running.join_next(), if !running.is_empty() => {
+                progress = tokio::time::Instant::now();
                 let (id, got) = done.expect("receive does not panic");
                 registered.remove(&id);
                 let got = got?;
@@ -419,9 +568,10 @@ async fn fetch(
                 total.failed.extend(got.failed);
                 total.learned.extend(got.learned);
             }
-            _ = tokio::time::sleep(idle), if running.is_empty() => {
+            _ = tokio::time::sleep_until(progress + idle), if running.is_empty() => {
                 return Err(SessionError::NoDataConnection);
             }
+            _ = tick.tick() => send_keepalive(wr).await?,
         }
     }
 }
@@ -531,12 +681,15 @@ impl Drop for Registration<'_> {
 }
 
 async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result<(), SessionError> {
-    let idle = shared.idle;
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut wr = BufWriter::new(wr);
 
-    let (transfers, algorithm) = match protocol::read_within(&mut rd, idle).await? {
+    let hello = match protocol::read_within(&mut rd, shared.handshake).await {
+        Err(ProtocolError::Idle) => return Err(SessionError::NoHello(shared.handshake)),
+        hello => hello?,
+    };
+    let (transfers, algorithm) = match hello {
         Message::Hello {
             version,
             transfers,
@@ -564,7 +717,7 @@ async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result
         Ok(g) => g,
         Err(_) => {
             info!("client {addr} waits for another session to finish");
-            shared.session.lock().await
+            keepalive(shared.keepalive, &mut wr, shared.session.lock()).await
         }
     };
     if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
@@ -637,7 +790,9 @@ async fn sync(
     // Whatever the client does, the scan is this session's work: it is waited for before the
     // session ends, so that sessions never overlap, even in their leftovers.
     let listed = read_list(rd, idle).await;
-    let server = scanning.await.expect("scan does not panic");
+    let server = keepalive(shared.keepalive, wr, scanning)
+        .await
+        .expect("scan does not panic");
     let entries = listed?;
     let server = server?;
     check_algorithm(&entries, algorithm)?;
@@ -650,12 +805,13 @@ async fn sync(
     let client = hash_where_it_matters(rd, wr, client, &server, (idle, algorithm)).await?;
 
     let root = shared.root.clone();
-    let (mut outcome, plan) = tokio::task::spawn_blocking(move || {
+    let planning = tokio::task::spawn_blocking(move || {
         let plan = plan::plan(&client, &server);
         (apply::apply_local(&root, &plan), plan)
-    })
-    .await
-    .expect("plan and apply do not panic");
+    });
+    let (mut outcome, plan) = keepalive(shared.keepalive, wr, planning)
+        .await
+        .expect("plan and apply do not panic");
 
     let mut summary = Summary {
         copied: outcome.copied,
@@ -675,7 +831,7 @@ async fn sync(
     let (cache_file, learned) = (shared.cache_file.clone(), got.learned);
 
     let root = shared.root.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
+    let finishing = tokio::task::spawn_blocking(move || {
         apply::apply_meta(&root, &plan, &mut outcome);
         // What was just received and verified need not be read again next session.
         if let Some(file) = cache_file.filter(|_| !learned.is_empty())
@@ -694,9 +850,10 @@ async fn sync(
                 .push((String::new(), format!("failed to flush to disk: {e}")));
         }
         outcome
-    })
-    .await
-    .expect("apply does not panic");
+    });
+    let outcome = keepalive(shared.keepalive, wr, finishing)
+        .await
+        .expect("apply does not panic");
     summary.set_failures(outcome.failed);
 
     protocol::write(wr, &Message::SyncDone(summary.clone())).await?;

@@ -10,7 +10,7 @@ use std::cmp::Ordering;
 use std::fs::{self, Metadata};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
 use crate::core::manifest::cmp_components;
@@ -64,8 +64,7 @@ impl HashCache {
     /// Where the cache of `dir` lives under `cache_dir`: one file per directory, named by the
     /// MD5 of its canonical path.
     pub fn file_for(cache_dir: &Path, dir: &Path) -> PathBuf {
-        let canon = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-        let key = HashAlgorithm::Md5.of(canon.as_os_str().as_encoded_bytes());
+        let key = HashAlgorithm::Md5.of(resolve(dir).as_os_str().as_encoded_bytes());
         cache_dir.join(format!("{key}.hashes"))
     }
 
@@ -85,8 +84,9 @@ impl HashCache {
         let Some(cache_dir) = cache_dir.map(Path::to_owned).or_else(Self::default_dir) else {
             return Ok(None);
         };
-        let canon = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
-        if canon(&cache_dir).starts_with(canon(dir)) {
+        // Either may not exist yet (the cache directory is created on first save, the
+        // server's DIR at start): compare where they will be, not just what exists now.
+        if resolve(&cache_dir).starts_with(resolve(dir)) {
             return Err(format!(
                 "cache directory {} is inside the synced directory {}",
                 cache_dir.display(),
@@ -230,6 +230,33 @@ impl HashCache {
     }
 }
 
+/// Where `p` is or would be once created: its deepest existing ancestor canonicalized (so
+/// symlinks and `..` there are resolved), then the rest of `p` appended. That rest does not
+/// exist, so it holds no symlink and its `..` can be applied lexically.
+fn resolve(p: &Path) -> PathBuf {
+    let abs = match std::env::current_dir() {
+        Ok(cwd) if p.is_relative() => cwd.join(p),
+        _ => p.to_owned(),
+    };
+    for base in abs.ancestors() {
+        let Ok(mut out) = fs::canonicalize(base) else {
+            continue;
+        };
+        let rest = abs.strip_prefix(base).unwrap_or(Path::new(""));
+        for c in rest.components() {
+            match c {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::CurDir => {}
+                c => out.push(c),
+            }
+        }
+        return out;
+    }
+    abs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +374,36 @@ mod tests {
         fs::copy(&c.file, &md5_file).unwrap();
         assert!(HashCache::load(&file, HashAlgorithm::Md5).old.is_empty());
         assert_eq!(HashCache::load(&file, B3).old.len(), 1);
+    }
+
+    #[test]
+    fn a_cache_inside_the_synced_directory_is_refused_even_before_it_exists() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("tree");
+        fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&dir, d.path().join("link")).unwrap();
+        for inside in [
+            dir.join(".cache"),
+            dir.join("a/b/.cache"),
+            dir.join("a/../.cache"),
+            d.path().join("link/new/.cache"),
+            d.path().join("elsewhere/../tree/.cache"),
+        ] {
+            let got = HashCache::file_for_dir(Some(&inside), &dir);
+            assert!(got.is_err(), "{} accepted: {got:?}", inside.display());
+        }
+        // A server DIR that does not exist yet is compared where it will be.
+        let missing = d.path().join("new-tree");
+        assert!(HashCache::file_for_dir(Some(&missing.join("c")), &missing).is_err());
+        for outside in [
+            d.path().join("tree-cache"),
+            dir.join("../cache"),
+            d.path().join("c/d"),
+        ] {
+            let got = HashCache::file_for_dir(Some(&outside), &dir);
+            assert!(got.is_ok(), "{} refused: {got:?}", outside.display());
+        }
+        assert!(!dir.join(".cache").exists() && !dir.join("a").exists());
     }
 
     #[test]

@@ -205,7 +205,11 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(self.bytes()?).map_err(|_| ProtocolError::Utf8(what))
     }
     /// A string of at most `max` bytes, so that a peer cannot make one entry cost megabytes.
-    pub(crate) fn str_max(&mut self, what: &'static str, max: usize) -> Result<String, ProtocolError> {
+    pub(crate) fn str_max(
+        &mut self,
+        what: &'static str,
+        max: usize,
+    ) -> Result<String, ProtocolError> {
         let s = self.str(what)?;
         if s.len() > max {
             return Err(ProtocolError::Malformed(what));

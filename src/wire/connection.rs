@@ -175,7 +175,8 @@ impl<S: Write, M: WireMessage> BlockingConnection<S, M> {
 impl<S: Write> BlockingConnection<S, DataMessage> {
     /// Sends a `Chunk` straight from `data`, sparing the copy into a message on the hot path.
     pub fn send_chunk(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
-        self.stream.write_all(&DataMessage::chunk_header(data.len()))?;
+        self.stream
+            .write_all(&DataMessage::chunk_header(data.len()))?;
         self.stream.write_all(data)?;
         Ok(())
     }
@@ -242,10 +243,7 @@ mod tests {
             rx.recv().unwrap(),
             Some(DataMessage::Chunk(Bytes::from_static(b"abc")))
         );
-        assert_eq!(
-            rx.recv().unwrap(),
-            Some(DataMessage::Hole { len: 1 << 40 })
-        );
+        assert_eq!(rx.recv().unwrap(), Some(DataMessage::Hole { len: 1 << 40 }));
         assert!(matches!(
             rx.recv().unwrap(),
             Some(DataMessage::FileEnd { hash: Some(_) })

@@ -111,7 +111,10 @@ pub enum ControlMessage {
     /// `Unreadable`.
     HashAnswer(Vec<Entry>),
     /// Server → client: send these files over a data connection that names `id`.
-    FileRequest { id: u32, paths: Vec<RelPath> },
+    FileRequest {
+        id: u32,
+        paths: Vec<RelPath>,
+    },
     /// Server → client: the session is over.
     SyncDone(Summary),
     /// Either way: the session cannot go on, and why.

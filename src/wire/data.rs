@@ -15,18 +15,29 @@ pub const CHUNK_SIZE: usize = 256 << 10;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataMessage {
     /// First on every data connection: the session's token and the request it answers.
-    DataHello { token: u64, request: u32 },
-    FileBegin { path: RelPath },
+    DataHello {
+        token: u64,
+        request: u32,
+    },
+    FileBegin {
+        path: RelPath,
+    },
     /// The next bytes of the file. A slice of the frame it arrived in: never copied.
     Chunk(Bytes),
     /// The next `len` bytes of the file are a hole (zeros the sender's file system does not
     /// store): the receiver leaves them unwritten, so a sparse file stays sparse.
-    Hole { len: u64 },
+    Hole {
+        len: u64,
+    },
     /// The end of a file's data; `hash` is the hash of what was sent when the file was
     /// announced unhashed, else `None` (the server checks against the announced hash).
-    FileEnd { hash: Option<ContentHash> },
+    FileEnd {
+        hash: Option<ContentHash>,
+    },
     /// The sender could not send the file (it vanished, changed, could not be read).
-    FileAbort { reason: String },
+    FileAbort {
+        reason: String,
+    },
 }
 
 impl DataMessage {
