@@ -63,7 +63,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    server_sync::limit_malloc_arenas();
+    server_sync::process::limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
-    server_sync::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
+    server_sync::process::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
     let cache_file = if args.no_cache {
         None
     } else {
@@ -105,7 +105,7 @@ async fn run(args: Args) -> ExitCode {
         client::run(
             &cfg,
             Duration::from_secs(args.interval),
-            server_sync::shutdown_signal(),
+            server_sync::process::shutdown_signal(),
         )
         .await;
         return ExitCode::SUCCESS;

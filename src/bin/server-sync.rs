@@ -54,7 +54,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    server_sync::limit_malloc_arenas();
+    server_sync::process::limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
-    server_sync::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
+    server_sync::process::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
     match serve(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -101,6 +101,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         cache_file,
         ..server::Config::new(root.path())
     };
-    server::run(config, control, data, server_sync::shutdown_signal()).await?;
+    server::run(
+        config,
+        control,
+        data,
+        server_sync::process::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -172,7 +172,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
         .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
         .map_err(unreachable)?;
     let peer = stream.peer_addr().map_err(unreachable)?;
-    crate::set_keepalive(&stream).map_err(unreachable)?;
+    crate::process::set_keepalive(&stream).map_err(unreachable)?;
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut wr = BufWriter::new(wr);
@@ -317,7 +317,7 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
                     .map_err(ProtocolError::from)?;
                 data.set_nonblocking(false).map_err(ProtocolError::from)?;
                 // A server that stops reading must not hold this thread forever.
-                crate::set_keepalive(&data).map_err(ProtocolError::from)?;
+                crate::process::set_keepalive(&data).map_err(ProtocolError::from)?;
                 data.set_write_timeout(Some(DATA_WRITE_TIMEOUT))
                     .map_err(ProtocolError::from)?;
                 let (root, listed) = (root.clone(), listed.clone());

@@ -651,7 +651,7 @@ struct Receiving<'a> {
 
 impl<'a> Receiving<'a> {
     fn register(shared: &'a Shared, stream: &std::net::TcpStream) -> Option<Receiving<'a>> {
-        let id = crate::random_u64();
+        let id = crate::process::random_u64();
         let clone = stream.try_clone().ok()?;
         shared.receiving.lock().unwrap().insert(id, clone);
         Some(Receiving { shared, id })
@@ -727,7 +727,7 @@ async fn session(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Result
         return Err(err);
     }
     info!("client {addr} connected ({algorithm})");
-    let token = crate::random_u64();
+    let token = crate::process::random_u64();
     let (tx, mut rx) = mpsc::channel(MAX_TRANSFERS);
     shared.waiting.lock().unwrap().insert(token, tx);
     let _registration = Registration { shared, token };

@@ -39,9 +39,10 @@ struct Stage {
 
 impl Stage {
     fn new(root: &Root) -> io::Result<Stage> {
-        let dir = root
-            .path()
-            .join(format!("{TEMP_PREFIX}stage-{:016x}", crate::random_u64()));
+        let dir = root.path().join(format!(
+            "{TEMP_PREFIX}stage-{:016x}",
+            crate::process::random_u64()
+        ));
         fs::create_dir(&dir)?;
         Ok(Stage { dir })
     }
@@ -150,7 +151,11 @@ pub fn apply_meta(root: &Root, plan: &Plan, out: &mut Outcome) {
 fn stage_one(root: &Root, stage: &Stage, c: &LocalCopy) -> io::Result<TempFile> {
     let src = root.resolve(&c.src).map_err(io::Error::other)?;
     let tmp = if c.is_move {
-        let tmp = TempFile::adopt(stage.dir.join(format!("{:016x}", crate::random_u64())));
+        let tmp = TempFile::adopt(
+            stage
+                .dir
+                .join(format!("{:016x}", crate::process::random_u64())),
+        );
         let src_dir = src.parent().expect("resolved paths are below the root");
         in_dir(src_dir, || fs::rename(&src, tmp.path()))?;
         // Moved, not yet trusted: a file modified behind our back since the scan is refused.

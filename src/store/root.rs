@@ -201,7 +201,7 @@ fn is_real_dir(p: &Path) -> bool {
 }
 
 fn temp_name() -> String {
-    format!("{TEMP_PREFIX}{:016x}", crate::random_u64())
+    format!("{TEMP_PREFIX}{:016x}", crate::process::random_u64())
 }
 
 /// Sets the modification time of `p` itself, even when `p` is a symlink.
