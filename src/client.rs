@@ -319,10 +319,7 @@ fn answer_hashes(
             else {
                 return unreadable("not an unhashed file of this client".into());
             };
-            let hashed = root
-                .resolve(path)
-                .map_err(std::io::Error::other)
-                .and_then(|p| scan::hash_stable(&p));
+            let hashed = root.open_read(path).and_then(scan::hash_stable);
             match hashed {
                 Ok((size, md5, stamp)) => {
                     learned.extend(stamp.map(|stamp| (path.to_string(), stamp, md5)));
