@@ -119,7 +119,7 @@ impl Notice {
     fn warn(&self, dir: &Path) {
         if !self.0.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                "this kernel has no openat2 (Linux 5.6 or later): writes below {} are confined by \
+                "this kernel has no openat2 (Linux 5.6 or later): paths below {} are confined by \
                  checking each parent with lstat first, which a local process swapping a \
                  directory for a symlink at that moment could defeat",
                 dir.display()
@@ -202,8 +202,16 @@ impl Root {
         Ok(rel.to_path(&self.dir))
     }
 
-    /// Opens the directory that holds `rel`, beneath the handle, following no symlink.
+    /// Opens the directory that holds `rel`, beneath the handle, following no symlink; a
+    /// directory of ours on the way that we may not search is opened up (see
+    /// [`Root::walk_granting`]). For the store's own work, never to serve a read for a peer.
     fn open_parent<'r>(&self, rel: &'r RelPath) -> Result<(Parent, &'r str), RootError> {
+        self.parent(rel, true)
+    }
+
+    /// Opens the directory that holds `rel`, beneath the handle, following no symlink, and,
+    /// when `open_up`, opening up directories of ours on the way that shut us out.
+    fn parent<'r>(&self, rel: &'r RelPath, open_up: bool) -> Result<(Parent, &'r str), RootError> {
         let (dir, name) = split(rel);
         let opened = self.opened().map_err(|e| RootError::io(rel, e))?;
         let root = opened.fd.as_fd();
@@ -221,7 +229,7 @@ impl Root {
         };
         let fd = match found {
             Ok(fd) => fd,
-            Err(Errno::ACCESS) => self
+            Err(Errno::ACCESS) if open_up => self
                 .walk_granting(root, dir)
                 .map_err(|e| self.refusal(root, rel, dir, e))?,
             Err(e) => return Err(self.refusal(root, rel, dir, e)),
@@ -421,8 +429,9 @@ impl Root {
     }
 
     /// Opens the regular file `rel` for reading, beneath the handle, following no symlink.
+    /// Changes nothing, not even a mode: the client reads its tree with it.
     pub fn open_read(&self, rel: &RelPath) -> io::Result<File> {
-        let (parent, name) = self.open_parent(rel).map_err(RootError::into_io)?;
+        let (parent, name) = self.parent(rel, false).map_err(RootError::into_io)?;
         regular(rustix::fs::openat(&*parent.fd, name, READ, Mode::empty())?)
     }
 
@@ -1206,6 +1215,170 @@ mod tests {
             Root::new(d.path()).mkdir(&p("a")).unwrap();
         });
         assert_eq!(log, "");
+    }
+
+    /// Runs `f` on a thread for which permission bits mean what they mean to a server that is
+    /// not root: as this user when it is not root; when it is, as `nobody` (uid 65534, on that
+    /// thread only), after handing `tree` (and everything in it) to `nobody`. `None` when that
+    /// cannot be done here.
+    fn unprivileged<T: Send>(tree: &Path, f: impl FnOnce() -> T + Send) -> Option<T> {
+        if !rustix::process::geteuid().is_root() {
+            return Some(f());
+        }
+        const NOBODY: u32 = 65534;
+        let mut stack = vec![tree.to_owned()];
+        while let Some(d) = stack.pop() {
+            std::os::unix::fs::lchown(&d, Some(NOBODY), Some(NOBODY)).unwrap();
+            if fs::symlink_metadata(&d).unwrap().is_dir() {
+                stack.extend(fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Only this thread's credentials change (the raw system call, not glibc's
+                // process-wide wrapper); it drops root's capabilities with them.
+                let nobody = rustix::fs::Uid::from_raw(NOBODY);
+                if let Err(e) = rustix::thread::set_thread_res_uid(nobody, nobody, nobody) {
+                    eprintln!("SKIPPED: cannot act as uid {NOBODY}: {e}");
+                    return None;
+                }
+                Some(f())
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn directories_that_shut_us_out_are_opened_up_and_put_back() {
+        let top = tempfile::tempdir().unwrap();
+        fs::set_permissions(top.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = top.path().join("dir");
+        fs::create_dir_all(dir.join("locked/deeper")).unwrap();
+        fs::create_dir(dir.join("ro")).unwrap();
+        fs::write(dir.join("locked/x"), "x").unwrap();
+        fs::write(dir.join("locked/z"), "z").unwrap();
+        fs::write(dir.join("locked/deeper/y"), "y").unwrap();
+        for (path, mode) in [
+            ("locked/x", 0o000),
+            ("locked/deeper", 0o000),
+            ("locked", 0o000),
+            ("ro", 0o555),
+        ] {
+            fs::set_permissions(dir.join(path), fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let read = |f: io::Result<File>| {
+            let mut s = String::new();
+            io::Read::read_to_string(&mut f?, &mut s)?;
+            Ok::<_, io::Error>(s)
+        };
+        let got = unprivileged(&dir, || {
+            // The server's scan lists and hashes all of it, and leaves the modes as found.
+            let opts = crate::scan::Options {
+                read_own: true,
+                defer_above: None,
+            };
+            let listed: Vec<String> = crate::scan::scan(&dir, None, opts)
+                .unwrap()
+                .entries
+                .iter()
+                .map(|e| format!("{} {}", e.path, e.kind.name()))
+                .collect();
+            // All that can be seen from here: mode 000 shuts us out of what is inside.
+            let after_scan = mode(&dir.join("locked"));
+
+            let r = Root::new(&dir);
+            // A plain read changes nothing to get in: the client reads its tree this way.
+            let refused = r.open_read(&p("locked/deeper/y")).map(drop);
+            let untouched = mode(&dir.join("locked"));
+            let y = read(r.open_read_own(&p("locked/deeper/y"))).unwrap();
+            let x = read(r.open_read_own(&p("locked/x"))).unwrap();
+            let mut t = r.temp_for(&p("locked/deeper/new")).unwrap();
+            t.file().write_all(b"new").unwrap();
+            r.place(t, &p("locked/deeper/new")).unwrap();
+            r.remove(&p("locked/z")).unwrap();
+            r.mkdir(&p("ro/sub")).unwrap();
+            r.symlink(&p("ro/link"), "sub").unwrap();
+            let meta = Meta {
+                mode: 0o600,
+                ..Meta::default()
+            };
+            r.set_meta(&p("locked/deeper/y"), &meta).unwrap();
+            let failed = r.restore_modes();
+            (listed, after_scan, refused, untouched, x, y, failed)
+        });
+        let Some((listed, after_scan, refused, untouched, x, y, failed)) = got else {
+            return;
+        };
+        assert_eq!(
+            listed,
+            [
+                "locked dir",
+                "locked/deeper dir",
+                "locked/deeper/y file",
+                "locked/x file",
+                "locked/z file",
+                "ro dir",
+            ]
+        );
+        assert_eq!(after_scan, 0, "the scan put the mode back");
+        let refused = refused.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied, "{refused}");
+        assert_eq!(untouched, 0, "open_read opened nothing up");
+        assert_eq!((x.as_str(), y.as_str()), ("x", "y"));
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(mode(&dir.join("locked")), 0);
+        assert_eq!(mode(&dir.join("locked/deeper")), 0);
+        assert_eq!(mode(&dir.join("ro")), 0o555);
+        assert_eq!(mode(&dir.join("locked/deeper/y")), 0o600);
+        assert_eq!(
+            mode(&dir.join("locked/x")),
+            0,
+            "read, and its mode put back"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("locked/deeper/new")).unwrap(),
+            "new"
+        );
+        assert!(!dir.join("locked/z").exists());
+        assert!(dir.join("ro/sub").is_dir());
+        assert_eq!(
+            fs::read_link(dir.join("ro/link")).unwrap(),
+            Path::new("sub")
+        );
+        // Let the temporary directory be removed when the test runs unprivileged.
+        for d in ["locked", "locked/deeper"] {
+            fs::set_permissions(dir.join(d), fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_mode_set_since_is_kept_and_a_vanished_directory_is_skipped() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("a/b")).unwrap();
+        let r = Root::new(root.path());
+        // As if the store had opened these up to get its work done.
+        for (d, before) in [("a", 0o500), ("a/b", 0o000), ("gone", 0o000)] {
+            r.inner.granted.lock().unwrap().insert(d.into(), before);
+        }
+        let meta = Meta {
+            mode: 0o750,
+            ..Meta::default()
+        };
+        r.set_meta(&p("a/b"), &meta).unwrap();
+        assert!(r.restore_modes().is_empty());
+        assert_eq!(mode(&root.path().join("a")), 0o500);
+        assert_eq!(
+            mode(&root.path().join("a/b")),
+            0o750,
+            "the plan's mode wins"
+        );
+        assert!(r.inner.granted.lock().unwrap().is_empty());
+        fs::set_permissions(root.path().join("a"), fs::Permissions::from_mode(0o755)).unwrap();
     }
 
     /// Every entry below `dir`, with its content, mode and mtime.
