@@ -1452,7 +1452,7 @@ mod tests {
                 mtime_secs: 2_000,
                 mtime_nanos: 0,
             };
-            for i in 0..2_000 {
+            for i in 0..5_000 {
                 if Instant::now() > deadline {
                     break;
                 }
