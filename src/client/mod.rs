@@ -379,9 +379,8 @@ fn answer_hashes(
                 return unreadable("not an unhashed file of this client".into());
             };
             let hashed = root
-                .resolve(path)
-                .map_err(std::io::Error::other)
-                .and_then(|p| scan::hash_stable(&p, algorithm));
+                .open_read(path)
+                .and_then(|f| scan::hash_stable(f, algorithm));
             match hashed {
                 Ok((size, hash, stamp)) => {
                     learned.extend(stamp.map(|stamp| Learned {

@@ -1,16 +1,15 @@
 //! Carries out the local part of a plan on the server's directory: staged copies and moves,
 //! deletes, new directories, symlinks, and metadata. Blocking; run it off the async runtime.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
 
 use tracing::{debug, info, warn};
 
-use crate::core::hash::ContentHash;
-use crate::core::manifest::{RelPath, TEMP_PREFIX};
+use crate::core::hash::{ContentHash, HashAlgorithm};
+use crate::core::manifest::RelPath;
 use crate::core::plan::{LocalCopy, Plan, Request};
-use crate::store::root::{Root, TempFile, in_dir};
+use crate::store::root::{Root, Stage, TempFile};
 
 /// What the local phases did. Failures are recorded and the rest goes on.
 #[derive(Debug, Default)]
@@ -31,29 +30,6 @@ impl Outcome {
     }
 }
 
-/// A directory at the root holding staged copies until they are renamed into place; removed
-/// with whatever is left in it when dropped.
-struct Stage {
-    dir: PathBuf,
-}
-
-impl Stage {
-    fn new(root: &Root) -> io::Result<Stage> {
-        let dir = root.path().join(format!(
-            "{TEMP_PREFIX}stage-{:016x}",
-            crate::process::random_u64()
-        ));
-        fs::create_dir(&dir)?;
-        Ok(Stage { dir })
-    }
-}
-
-impl Drop for Stage {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Phases 1 to 4 of [`Plan`]: everything that needs nothing from the client.
 pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
     let mut out = Outcome::default();
@@ -61,7 +37,7 @@ pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
     let stage = if plan.copies.is_empty() {
         None
     } else {
-        match Stage::new(root) {
+        match root.stage() {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!("failed to create a staging directory, requesting instead: {e}");
@@ -136,7 +112,8 @@ pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
 }
 
 /// Phase 6 of [`Plan`]: metadata of entries whose content was already right, then
-/// directories, deepest first.
+/// directories, deepest first; last, the modes of directories of ours that the session had to
+/// open up (mode 000 or read-only on a server that is not root) and that the plan did not set.
 pub fn apply_meta(root: &Root, plan: &Plan, out: &mut Outcome) {
     for (path, meta) in plan.file_meta.iter().chain(&plan.dir_meta) {
         match root.set_meta(path, meta) {
@@ -144,38 +121,27 @@ pub fn apply_meta(root: &Root, plan: &Plan, out: &mut Outcome) {
             Err(e) => out.fail("set metadata of", path, e),
         }
     }
+    for (path, err) in root.restore_modes() {
+        warn!("failed to put back the mode of {path}: {err}");
+        out.failed
+            .push((path, format!("failed to put back the mode: {err}")));
+    }
 }
 
 /// Puts the content for `c.dst` into the staging area, verified against its MD5, with the
 /// client's permission bits and mtime already applied.
 fn stage_one(root: &Root, stage: &Stage, c: &LocalCopy) -> io::Result<TempFile> {
-    let src = root.resolve(&c.src).map_err(io::Error::other)?;
     let tmp = if c.is_move {
-        let tmp = TempFile::adopt(
-            stage
-                .dir
-                .join(format!("{:016x}", crate::process::random_u64())),
-        );
-        let src_dir = src.parent().expect("resolved paths are below the root");
-        in_dir(src_dir, || fs::rename(&src, tmp.path()))?;
+        let tmp = stage.take(&c.src).map_err(io::Error::other)?;
         // Moved, not yet trusted: a file modified behind our back since the scan is refused.
-        let (_, hash) = crate::store::scan::hash_file(tmp.path(), c.hash.algorithm())?;
-        check_hash(hash, c.hash)?;
+        let alg = c.hash.algorithm();
+        check_hash(copy_hashing(&mut tmp.open_read()?, None, alg)?, c.hash)?;
         tmp
     } else {
-        let mut tmp = TempFile::new_in(&stage.dir)?;
-        let mut from = File::open(&src)?;
-        let mut h = c.hash.algorithm().hasher();
-        let mut buf = vec![0u8; COPY_BUF];
-        loop {
-            let n = from.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            tmp.file().write_all(&buf[..n])?;
-        }
-        check_hash(h.finish(), c.hash)?;
+        let mut tmp = stage.temp_file()?;
+        let mut from = root.open_read_own(&c.src)?;
+        let alg = c.hash.algorithm();
+        check_hash(copy_hashing(&mut from, Some(tmp.file()), alg)?, c.hash)?;
         tmp
     };
     tmp.set_meta(&c.meta)?;
@@ -184,6 +150,29 @@ fn stage_one(root: &Root, stage: &Stage, c: &LocalCopy) -> io::Result<TempFile> 
 
 /// Bytes read at a time by a local copy.
 const COPY_BUF: usize = 256 << 10;
+
+/// The hash of what `from` holds, written to `to` as it is read when there is one.
+fn copy_hashing(
+    from: &mut File,
+    mut to: Option<&mut File>,
+    alg: HashAlgorithm,
+) -> io::Result<ContentHash> {
+    let mut h = alg.hasher();
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        if let Some(to) = to.as_mut() {
+            to.write_all(&buf[..n])?;
+        }
+    }
+    Ok(h.finish())
+}
 
 fn check_hash(got: ContentHash, want: ContentHash) -> io::Result<()> {
     if got != want {

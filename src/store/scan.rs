@@ -3,12 +3,13 @@
 
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
 use crate::core::manifest::{Entry, Kind, Meta, RelPath, TEMP_PREFIX};
 use crate::store::cache::{HashCache, Stamp};
+use crate::store::root::Root;
 
 /// What a walk found: entries in component order (parents first), and warnings about what it
 /// skipped.
@@ -59,8 +60,10 @@ pub struct Options {
     /// The session's content hash.
     pub algorithm: HashAlgorithm,
     /// Read a file this process owns but may not read (mode 0000 on a server that is not
-    /// root) by granting owner-read for the moment of hashing: the server must know what its
-    /// own mirror holds.
+    /// root) by granting owner-read for the moment of opening it, and list a directory it owns
+    /// but may not list or enter by granting owner read/search until the scan ends: the server
+    /// must know what its own mirror holds. Those modes change through a [`Root`] of the
+    /// scanned directory, and are put back.
     pub read_own: bool,
     /// List files at least this large that the cache cannot vouch for as `Unhashed` instead
     /// of reading them now: their hash is computed while they are sent, or when the server
@@ -84,8 +87,24 @@ pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, opts: Options) -> io
     let mut scan = Scan::default();
     let mut pending = Vec::new();
     let top = read_dir_sorted(root)?;
-    walk(None, top, &mut scan, &mut pending, &mut cache, &opts);
-    hash_pending(&mut scan, pending, cache.as_deref(), &opts);
+    let own = opts.read_own.then(|| Root::new(root));
+    // Directories opened up for the walk stay so until their files are hashed.
+    let _restore = own.as_ref().map(Root::restoring_modes);
+    walk(
+        None,
+        top,
+        &mut scan,
+        &mut pending,
+        &mut cache,
+        &opts,
+        own.as_ref(),
+    );
+    hash_pending(
+        &mut scan,
+        pending,
+        cache.as_deref(),
+        (opts.algorithm, own.as_ref()),
+    );
     Ok(scan)
 }
 
@@ -110,13 +129,17 @@ struct Pending {
     stamp: Stamp,
 }
 
-fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache>, opts: &Options) {
-    let alg = opts.algorithm;
-    let hash = |p: &Pending| match hash_file(&p.path, alg) {
-        Err(e) if opts.read_own && e.kind() == io::ErrorKind::PermissionDenied => {
-            hash_own_unreadable(&p.path, alg).unwrap_or(Err(e))
+fn hash_pending(
+    scan: &mut Scan,
+    pending: Vec<Pending>,
+    cache: Option<&HashCache>,
+    (alg, own): (HashAlgorithm, Option<&Root>),
+) {
+    let hash = |p: &Pending| match (hash_file(&p.path, alg), own) {
+        (Err(e), Some(own)) if e.kind() == io::ErrorKind::PermissionDenied => {
+            hash_own_unreadable(own, &p.path, alg).unwrap_or(Err(e))
         }
-        r => r,
+        (r, _) => r,
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = pending.len().div_ceil(threads).max(1);
@@ -179,6 +202,7 @@ fn walk(
     pending: &mut Vec<Pending>,
     cache: &mut Option<&mut HashCache>,
     opts: &Options,
+    own: Option<&Root>,
 ) {
     for ent in children {
         let name = ent.file_name();
@@ -223,14 +247,14 @@ fn walk(
         let meta = meta_of(&md);
         let ft = md.file_type();
         if ft.is_dir() {
-            match read_dir_sorted(&path) {
+            match read_own_dir(own, &rel, &md, &path) {
                 Ok(kids) => {
                     scan.entries.push(Entry {
                         path: rel.clone(),
                         kind: Kind::Dir,
                         meta,
                     });
-                    walk(Some(&rel), kids, scan, pending, cache, opts);
+                    walk(Some(&rel), kids, scan, pending, cache, opts, own);
                 }
                 Err(e) => scan.entries.push(unreadable(e)),
             }
@@ -292,35 +316,46 @@ fn walk(
     }
 }
 
-/// Hashes a file this process owns but may not read, by adding owner-read for the moment and
-/// putting the mode back. `None` when the file is not ours to do that to.
-fn hash_own_unreadable(path: &Path, alg: HashAlgorithm) -> Option<io::Result<(u64, ContentHash)>> {
-    use std::os::unix::fs::PermissionsExt;
-    let m = fs::symlink_metadata(path).ok()?;
-    // SAFETY: geteuid has no preconditions.
-    if !m.is_file() || m.uid() != unsafe { libc::geteuid() } || m.mode() & 0o400 != 0 {
-        return None;
+/// Lists the directory `rel` of the walk. With `own` (the server scanning its own mirror), a
+/// directory this process owns but may not list or enter (mode 000 on a server that is not
+/// root) is opened up first; the scan puts its mode back when it ends.
+fn read_own_dir(
+    own: Option<&Root>,
+    rel: &RelPath,
+    md: &Metadata,
+    path: &Path,
+) -> io::Result<Vec<fs::DirEntry>> {
+    if let Some(own) = own {
+        let euid = rustix::process::geteuid();
+        if !euid.is_root() && md.uid() == euid.as_raw() && md.mode() & 0o500 != 0o500 {
+            // Should that fail, listing it says why.
+            let _ = own.open_up_dir(rel);
+        }
     }
-    let mode = m.permissions().mode();
-    fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o400)).ok()?;
-    let res = hash_file(path, alg);
-    if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
-        return Some(Err(e));
-    }
-    Some(res)
+    read_dir_sorted(path)
 }
 
-/// Size and hash of a file that must not change while it is read: its stamp is taken before
-/// and after, and a difference is an error (the file is being written to). Also the stamp,
-/// when it had settled before the read, so that the hash may be cached.
-pub fn hash_stable(
+/// Hashes a file this process owns but may not read, which `own` opens beneath its handle by
+/// granting owner-read for the moment of opening. `None` when `path` is not in `own`'s tree.
+fn hash_own_unreadable(
+    own: &Root,
     path: &Path,
     alg: HashAlgorithm,
+) -> Option<io::Result<(u64, ContentHash)>> {
+    let rel = RelPath::new(path.strip_prefix(own.path()).ok()?.to_str()?).ok()?;
+    Some(
+        own.open_read_own(&rel)
+            .and_then(|mut f| hash_reader(&mut f, alg)),
+    )
+}
+
+/// Size and hash of a file just opened that must not change while it is read: its stamp is
+/// taken before and after, and a difference is an error (the file is being written to). Also
+/// the stamp, when it had settled before the read, so that the hash may be cached.
+pub fn hash_stable(
+    mut f: File,
+    alg: HashAlgorithm,
 ) -> io::Result<(u64, ContentHash, Option<Stamp>)> {
-    let mut f = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
     let opened = crate::store::cache::now_ns();
     let before = Stamp::of(&f.metadata()?);
     let (size, hash) = hash_reader(&mut f, alg)?;

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 
 use tracing::{info, warn};
 
@@ -368,14 +367,7 @@ fn send_one<W: Write>(
     buf: &mut [u8],
     hash: Option<HashAlgorithm>,
 ) -> Result<Result<(u64, Hashed), String>, ProtocolError> {
-    let open = || {
-        let p = root.resolve(path).map_err(io::Error::other)?;
-        File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(p)
-    };
-    let mut f = match open() {
+    let mut f = match root.open_read(path) {
         Ok(f) => f,
         Err(e) => return Ok(Err(format!("failed to open: {e}"))),
     };
