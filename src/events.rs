@@ -103,8 +103,15 @@ pub enum Event {
         path: RelPath,
         reason: String,
     },
-    /// An entry of the client's tree that cannot be synced (unreadable, special, not hashable).
-    NotSyncing {
+    /// An entry of the client's tree that could not be read (`action`: read or hash): not
+    /// synced, and the server keeps its copy.
+    NotReadable {
+        path: RelPath,
+        action: &'static str,
+        reason: String,
+    },
+    /// An entry of the client's tree that is never synced (a socket, FIFO or device).
+    Skipped {
         path: RelPath,
         reason: String,
     },
@@ -140,7 +147,8 @@ impl Event {
             | Event::FileNotSent { .. }
             | Event::Failed { .. }
             | Event::SendFailed { .. }
-            | Event::NotSyncing { .. } => Level::Warn,
+            | Event::NotReadable { .. }
+            | Event::Skipped { .. } => Level::Warn,
             _ => Level::Info,
         }
     }
@@ -209,9 +217,16 @@ impl fmt::Display for Event {
             Event::SendFailed { path, reason } => {
                 write!(f, "failed to send {path}: {}", Escaped(reason))
             }
-            Event::NotSyncing { path, reason } => {
-                write!(f, "not syncing {path}: {}", Escaped(reason))
-            }
+            Event::NotReadable {
+                path,
+                action,
+                reason,
+            } => write!(
+                f,
+                "cannot {action} {path}, not syncing it: {}",
+                Escaped(reason)
+            ),
+            Event::Skipped { path, reason } => write!(f, "skipping {path}: {}", Escaped(reason)),
             Event::SyncDone => f.write_str("sync:done"),
         }
     }

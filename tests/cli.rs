@@ -1171,7 +1171,7 @@ fn client_usage_and_local_errors_exit_2() {
             [&[file, "--once"], &p[..]].concat(),
             Some("is not a directory"),
         ),
-        ([&[file], &p[..]].concat(), Some("cannot read")),
+        ([&[file], &p[..]].concat(), Some("is not a directory")),
         (
             [
                 &[

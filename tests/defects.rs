@@ -122,9 +122,9 @@ fn welcome() -> Message {
     }
 }
 
-/// An empty `FileList`: the keepalive of both sides.
+/// `Ping`: the keepalive of both sides.
 fn keepalive() -> Message {
-    Message::FileList(Vec::new())
+    Message::Ping
 }
 
 /// A TCP connection from `from` (a loopback address) to 127.0.0.1:`port`.

@@ -484,7 +484,7 @@ fn garbage_and_bad_frames_are_refused() {
                 token: 1,
                 request: 0,
             }),
-            "unexpected data-hello message, expected hello",
+            "data-hello message on the wrong connection",
         ),
         attack(
             "request from the client",
@@ -881,7 +881,7 @@ fn connections_past_the_limit_are_refused() {
     first.hello();
     drop((first, second, third));
     w.server()
-        .wait_for_log_count("ended: connection closed in the middle of a frame", 2, WAIT);
+        .wait_for_log_count("ended: connection closed by the peer", 2, WAIT);
     still_safe_and_serving(&w);
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 use server_sync::client;
 use server_sync::core::hash::HashAlgorithm;
+use server_sync::core::text::Escaped;
 use server_sync::store::cache::HashCache;
 
 /// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.
@@ -85,21 +86,18 @@ async fn run(args: Args) -> ExitCode {
         }
     };
     let cfg = client::Config {
-        root: args.dir,
-        server: args.server,
-        port: args.port,
         cache_file,
         transfers: args.transfers as usize,
         hashes: match args.hash {
             Some(h) => vec![h],
             None => HashAlgorithm::ALL.to_vec(),
         },
-        handshake_timeout: client::HANDSHAKE_TIMEOUT,
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        ..client::Config::new(args.dir, args.server, args.port)
     };
     if !args.once {
-        if let Err(e) = std::fs::read_dir(&cfg.root) {
-            eprintln!("client-sync: cannot read {}: {e}", cfg.root.display());
+        if let Err(e) = server_sync::store::check_dir(&cfg.root) {
+            eprintln!("client-sync: {e}");
             return ExitCode::from(2);
         }
         client::run(
@@ -113,8 +111,12 @@ async fn run(args: Args) -> ExitCode {
     match client::sync_once(&cfg).await {
         Ok(report) => {
             let mut named = 0;
-            for (path, why) in report.failures() {
-                eprintln!("client-sync: not synced: {path}: {why}");
+            for f in report.failures() {
+                eprintln!(
+                    "client-sync: not synced: {}: {}",
+                    Escaped(&f.path),
+                    Escaped(&f.reason)
+                );
                 named += 1;
             }
             if report.failed_count() > named {

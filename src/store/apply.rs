@@ -4,12 +4,14 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
 use crate::core::manifest::RelPath;
 use crate::core::plan::{LocalCopy, Plan, Request};
+use crate::events::{Event, EventSink};
 use crate::store::root::{Root, Stage, TempFile};
+use crate::wire::Failure;
 
 /// What the local phases did. Failures are recorded and the rest goes on.
 #[derive(Debug, Default)]
@@ -17,21 +19,34 @@ pub struct Outcome {
     pub copied: u64,
     pub renamed: u64,
     pub deleted: u64,
-    pub failed: Vec<(String, String)>,
+    pub failed: Vec<Failure>,
     /// Local copies that could not be made (source gone or changed): ask the client instead.
     pub refetch: Vec<Request>,
 }
 
 impl Outcome {
-    fn fail(&mut self, what: &str, path: &RelPath, err: impl std::fmt::Display) {
-        warn!("failed to {what} {path}: {err}");
-        self.failed
-            .push((path.as_str().to_owned(), format!("failed to {what}: {err}")));
+    fn fail(
+        &mut self,
+        events: &dyn EventSink,
+        action: &'static str,
+        path: &RelPath,
+        err: impl std::fmt::Display,
+    ) {
+        let error = err.to_string();
+        self.failed.push(Failure::new(
+            path.as_str(),
+            format!("failed to {action}: {error}"),
+        ));
+        events.emit(Event::Failed {
+            path: path.clone(),
+            action,
+            error,
+        });
     }
 }
 
 /// Phases 1 to 4 of [`Plan`]: everything that needs nothing from the client.
-pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
+pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome {
     let mut out = Outcome::default();
     let mut staged: Vec<(&LocalCopy, TempFile)> = Vec::new();
     let stage = if plan.copies.is_empty() {
@@ -70,42 +85,51 @@ pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
 
     for path in &plan.deletes {
         match root.remove(path) {
-            Ok(is_dir) => {
-                let what = if is_dir { "directory" } else { "file" };
-                info!("Deleting {what}: {path}");
+            Ok(dir) => {
+                events.emit(Event::Deleted {
+                    path: path.clone(),
+                    dir,
+                });
                 out.deleted += 1;
             }
-            Err(e) => out.fail("delete", path, e),
+            Err(e) => out.fail(events, "delete", path, e),
         }
     }
 
     for path in &plan.mkdirs {
         match root.mkdir(path) {
-            Ok(()) => info!("Creating directory: {path}"),
-            Err(e) => out.fail("create directory", path, e),
+            Ok(()) => events.emit(Event::DirCreated { path: path.clone() }),
+            Err(e) => out.fail(events, "create directory", path, e),
         }
     }
 
     for (c, tmp) in staged {
         match root.place(tmp, &c.dst) {
-            // The seed's wording for a rename: the content is found locally and renamed into
-            // place (here by moving it, as the source is gone on the client).
             Ok(()) if c.is_move => {
-                info!("Copying file: {} and renaming to {} (moved)", c.src, c.dst);
+                events.emit(Event::Moved {
+                    src: c.src.clone(),
+                    dst: c.dst.clone(),
+                });
                 out.renamed += 1;
             }
             Ok(()) => {
-                info!("Copying file: {} and renaming to {}", c.src, c.dst);
+                events.emit(Event::Copied {
+                    src: c.src.clone(),
+                    dst: c.dst.clone(),
+                });
                 out.copied += 1;
             }
-            Err(e) => out.fail("place", &c.dst, e),
+            Err(e) => out.fail(events, "place", &c.dst, e),
         }
     }
 
     for (path, target) in &plan.symlinks {
         match root.symlink(path, target) {
-            Ok(()) => info!("Creating symlink: {path} -> {target}"),
-            Err(e) => out.fail("create symlink", path, e),
+            Ok(()) => events.emit(Event::SymlinkCreated {
+                path: path.clone(),
+                target: target.clone(),
+            }),
+            Err(e) => out.fail(events, "create symlink", path, e),
         }
     }
     out
@@ -114,17 +138,22 @@ pub fn apply_local(root: &Root, plan: &Plan) -> Outcome {
 /// Phase 6 of [`Plan`]: metadata of entries whose content was already right, then
 /// directories, deepest first; last, the modes of directories of ours that the session had to
 /// open up (mode 000 or read-only on a server that is not root) and that the plan did not set.
-pub fn apply_meta(root: &Root, plan: &Plan, out: &mut Outcome) {
+pub fn apply_meta(root: &Root, plan: &Plan, out: &mut Outcome, events: &dyn EventSink) {
     for (path, meta) in plan.file_meta.iter().chain(&plan.dir_meta) {
         match root.set_meta(path, meta) {
-            Ok(()) => debug!("Updating metadata: {path}"),
-            Err(e) => out.fail("set metadata of", path, e),
+            Ok(()) => events.emit(Event::MetaUpdated { path: path.clone() }),
+            Err(e) => out.fail(events, "set metadata of", path, e),
         }
     }
     for (path, err) in root.restore_modes() {
-        warn!("failed to put back the mode of {path}: {err}");
-        out.failed
-            .push((path, format!("failed to put back the mode: {err}")));
+        warn!(
+            "failed to put back the mode of {}: {err}",
+            crate::core::text::Escaped(&path)
+        );
+        out.failed.push(Failure::new(
+            path,
+            format!("failed to put back the mode: {err}"),
+        ));
     }
 }
 

@@ -65,6 +65,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, M: WireMessage> Connection<S, M> {
         self.io.get_ref()
     }
 
+    /// The stream back; anything read ahead into the buffer is dropped.
+    pub fn into_inner(self) -> S {
+        self.io.into_inner()
+    }
+
     /// Queues a message; [`Connection::flush`] sends what is queued.
     pub async fn send(&mut self, msg: &M) -> Result<(), ProtocolError> {
         self.out.clear();
