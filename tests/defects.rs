@@ -11,10 +11,15 @@ use std::process::{Command, Output};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use server_sync::core::hash::HashAlgorithm;
 use server_sync::core::manifest::{Entry, Kind, Meta, RelPath};
 use server_sync::server;
-use server_sync::wire::protocol::{self, Capabilities, Message, ProtocolError, Summary, VERSION};
+use server_sync::wire::codec::read_frame_blocking;
+use server_sync::wire::{
+    Capabilities, ControlMessage, DataMessage, Failure, ProtocolError, Summary, VERSION,
+    WireMessage,
+};
 use support::*;
 
 /// Runs `cmd` and checks that it failed with `code` and a single stderr line containing
@@ -62,20 +67,24 @@ impl Peer {
         Peer(s)
     }
 
-    fn send(&mut self, m: &Message) {
-        protocol::write_blocking(&mut self.0, m).expect("peer takes what we send");
+    fn send(&mut self, m: &impl WireMessage) {
+        let mut frame = Vec::new();
+        m.encode(&mut frame);
+        std::io::Write::write_all(&mut self.0, &frame).expect("peer takes what we send");
     }
 
     /// The next message; `Ok(None)` when the other side hung up, `Err(Idle)` after [`WAIT`].
-    fn recv(&mut self) -> Result<Option<Message>, ProtocolError> {
-        protocol::read_blocking(&mut self.0)
+    fn recv(&mut self) -> Result<Option<ControlMessage>, ProtocolError> {
+        read_frame_blocking(&mut self.0)?
+            .map(|b| ControlMessage::decode(&b))
+            .transpose()
     }
 
     /// `Hello` → `Welcome`: the data port and session token.
     fn hello(&mut self) -> (u16, u64) {
         self.send(&hello());
         match self.recv() {
-            Ok(Some(Message::Welcome {
+            Ok(Some(ControlMessage::Welcome {
                 data_port, token, ..
             })) => (data_port, token),
             other => panic!("expected welcome, got {other:?}"),
@@ -85,7 +94,7 @@ impl Peer {
     /// Plays the server: reads the client's `Hello`.
     fn expect_hello(&mut self) {
         match self.recv() {
-            Ok(Some(Message::Hello { .. })) => {}
+            Ok(Some(ControlMessage::Hello { .. })) => {}
             other => panic!("expected hello, got {other:?}"),
         }
     }
@@ -95,16 +104,16 @@ impl Peer {
         let mut entries = Vec::new();
         loop {
             match self.recv() {
-                Ok(Some(Message::FileList(batch))) => entries.extend(batch),
-                Ok(Some(Message::FileListEnd)) => return entries,
+                Ok(Some(ControlMessage::FileList(batch))) => entries.extend(batch),
+                Ok(Some(ControlMessage::FileListEnd)) => return entries,
                 other => panic!("expected the file list, got {other:?}"),
             }
         }
     }
 }
 
-fn hello() -> Message {
-    Message::Hello {
+fn hello() -> ControlMessage {
+    ControlMessage::Hello {
         version: VERSION,
         transfers: 1,
         hashes: vec![HashAlgorithm::Blake3],
@@ -112,8 +121,8 @@ fn hello() -> Message {
     }
 }
 
-fn welcome() -> Message {
-    Message::Welcome {
+fn welcome() -> ControlMessage {
+    ControlMessage::Welcome {
         version: VERSION,
         data_port: 9,
         token: 7,
@@ -123,8 +132,8 @@ fn welcome() -> Message {
 }
 
 /// `Ping`: the keepalive of both sides.
-fn keepalive() -> Message {
-    Message::Ping
+fn keepalive() -> ControlMessage {
+    ControlMessage::Ping
 }
 
 /// A TCP connection from `from` (a loopback address) to 127.0.0.1:`port`.
@@ -302,7 +311,7 @@ fn fates(conns: Vec<Peer>, opened: Instant) -> Vec<Fate> {
     let fates: Vec<Fate> = conns
         .into_iter()
         .map(|mut c| match c.recv() {
-            Ok(Some(Message::Error(e))) => Fate::Busy(e),
+            Ok(Some(ControlMessage::Error(e))) => Fate::Busy(e),
             // Closed: end of stream, or reset since we never read (ours is unread).
             Ok(None) | Err(ProtocolError::Io(_)) | Err(ProtocolError::Truncated) => {
                 Fate::Closed(opened.elapsed())
@@ -509,7 +518,7 @@ fn keepalives_keep_a_client_waiting_on_a_slow_server() {
         p.send(&welcome());
         p.read_list();
         stall(&mut p);
-        p.send(&Message::SyncDone(Summary::default()));
+        p.send(&ControlMessage::SyncDone(Summary::default()));
     });
     let (out, _) = client_against(&w, port, &["--idle-timeout", "1"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -568,18 +577,20 @@ fn sighup_during_a_transfer_stops_the_server_cleanly() {
     };
     let mut control = Peer::connect(w.port());
     let (data_port, token) = control.hello();
-    control.send(&Message::FileList(vec![entry.clone()]));
-    control.send(&Message::FileListEnd);
+    control.send(&ControlMessage::FileList(vec![entry.clone()]));
+    control.send(&ControlMessage::FileListEnd);
     let request = match control.recv() {
-        Ok(Some(Message::FileRequest { id, paths })) if paths == [entry.path.clone()] => id,
+        Ok(Some(ControlMessage::FileRequest { id, paths })) if paths == [entry.path.clone()] => id,
         other => panic!("expected a request for big, got {other:?}"),
     };
     let mut data = Peer::connect(data_port);
-    data.send(&Message::DataHello { token, request });
-    data.send(&Message::FileBegin {
+    data.send(&DataMessage::DataHello { token, request });
+    data.send(&DataMessage::FileBegin {
         path: entry.path.clone(),
     });
-    data.send(&Message::Chunk(big[..256 << 10].to_vec()));
+    data.send(&DataMessage::Chunk(Bytes::copy_from_slice(
+        &big[..256 << 10],
+    )));
     wait_for("temporary file", || !temp_files(&w.server_dir).is_empty());
 
     w.server().proc.signal(libc::SIGHUP);
@@ -587,7 +598,7 @@ fn sighup_during_a_transfer_stops_the_server_cleanly() {
     // The session in flight finishes without the unfinished file.
     drop(data);
     match control.recv() {
-        Ok(Some(Message::SyncDone(s))) => assert_eq!(s.failed_total, 1, "{s:?}"),
+        Ok(Some(ControlMessage::SyncDone(s))) => assert_eq!(s.failed_total, 1, "{s:?}"),
         other => panic!("expected sync:done, got {other:?}"),
     }
     let status = w.server_mut().proc.wait_exit(WAIT).expect("server exits");
@@ -668,7 +679,7 @@ fn each_way_a_sync_ends_has_its_exit_status() {
                 p.expect_hello();
                 p.send(&welcome());
                 p.read_list();
-                p.send(&Message::SyncDone(Summary::default()));
+                p.send(&ControlMessage::SyncDone(Summary::default()));
             },
             0,
             "",
@@ -680,8 +691,8 @@ fn each_way_a_sync_ends_has_its_exit_status() {
                 p.send(&welcome());
                 p.read_list();
                 let mut s = Summary::default();
-                s.set_failures(vec![("a.txt".into(), "disk full".into())]);
-                p.send(&Message::SyncDone(s));
+                s.set_failures(vec![Failure::new("a.txt", "disk full")]);
+                p.send(&ControlMessage::SyncDone(s));
             },
             1,
             "client-sync: not synced: a.txt: disk full",
@@ -690,7 +701,7 @@ fn each_way_a_sync_ends_has_its_exit_status() {
             "refused before the session",
             |mut p| {
                 p.expect_hello();
-                p.send(&Message::Error("not today".into()));
+                p.send(&ControlMessage::Error("not today".into()));
             },
             3,
             "client-sync: server refused the sync: not today",
@@ -701,7 +712,9 @@ fn each_way_a_sync_ends_has_its_exit_status() {
                 p.expect_hello();
                 p.send(&welcome());
                 p.read_list();
-                p.send(&Message::Error("cannot scan the server directory".into()));
+                p.send(&ControlMessage::Error(
+                    "cannot scan the server directory".into(),
+                ));
             },
             3,
             "client-sync: server ended the sync: cannot scan the server directory",
@@ -733,7 +746,7 @@ fn each_way_a_sync_ends_has_its_exit_status() {
                 p.read_list();
                 let mut frame = Vec::new();
                 let paths = vec![RelPath::new("xxa.txt").unwrap()];
-                Message::FileRequest { id: 0, paths }.encode(&mut frame);
+                ControlMessage::FileRequest { id: 0, paths }.encode(&mut frame);
                 let at = frame.windows(3).position(|w| w == b"xxa").unwrap();
                 frame[at..at + 3].copy_from_slice(b"../");
                 std::io::Write::write_all(&mut p.0, &frame).unwrap();

@@ -12,9 +12,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use server_sync::core::hash::HashAlgorithm;
 use server_sync::core::manifest::{Entry, Kind, Meta, RelPath};
-use server_sync::wire::protocol::{self, Capabilities, Message, ProtocolError, VERSION};
+use server_sync::wire::codec::read_frame;
+use server_sync::wire::{
+    Capabilities, ControlMessage, DataMessage, ProtocolError, VERSION, WireMessage,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
@@ -44,9 +48,9 @@ impl Peer {
         Peer { stream, rt }
     }
 
-    fn send(&mut self, m: &Message) {
+    fn send(&mut self, m: &impl WireMessage) {
         self.rt
-            .block_on(protocol::write(&mut self.stream, m))
+            .block_on(self.stream.write_all(&frame(m)))
             .expect("server takes what we send");
     }
 
@@ -60,16 +64,28 @@ impl Peer {
         let _ = self.rt.block_on(self.stream.shutdown());
     }
 
-    /// The next message, `None` when the server hung up; fails the test if nothing comes.
-    fn recv(&mut self) -> Result<Option<Message>, ProtocolError> {
+    /// The next control message, `None` when the peer hung up; fails the test if nothing
+    /// comes.
+    fn recv(&mut self) -> Result<Option<ControlMessage>, ProtocolError> {
+        self.recv_as()
+    }
+
+    /// The next data message (playing a server that reads a client's data connection).
+    fn recv_data(&mut self) -> Result<Option<DataMessage>, ProtocolError> {
+        self.recv_as()
+    }
+
+    fn recv_as<M: WireMessage>(&mut self) -> Result<Option<M>, ProtocolError> {
         let Peer { stream, rt } = self;
         // The timer must be created inside the runtime, hence the async block.
-        rt.block_on(async { tokio::time::timeout(WAIT, protocol::read(stream)).await })
-            .unwrap_or_else(|_| panic!("server sent nothing and kept the connection for {WAIT:?}"))
+        rt.block_on(async { tokio::time::timeout(WAIT, read_frame(stream)).await })
+            .unwrap_or_else(|_| panic!("peer sent nothing and kept the connection for {WAIT:?}"))?
+            .map(M::decode)
+            .transpose()
     }
 
     /// Reads until the server hangs up; returns what it sent before.
-    fn until_closed(&mut self) -> Vec<Message> {
+    fn until_closed(&mut self) -> Vec<ControlMessage> {
         let mut got = Vec::new();
         while let Ok(Some(m)) = self.recv() {
             got.push(m);
@@ -79,14 +95,14 @@ impl Peer {
 
     /// `Hello` → `Welcome`: the data port and session token.
     fn hello(&mut self) -> (u16, u64) {
-        self.send(&Message::Hello {
+        self.send(&ControlMessage::Hello {
             version: VERSION,
             transfers: 1,
             hashes: vec![HashAlgorithm::Blake3],
             capabilities: Capabilities::NONE,
         });
         match self.recv() {
-            Ok(Some(Message::Welcome {
+            Ok(Some(ControlMessage::Welcome {
                 data_port, token, ..
             })) => (data_port, token),
             other => panic!("expected welcome, got {other:?}"),
@@ -95,7 +111,7 @@ impl Peer {
 }
 
 /// A message's whole frame, length prefix included.
-fn frame(m: &Message) -> Vec<u8> {
+fn frame(m: &impl WireMessage) -> Vec<u8> {
     let mut b = Vec::new();
     m.encode(&mut b);
     b
@@ -149,7 +165,7 @@ fn file_entry(path: &str, content: &[u8]) -> Entry {
 fn list_with_path(path: &[u8]) -> Vec<u8> {
     let ph = placeholder(path);
     patch(
-        frame(&Message::FileList(vec![file_entry(&ph, b"owned")])),
+        frame(&ControlMessage::FileList(vec![file_entry(&ph, b"owned")])),
         ph.as_bytes(),
         path,
     )
@@ -159,7 +175,7 @@ fn list_with_path(path: &[u8]) -> Vec<u8> {
 fn begin_with_path(path: &[u8]) -> Vec<u8> {
     let ph = placeholder(path);
     patch(
-        frame(&Message::FileBegin { path: p(&ph) }),
+        frame(&DataMessage::FileBegin { path: p(&ph) }),
         ph.as_bytes(),
         path,
     )
@@ -239,10 +255,10 @@ fn open_session_changing(w: &World, changed: &str) -> (Peer, u16, u64) {
     };
     let mut control = Peer::connect(w.port());
     let (data_port, token) = control.hello();
-    control.send(&Message::FileList(entries));
-    control.send(&Message::FileListEnd);
+    control.send(&ControlMessage::FileList(entries));
+    control.send(&ControlMessage::FileListEnd);
     match control.recv() {
-        Ok(Some(Message::FileRequest { paths, .. })) => assert_eq!(paths, [p(changed)]),
+        Ok(Some(ControlMessage::FileRequest { paths, .. })) => assert_eq!(paths, [p(changed)]),
         other => panic!("expected a request for {changed}, got {other:?}"),
     }
     (control, data_port, token)
@@ -323,7 +339,7 @@ fn hostile_file_lists_are_refused() {
         let w = World::new();
         w.outside.join("pwned").to_str().unwrap().to_owned()
     };
-    let mut forged_count = frame(&Message::FileList(vec![]));
+    let mut forged_count = frame(&ControlMessage::FileList(vec![]));
     let n = forged_count.len();
     forged_count[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
     let mut bad_nanos = file_entry("a", b"a");
@@ -372,8 +388,11 @@ fn hostile_file_lists_are_refused() {
             "orphan",
             true,
             [
-                frame(&Message::FileList(vec![file_entry("no-parent/x", b"x")])),
-                frame(&Message::FileListEnd),
+                frame(&ControlMessage::FileList(vec![file_entry(
+                    "no-parent/x",
+                    b"x",
+                )])),
+                frame(&ControlMessage::FileListEnd),
             ]
             .concat(),
             "parent is not a directory",
@@ -382,11 +401,11 @@ fn hostile_file_lists_are_refused() {
             "file below a symlink",
             true,
             [
-                frame(&Message::FileList(vec![
+                frame(&ControlMessage::FileList(vec![
                     symlink,
                     file_entry("evil/pwned", b"x"),
                 ])),
-                frame(&Message::FileListEnd),
+                frame(&ControlMessage::FileListEnd),
             ]
             .concat(),
             "parent is not a directory",
@@ -395,9 +414,9 @@ fn hostile_file_lists_are_refused() {
             "duplicate",
             true,
             [
-                frame(&Message::FileList(vec![file_entry("d", b"1")])),
-                frame(&Message::FileList(vec![file_entry("d", b"2")])),
-                frame(&Message::FileListEnd),
+                frame(&ControlMessage::FileList(vec![file_entry("d", b"1")])),
+                frame(&ControlMessage::FileList(vec![file_entry("d", b"2")])),
+                frame(&ControlMessage::FileListEnd),
             ]
             .concat(),
             "is listed twice",
@@ -405,7 +424,7 @@ fn hostile_file_lists_are_refused() {
         attack(
             "mtime nanoseconds out of range",
             true,
-            frame(&Message::FileList(vec![bad_nanos])),
+            frame(&ControlMessage::FileList(vec![bad_nanos])),
             "malformed entry mtime",
         ),
         attack("forged entry count", true, forged_count, "list count"),
@@ -416,7 +435,7 @@ fn hostile_file_lists_are_refused() {
 fn garbage_and_bad_frames_are_refused() {
     let mut truncated = 100u32.to_be_bytes().to_vec();
     truncated.extend_from_slice(&[1; 10]);
-    let mut trailing = frame(&Message::FileListEnd);
+    let mut trailing = frame(&ControlMessage::FileListEnd);
     trailing[3] += 1;
     trailing.push(0);
     let mut attacks = vec![
@@ -449,7 +468,7 @@ fn garbage_and_bad_frames_are_refused() {
             "bad magic",
             false,
             patch(
-                frame(&Message::Hello {
+                frame(&ControlMessage::Hello {
                     version: VERSION,
                     transfers: 1,
                     hashes: vec![HashAlgorithm::Blake3],
@@ -463,7 +482,7 @@ fn garbage_and_bad_frames_are_refused() {
         attack(
             "wrong version",
             false,
-            frame(&Message::Hello {
+            frame(&ControlMessage::Hello {
                 version: 99,
                 transfers: 1,
                 hashes: vec![HashAlgorithm::Blake3],
@@ -474,13 +493,13 @@ fn garbage_and_bad_frames_are_refused() {
         attack(
             "no hello",
             false,
-            frame(&Message::FileListEnd),
+            frame(&ControlMessage::FileListEnd),
             "unexpected filelist-end message, expected hello",
         ),
         attack(
             "data hello on the control port",
             false,
-            frame(&Message::DataHello {
+            frame(&DataMessage::DataHello {
                 token: 1,
                 request: 0,
             }),
@@ -489,7 +508,7 @@ fn garbage_and_bad_frames_are_refused() {
         attack(
             "request from the client",
             true,
-            frame(&Message::FileRequest {
+            frame(&ControlMessage::FileRequest {
                 id: 0,
                 paths: vec![p("victim")],
             }),
@@ -518,14 +537,14 @@ fn garbage_and_bad_frames_are_refused() {
 fn wrong_version_is_told_why() {
     let w = victim_world(&[]);
     let mut peer = Peer::connect(w.port());
-    peer.send(&Message::Hello {
+    peer.send(&ControlMessage::Hello {
         version: 99,
         transfers: 1,
         hashes: vec![HashAlgorithm::Blake3],
         capabilities: Capabilities::NONE,
     });
     match peer.until_closed().as_slice() {
-        [Message::Error(e)] => assert!(e.contains("version 99"), "{e}"),
+        [ControlMessage::Error(e)] => assert!(e.contains("version 99"), "{e}"),
         other => panic!("expected one error message, got {other:?}"),
     }
     still_safe_and_serving(&w);
@@ -542,7 +561,7 @@ fn data_connections_with_a_bad_token_or_garbage_are_refused() {
     let (mut control, data_port, token) = open_victim_session(&w);
     for (bytes, reason) in [
         (
-            frame(&Message::DataHello {
+            frame(&DataMessage::DataHello {
                 token: token.wrapping_add(1),
                 request: 0,
             }),
@@ -550,7 +569,7 @@ fn data_connections_with_a_bad_token_or_garbage_are_refused() {
         ),
         (b"garbage garbage".to_vec(), "exceeds"),
         (
-            frame(&Message::FileBegin { path: p("victim") }),
+            frame(&DataMessage::FileBegin { path: p("victim") }),
             "unexpected file-begin message, expected data-hello",
         ),
     ] {
@@ -562,13 +581,13 @@ fn data_connections_with_a_bad_token_or_garbage_are_refused() {
     }
     // The honest session is unharmed.
     let mut data = Peer::connect(data_port);
-    data.send(&Message::DataHello { token, request: 0 });
-    data.send(&Message::FileBegin { path: p("victim") });
-    data.send(&Message::Chunk(NEW.to_vec()));
-    data.send(&Message::FileEnd { hash: None });
+    data.send(&DataMessage::DataHello { token, request: 0 });
+    data.send(&DataMessage::FileBegin { path: p("victim") });
+    data.send(&DataMessage::Chunk(Bytes::copy_from_slice(NEW)));
+    data.send(&DataMessage::FileEnd { hash: None });
     drop(data);
     match control.recv() {
-        Ok(Some(Message::SyncDone(s))) => assert!(s.failed.is_empty(), "{s:?}"),
+        Ok(Some(ControlMessage::SyncDone(s))) => assert!(s.failed.is_empty(), "{s:?}"),
         other => panic!("expected sync:done, got {other:?}"),
     }
     assert_eq!(fs::read(w.server_dir.join("victim")).unwrap(), NEW);
@@ -596,9 +615,9 @@ struct DataAttack {
 
 #[test]
 fn lying_and_malformed_transfers_change_nothing() {
-    let begin = |s: &str| frame(&Message::FileBegin { path: p(s) });
-    let chunk = |b: &[u8]| frame(&Message::Chunk(b.to_vec()));
-    let end = || frame(&Message::FileEnd { hash: None });
+    let begin = |s: &str| frame(&DataMessage::FileBegin { path: p(s) });
+    let chunk = |b: &[u8]| frame(&DataMessage::Chunk(Bytes::copy_from_slice(b)));
+    let end = || frame(&DataMessage::FileEnd { hash: None });
     let outside = World::new().outside.join("pwned");
     let cases = vec![
         DataAttack {
@@ -613,7 +632,7 @@ fn lying_and_malformed_transfers_change_nothing() {
             frames: vec![
                 begin("victim"),
                 chunk(NEW),
-                frame(&Message::FileEnd {
+                frame(&DataMessage::FileEnd {
                     hash: Some(HashAlgorithm::Blake3.of(b"something else")),
                 }),
             ],
@@ -640,7 +659,7 @@ fn lying_and_malformed_transfers_change_nothing() {
             frames: vec![
                 begin("victim"),
                 chunk(b"new"),
-                frame(&Message::FileAbort {
+                frame(&DataMessage::FileAbort {
                     reason: "vanished".into(),
                 }),
             ],
@@ -723,17 +742,17 @@ fn lying_and_malformed_transfers_change_nothing() {
         let mark = w.mark();
         let (mut control, data_port, token) = open_victim_session(&w);
         let mut data = Peer::connect(data_port);
-        data.send(&Message::DataHello { token, request: 0 });
+        data.send(&DataMessage::DataHello { token, request: 0 });
         for f in &a.frames {
             data.send_raw(f);
         }
         drop(data);
         match a.expect {
             Expect::Failed(reason) => match control.recv() {
-                Ok(Some(Message::SyncDone(s))) => assert!(
+                Ok(Some(ControlMessage::SyncDone(s))) => assert!(
                     s.failed
                         .iter()
-                        .any(|(path, why)| path == "victim" && why.contains(reason)),
+                        .any(|f| f.path == "victim" && f.reason.contains(reason)),
                     "{}: victim not failed with {reason:?}: {s:?}",
                     a.name
                 ),
@@ -742,7 +761,7 @@ fn lying_and_malformed_transfers_change_nothing() {
             Expect::Refused(reason) => {
                 let got = control.until_closed();
                 assert!(
-                    !got.iter().any(|m| matches!(m, Message::SyncDone(_))),
+                    !got.iter().any(|m| matches!(m, ControlMessage::SyncDone(_))),
                     "{}: session completed: {got:?}",
                     a.name
                 );
@@ -771,18 +790,18 @@ fn a_directory_swapped_for_a_symlink_mid_session_is_not_written_through() {
     std::os::unix::fs::symlink(&w.outside, &keep).unwrap();
 
     let mut data = Peer::connect(data_port);
-    data.send(&Message::DataHello { token, request: 0 });
-    data.send(&Message::FileBegin {
+    data.send(&DataMessage::DataHello { token, request: 0 });
+    data.send(&DataMessage::FileBegin {
         path: p("keep/file.txt"),
     });
-    data.send(&Message::Chunk(NEW.to_vec()));
-    data.send(&Message::FileEnd { hash: None });
+    data.send(&DataMessage::Chunk(Bytes::copy_from_slice(NEW)));
+    data.send(&DataMessage::FileEnd { hash: None });
     drop(data);
     match control.recv() {
-        Ok(Some(Message::SyncDone(s))) => assert!(
+        Ok(Some(ControlMessage::SyncDone(s))) => assert!(
             s.failed
                 .iter()
-                .any(|(path, why)| path == "keep/file.txt" && why.contains("symlink")),
+                .any(|f| f.path == "keep/file.txt" && f.reason.contains("symlink")),
             "{s:?}"
         ),
         other => panic!("expected sync:done, got {other:?}"),
@@ -812,7 +831,7 @@ fn silent_peers_are_dropped_after_the_idle_timeout() {
         ("silent in the middle of the file list", |w| {
             let mut peer = Peer::connect(w.port());
             peer.hello();
-            peer.send(&Message::FileList(vec![file_entry("a", b"a")]));
+            peer.send(&ControlMessage::FileList(vec![file_entry("a", b"a")]));
             peer.until_closed();
             "peer went silent"
         }),
@@ -829,9 +848,9 @@ fn silent_peers_are_dropped_after_the_idle_timeout() {
         ("stalls in the middle of a file", |w| {
             let (mut control, data_port, token) = open_victim_session(w);
             let mut data = Peer::connect(data_port);
-            data.send(&Message::DataHello { token, request: 0 });
-            data.send(&Message::FileBegin { path: p("victim") });
-            data.send(&Message::Chunk(b"new".to_vec()));
+            data.send(&DataMessage::DataHello { token, request: 0 });
+            data.send(&DataMessage::FileBegin { path: p("victim") });
+            data.send(&DataMessage::Chunk(Bytes::from_static(b"new")));
             // The half-written file exists while the peer stalls...
             wait_for("a temporary file", || !temp_files(&w.server_dir).is_empty());
             control.until_closed();
@@ -872,7 +891,8 @@ fn connections_past_the_limit_are_refused() {
     let mut third = Peer::connect(w.port());
     // Told why, then closed.
     match &third.until_closed()[..] {
-        [Message::Error(e)] if e.starts_with("server busy: already serving 2 connections") => {}
+        [ControlMessage::Error(e)]
+            if e.starts_with("server busy: already serving 2 connections") => {}
         other => panic!("third connection not turned away as busy: {other:?}"),
     }
     w.assert_logged(mark, "refusing connection from 127.0.0.1:");
@@ -891,9 +911,9 @@ fn sigterm_during_a_transfer_leaves_no_temporary_file() {
     let mark = w.mark();
     let (mut control, data_port, token) = open_victim_session(&w);
     let mut data = Peer::connect(data_port);
-    data.send(&Message::DataHello { token, request: 0 });
-    data.send(&Message::FileBegin { path: p("victim") });
-    data.send(&Message::Chunk(b"new".to_vec()));
+    data.send(&DataMessage::DataHello { token, request: 0 });
+    data.send(&DataMessage::FileBegin { path: p("victim") });
+    data.send(&DataMessage::Chunk(Bytes::from_static(b"new")));
     wait_for("a temporary file", || !temp_files(&w.server_dir).is_empty());
 
     w.server().proc.signal(libc::SIGTERM);
@@ -901,7 +921,7 @@ fn sigterm_during_a_transfer_leaves_no_temporary_file() {
     // The session in flight finishes: its unfinished file fails, its session completes.
     drop(data);
     match control.recv() {
-        Ok(Some(Message::SyncDone(s))) => assert_eq!(s.failed.len(), 1, "{s:?}"),
+        Ok(Some(ControlMessage::SyncDone(s))) => assert_eq!(s.failed.len(), 1, "{s:?}"),
         other => panic!("expected sync:done, got {other:?}"),
     }
     let status = w.server_mut().proc.wait_exit(WAIT).expect("server exits");
@@ -919,9 +939,9 @@ fn sigterm_abandons_a_stalled_transfer_after_the_grace_period() {
     let mark = w.mark();
     let (_control, data_port, token) = open_victim_session(&w);
     let mut data = Peer::connect(data_port);
-    data.send(&Message::DataHello { token, request: 0 });
-    data.send(&Message::FileBegin { path: p("victim") });
-    data.send(&Message::Chunk(b"new".to_vec()));
+    data.send(&DataMessage::DataHello { token, request: 0 });
+    data.send(&DataMessage::FileBegin { path: p("victim") });
+    data.send(&DataMessage::Chunk(Bytes::from_static(b"new")));
     wait_for("a temporary file", || !temp_files(&w.server_dir).is_empty());
 
     let start = Instant::now();
@@ -970,10 +990,10 @@ fn fake_server_session(
     let client = Proc::spawn(client_command(client_dir, port, home));
     let mut control = accept(control_l);
     match control.recv() {
-        Ok(Some(Message::Hello { .. })) => {}
+        Ok(Some(ControlMessage::Hello { .. })) => {}
         other => panic!("expected hello, got {other:?}"),
     }
-    control.send(&Message::Welcome {
+    control.send(&ControlMessage::Welcome {
         version: VERSION,
         data_port: data_l.local_addr().unwrap().port(),
         token: 7,
@@ -983,8 +1003,8 @@ fn fake_server_session(
     let mut listed = Vec::new();
     loop {
         match control.recv() {
-            Ok(Some(Message::FileList(batch))) => listed.extend(batch),
-            Ok(Some(Message::FileListEnd)) => break,
+            Ok(Some(ControlMessage::FileList(batch))) => listed.extend(batch),
+            Ok(Some(ControlMessage::FileListEnd)) => break,
             other => panic!("expected the file list, got {other:?}\n{}", client.report()),
         }
     }
@@ -1015,26 +1035,26 @@ fn a_hostile_server_cannot_read_outside_the_client_dir() {
 
     // Ask for the files, and for things that are not files of the tree.
     let asked = ["victim", "link/secret.txt", "flink", "dir", "not-there"];
-    control.send(&Message::FileRequest {
+    control.send(&ControlMessage::FileRequest {
         id: 0,
         paths: asked.iter().map(|s| p(s)).collect(),
     });
     let mut data = accept(data_l);
-    match data.recv() {
-        Ok(Some(Message::DataHello { token: 7, .. })) => {}
+    match data.recv_data() {
+        Ok(Some(DataMessage::DataHello { token: 7, .. })) => {}
         other => panic!("expected data-hello, got {other:?}"),
     }
     let mut sent: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
-    while let Ok(Some(m)) = data.recv() {
+    while let Ok(Some(m)) = data.recv_data() {
         match m {
-            Message::FileBegin { path } => sent.push((path.to_string(), Vec::new(), None)),
-            Message::Chunk(c) => sent.last_mut().unwrap().1.extend(c),
-            Message::FileEnd { .. } => {}
-            Message::FileAbort { reason } => sent.last_mut().unwrap().2 = Some(reason),
+            DataMessage::FileBegin { path } => sent.push((path.to_string(), Vec::new(), None)),
+            DataMessage::Chunk(c) => sent.last_mut().unwrap().1.extend(c),
+            DataMessage::FileEnd { .. } => {}
+            DataMessage::FileAbort { reason } => sent.last_mut().unwrap().2 = Some(reason),
             other => panic!("unexpected {other:?}"),
         }
     }
-    control.send(&Message::SyncDone(Default::default()));
+    control.send(&ControlMessage::SyncDone(Default::default()));
     let status = client.wait_exit(WAIT).expect("client exits");
 
     assert_eq!(sent.len(), asked.len(), "{sent:?}");
@@ -1063,7 +1083,7 @@ fn a_hostile_server_request_with_parent_paths_is_refused() {
     let hostile = b"../outside/secret.txt";
     let ph = placeholder(hostile);
     control.send_raw(&patch(
-        frame(&Message::FileRequest {
+        frame(&ControlMessage::FileRequest {
             id: 0,
             paths: vec![p(&ph)],
         }),

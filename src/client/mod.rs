@@ -39,6 +39,12 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Gives up on a server silent for this long in the middle of a session.
     pub idle_timeout: Duration,
+    /// How often the server is pinged while this side scans or hashes; well under the
+    /// server's idle timeout.
+    pub keepalive: Duration,
+    /// Files at least this large that the hash cache cannot vouch for are announced unhashed
+    /// and hashed while they are sent (or when the server asks): read once, not twice.
+    pub defer_above: u64,
     /// Where the sync's events go (by default, the log).
     pub events: Events,
 }
@@ -55,6 +61,8 @@ impl Config {
             hashes: HashAlgorithm::ALL.to_vec(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
+            keepalive: Duration::from_secs(5),
+            defer_above: 8 << 20,
             events: events::log(),
         }
     }

@@ -22,13 +22,8 @@ use crate::wire::{
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Large files the cache cannot vouch for are announced unhashed (see `scan::Options`).
-const DEFER_ABOVE: u64 = 8 << 20;
 /// A data connection the server does not drain for this long is given up.
 const DATA_WRITE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often a `Ping` is sent while a long scan or hash runs; well under the server's idle
-/// timeout.
-const KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// What the server's `Welcome` settled.
 #[derive(Clone, Copy, Debug)]
@@ -123,11 +118,11 @@ async fn scan_tree(
 ) -> Result<Vec<Entry>, ClientError> {
     let (dir, cache_file) = (cfg.root.clone(), cfg.cache_file.clone());
     let opts = scan::Options {
-        defer_above: Some(DEFER_ABOVE),
+        defer_above: Some(cfg.defer_above),
         ..scan::Options::new(algorithm)
     };
     let scanning = tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file, opts));
-    let mut scan = pinging(conn, scanning)
+    let mut scan = pinging(conn, cfg.keepalive, scanning)
         .await?
         .expect("scan does not panic")
         .map_err(|source| crate::store::DirError::Unreadable {
@@ -205,7 +200,7 @@ async fn serve(
                 let alg = terms.algorithm;
                 let hashing =
                     tokio::task::spawn_blocking(move || answer_hashes(&root, &listed, &paths, alg));
-                let (entries, got) = pinging(conn, hashing)
+                let (entries, got) = pinging(conn, cfg.keepalive, hashing)
                     .await?
                     .expect("hashing does not panic");
                 for e in &entries {
@@ -333,16 +328,17 @@ fn answer_hashes(
     (entries, learned)
 }
 
-/// Awaits `work`, pinging the server every few seconds so that it knows we are still here.
+/// Awaits `work`, pinging the server every `every` so that it knows we are still here.
 async fn pinging<T>(
     conn: &mut ControlConnection<TcpStream>,
+    every: Duration,
     work: impl std::future::Future<Output = T>,
 ) -> Result<T, ClientError> {
     tokio::pin!(work);
     loop {
         tokio::select! {
             done = &mut work => return Ok(done),
-            _ = tokio::time::sleep(KEEPALIVE) => {
+            _ = tokio::time::sleep(every) => {
                 conn.send_now(&ControlMessage::Ping).await?;
             }
         }

@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,11 +22,24 @@ use crate::wire::tag;
 pub trait WireMessage: Sized {
     fn encode(&self, out: &mut Vec<u8>);
     fn decode(body: Bytes) -> Result<Self, ProtocolError>;
+    fn tag(&self) -> u8;
+}
+
+/// Numbers connections, for the trace of what each one carried.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Records one message at `trace` level, target `server_sync::wire`: the conversation of every
+/// connection can be followed (and `tests/grammar.rs` checks it against the grammar).
+fn trace(conn: u64, dir: &'static str, tag: u8) {
+    tracing::trace!(target: "server_sync::wire", conn, dir, tag, "{dir} {}", tag::name(tag));
 }
 
 impl WireMessage for ControlMessage {
     fn encode(&self, out: &mut Vec<u8>) {
         ControlMessage::encode(self, out)
+    }
+    fn tag(&self) -> u8 {
+        ControlMessage::tag(self)
     }
     fn decode(body: Bytes) -> Result<Self, ProtocolError> {
         ControlMessage::decode(&body)
@@ -39,6 +53,9 @@ impl WireMessage for DataMessage {
     fn decode(body: Bytes) -> Result<Self, ProtocolError> {
         DataMessage::decode(body)
     }
+    fn tag(&self) -> u8 {
+        DataMessage::tag(self)
+    }
 }
 
 /// The control connection of a session, over any async stream.
@@ -46,6 +63,7 @@ pub type ControlConnection<S> = Connection<S, ControlMessage>;
 
 /// Messages of type `M` over an async stream `S`.
 pub struct Connection<S, M = ControlMessage> {
+    id: u64,
     io: BufStream<S>,
     /// Reused for every frame sent.
     out: Vec<u8>,
@@ -55,6 +73,7 @@ pub struct Connection<S, M = ControlMessage> {
 impl<S: AsyncRead + AsyncWrite + Unpin, M: WireMessage> Connection<S, M> {
     pub fn new(stream: S) -> Self {
         Connection {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             io: BufStream::new(stream),
             out: Vec::new(),
             _messages: PhantomData,
@@ -72,6 +91,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, M: WireMessage> Connection<S, M> {
 
     /// Queues a message; [`Connection::flush`] sends what is queued.
     pub async fn send(&mut self, msg: &M) -> Result<(), ProtocolError> {
+        trace(self.id, "send", msg.tag());
         self.out.clear();
         msg.encode(&mut self.out);
         self.io.write_all(&self.out).await?;
@@ -93,7 +113,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, M: WireMessage> Connection<S, M> {
     pub async fn recv(&mut self) -> Result<Option<M>, ProtocolError> {
         match read_frame(&mut self.io).await? {
             None => Ok(None),
-            Some(body) => M::decode(body).map(Some),
+            Some(body) => {
+                let m = M::decode(body)?;
+                trace(self.id, "recv", m.tag());
+                Ok(Some(m))
+            }
         }
     }
 
@@ -118,6 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S, ControlMessage> {
     /// Queues a `FileList` frame straight from borrowed entries, sparing the clone of a
     /// whole batch that building a `ControlMessage::FileList` would need.
     pub async fn send_file_list(&mut self, entries: &[Entry]) -> Result<(), ProtocolError> {
+        trace(self.id, "send", tag::FILE_LIST);
         self.out.clear();
         let (mut w, start) = Writer::begin_frame(&mut self.out, tag::FILE_LIST);
         w.entries(entries);
@@ -129,6 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S, ControlMessage> {
 
 /// Messages of type `M` over a blocking stream `S` (wrap it in `BufReader` or `BufWriter`).
 pub struct BlockingConnection<S, M = DataMessage> {
+    id: u64,
     stream: S,
     out: Vec<u8>,
     _messages: PhantomData<fn() -> M>,
@@ -137,6 +163,7 @@ pub struct BlockingConnection<S, M = DataMessage> {
 impl<S, M: WireMessage> BlockingConnection<S, M> {
     pub fn new(stream: S) -> Self {
         BlockingConnection {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             stream,
             out: Vec::new(),
             _messages: PhantomData,
@@ -158,13 +185,18 @@ impl<S: Read, M: WireMessage> BlockingConnection<S, M> {
     pub fn recv(&mut self) -> Result<Option<M>, ProtocolError> {
         match read_frame_blocking(&mut self.stream)? {
             None => Ok(None),
-            Some(body) => M::decode(body).map(Some),
+            Some(body) => {
+                let m = M::decode(body)?;
+                trace(self.id, "recv", m.tag());
+                Ok(Some(m))
+            }
         }
     }
 }
 
 impl<S: Write, M: WireMessage> BlockingConnection<S, M> {
     pub fn send(&mut self, msg: &M) -> Result<(), ProtocolError> {
+        trace(self.id, "send", msg.tag());
         self.out.clear();
         msg.encode(&mut self.out);
         self.stream.write_all(&self.out)?;
@@ -180,6 +212,7 @@ impl<S: Write, M: WireMessage> BlockingConnection<S, M> {
 impl<S: Write> BlockingConnection<S, DataMessage> {
     /// Sends a `Chunk` straight from `data`, sparing the copy into a message on the hot path.
     pub fn send_chunk(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
+        trace(self.id, "send", tag::CHUNK);
         self.stream
             .write_all(&DataMessage::chunk_header(data.len()))?;
         self.stream.write_all(data)?;

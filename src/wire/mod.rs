@@ -14,12 +14,15 @@
 //!   start     C: Hello        -> greeted
 //!   greeted   S: Welcome      -> listing     S: Error -> end   (version, no common hash,
 //!                                                                busy, shutting down)
+//!             S: Ping         -> greeted     (while the client waits for its turn)
 //!   listing   C: FileList     -> listing     C: Ping  -> listing
 //!             C: FileListEnd  -> planning    S: Error -> end   (invalid or oversized list)
 //!   planning  S: HashRequest  -> hashing     (large files sent unhashed, size known here)
 //!             S: FileRequest  -> fetching    S: SyncDone -> end   S: Error -> end
+//!             S: Ping         -> planning    (while the server scans, plans, applies)
 //!   hashing   C: Ping         -> hashing     C: HashAnswer -> planning
 //!   fetching  S: FileRequest  -> fetching    S: SyncDone -> end   S: Error -> end
+//!             S: Ping         -> fetching    (while files arrive, while it flushes)
 //!
 //! data (one connection per FileRequest, client to server only):
 //!   start     C: DataHello    -> between
@@ -30,10 +33,11 @@
 
 pub mod cache_file;
 pub mod codec;
+#[cfg(test)]
+mod codec_tests;
 pub mod connection;
 pub mod control;
 pub mod data;
-pub mod protocol;
 
 pub use codec::{MAX_FRAME, MAX_TEXT, ProtocolError};
 pub use connection::{BlockingConnection, Connection, ControlConnection, WireMessage};
@@ -41,6 +45,8 @@ pub use control::{
     BATCH, Capabilities, ControlMessage, Failure, MAGIC, MAX_FAILURES_NAMED, Summary, VERSION,
 };
 pub use data::{CHUNK_SIZE, DataMessage};
+
+// (The grammar types below are public for `tests/grammar.rs`.)
 
 /// Every message tag, named once. Control and data tags never overlap, so a message sent on
 /// the wrong connection is recognised as such.
@@ -151,6 +157,7 @@ pub const ARROWS: &[Arrow] = {
         arrow(Start, C, tag::HELLO, Greeted),
         arrow(Greeted, S, tag::WELCOME, Listing),
         arrow(Greeted, S, tag::ERROR, End),
+        arrow(Greeted, S, tag::PING, Greeted),
         arrow(Listing, C, tag::FILE_LIST, Listing),
         arrow(Listing, C, tag::PING, Listing),
         arrow(Listing, C, tag::FILE_LIST_END, Planning),
@@ -159,11 +166,13 @@ pub const ARROWS: &[Arrow] = {
         arrow(Planning, S, tag::FILE_REQUEST, Fetching),
         arrow(Planning, S, tag::SYNC_DONE, End),
         arrow(Planning, S, tag::ERROR, End),
+        arrow(Planning, S, tag::PING, Planning),
         arrow(Hashing, C, tag::PING, Hashing),
         arrow(Hashing, C, tag::HASH_ANSWER, Planning),
         arrow(Fetching, S, tag::FILE_REQUEST, Fetching),
         arrow(Fetching, S, tag::SYNC_DONE, End),
         arrow(Fetching, S, tag::ERROR, End),
+        arrow(Fetching, S, tag::PING, Fetching),
         arrow(DataStart, C, tag::DATA_HELLO, Between),
         arrow(Between, C, tag::FILE_BEGIN, InFile),
         arrow(InFile, C, tag::CHUNK, InFile),
