@@ -488,6 +488,26 @@ fn permission_changes_are_applied_without_transfer() {
     assert_eq!(summary(&out), NOTHING_DONE);
 }
 
+/// The synced directory's own mtime is mirrored too (`rsync -a` carries it), also when
+/// nothing else changed, and after changes at the top that move it on the server.
+#[test]
+fn the_top_directorys_mtime_is_mirrored() {
+    use std::os::unix::fs::MetadataExt;
+    let w = World::start(&[]);
+    let mtime = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        (m.mtime(), m.mtime_nsec())
+    };
+    w.apply(&[write("a.txt", "a")]);
+    set_mtime(&w.client, 1_500_000_000, 7).unwrap();
+    w.sync_ok();
+    assert_eq!(mtime(&w.server_dir), (1_500_000_000, 7));
+    set_mtime(&w.client, 1_600_000_000, 0).unwrap();
+    let out = w.sync_ok();
+    assert_eq!(summary(&out), NOTHING_DONE);
+    assert_eq!(mtime(&w.server_dir), (1_600_000_000, 0));
+}
+
 #[test]
 fn mtime_changes_are_applied_without_transfer() {
     let (_w, out) = check(Case {

@@ -106,6 +106,7 @@ impl Peer {
             match self.recv() {
                 Ok(Some(ControlMessage::FileList(batch))) => entries.extend(batch),
                 Ok(Some(ControlMessage::FileListEnd)) => return entries,
+                Ok(Some(ControlMessage::RootMeta(_) | ControlMessage::Ping)) => {}
                 other => panic!("expected the file list, got {other:?}"),
             }
         }

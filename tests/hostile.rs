@@ -1005,6 +1005,7 @@ fn fake_server_session(
         match control.recv() {
             Ok(Some(ControlMessage::FileList(batch))) => listed.extend(batch),
             Ok(Some(ControlMessage::FileListEnd)) => break,
+            Ok(Some(ControlMessage::RootMeta(_) | ControlMessage::Ping)) => {}
             other => panic!("expected the file list, got {other:?}\n{}", client.report()),
         }
     }

@@ -42,8 +42,8 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     let terms = handshake(cfg, &mut conn, peer).await?;
     // Scan only now that the session has started: the server walks its own tree meanwhile.
     let mut report = Report::default();
-    let listed = scan_tree(cfg, &mut conn, terms.algorithm, &mut report).await?;
-    send_list(cfg, &mut conn, &listed).await?;
+    let (listed, root) = scan_tree(cfg, &mut conn, terms.algorithm, &mut report).await?;
+    send_list(cfg, &mut conn, &listed, root).await?;
     let learned = serve(cfg, &mut conn, terms, Arc::new(listed), &mut report).await?;
     remember(cfg, terms.algorithm, learned).await;
     report.elapsed = start.elapsed();
@@ -108,14 +108,15 @@ async fn handshake(
     }
 }
 
-/// Walks the tree (pinging the server meanwhile); returns the entries to list. What cannot
-/// be read goes into the report; sockets, FIFOs and devices are left out.
+/// Walks the tree (pinging the server meanwhile); returns the entries to list and the root's
+/// own metadata. What cannot be read goes into the report; sockets, FIFOs and devices are
+/// left out.
 async fn scan_tree(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
     algorithm: HashAlgorithm,
     report: &mut Report,
-) -> Result<Vec<Entry>, ClientError> {
+) -> Result<(Vec<Entry>, Meta), ClientError> {
     let (dir, cache_file) = (cfg.root.clone(), cfg.cache_file.clone());
     let opts = scan::Options {
         defer_above: Some(cfg.defer_above),
@@ -153,13 +154,14 @@ async fn scan_tree(
         }
         _ => true,
     });
-    Ok(scan.entries)
+    Ok((scan.entries, scan.root))
 }
 
 async fn send_list(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
     listed: &[Entry],
+    root: Meta,
 ) -> Result<(), ClientError> {
     let bytes: u64 = listed
         .iter()
@@ -175,6 +177,7 @@ async fn send_list(
     for batch in listed.chunks(BATCH) {
         conn.send_file_list(batch).await?;
     }
+    conn.send(&ControlMessage::RootMeta(root)).await?;
     conn.send_now(&ControlMessage::FileListEnd).await?;
     Ok(())
 }

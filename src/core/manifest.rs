@@ -221,6 +221,17 @@ impl Entry {
     }
 }
 
+/// A file the server must get from the client: what the plan asks for and what a data
+/// connection may deliver. Here, not in the plan, so that the transfer does not depend on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub path: RelPath,
+    pub size: u64,
+    /// `None` for a file announced unhashed: its hash comes with its content.
+    pub hash: Option<ContentHash>,
+    pub meta: Meta,
+}
+
 /// The entry for `path` in `entries`, which must be in component order (as a scan lists them).
 pub fn find_sorted<'a>(entries: &'a [Entry], path: &RelPath) -> Option<&'a Entry> {
     entries

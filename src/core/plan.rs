@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
 use crate::core::hash::ContentHash;
-use crate::core::manifest::{Entry, Kind, Manifest, Meta, RelPath};
+use crate::core::manifest::{Entry, Kind, Manifest, Meta, RelPath, Wanted};
 
 /// A file whose content the server already holds under another path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,16 +16,6 @@ pub struct LocalCopy {
     pub meta: Meta,
     /// The source was going to be deleted: move it instead of copying it.
     pub is_move: bool,
-}
-
-/// A file the server must ask the client for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Request {
-    pub path: RelPath,
-    pub size: u64,
-    /// `None` for a file announced unhashed: its hash comes with its content.
-    pub hash: Option<ContentHash>,
-    pub meta: Meta,
 }
 
 /// The actions, grouped by the phase that runs them. The executor runs the phases in this
@@ -46,7 +36,7 @@ pub struct Plan {
     pub deletes: Vec<RelPath>,
     pub mkdirs: Vec<RelPath>,
     pub symlinks: Vec<(RelPath, String)>,
-    pub requests: Vec<Request>,
+    pub requests: Vec<Wanted>,
     pub file_meta: Vec<(RelPath, Meta)>,
     pub dir_meta: Vec<(RelPath, Meta)>,
 }
@@ -170,7 +160,7 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
         let (size, hash) = match c.kind {
             Kind::File { size, hash } => (size, hash),
             Kind::Unhashed { size } => {
-                p.requests.push(Request {
+                p.requests.push(Wanted {
                     path: c.path.clone(),
                     size,
                     hash: None,
@@ -205,7 +195,7 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
                     is_move: false,
                 });
             }
-            None => p.requests.push(Request {
+            None => p.requests.push(Wanted {
                 path: c.path.clone(),
                 size,
                 hash: Some(hash),

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::core::hash::HashAlgorithm;
-use crate::core::plan::Request;
+use crate::core::manifest::Wanted;
 use crate::events::Event;
 use crate::server::session::{SessionError, Shared, ticks};
 use crate::transfer;
@@ -20,9 +20,9 @@ const BATCH_BYTES: u64 = 64 << 20;
 
 /// Splits requests into batches: at most `BATCH` files or `BATCH_BYTES` each, and, when
 /// there are few, into as many batches as there are transfers, so that all connections work.
-pub fn batches(requests: Vec<Request>, transfers: usize) -> Vec<Vec<Request>> {
+pub fn batches(requests: Vec<Wanted>, transfers: usize) -> Vec<Vec<Wanted>> {
     let per = requests.len().div_ceil(transfers).clamp(1, BATCH);
-    let mut out: Vec<Vec<Request>> = Vec::new();
+    let mut out: Vec<Vec<Wanted>> = Vec::new();
     let mut bytes = 0;
     for r in requests {
         match out.last_mut() {
@@ -45,14 +45,14 @@ pub async fn fetch(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
-    batches: Vec<Vec<Request>>,
+    batches: Vec<Vec<Wanted>>,
     (transfers, algorithm): (usize, HashAlgorithm),
 ) -> Result<transfer::Received, SessionError> {
     let idle = shared.idle;
     let mut total = transfer::Received::default();
     let mut batches = batches.into_iter().enumerate();
     // Requested, connection not there yet; and being received.
-    let mut asked: HashMap<u32, Vec<Request>> = HashMap::new();
+    let mut asked: HashMap<u32, Vec<Wanted>> = HashMap::new();
     let mut running = JoinSet::new();
     let mut registered: HashMap<u32, Receiving> = HashMap::new();
     // The control connection is quiet while files arrive on the data connections: pings tell
@@ -156,7 +156,7 @@ mod tests {
         let requests = sizes
             .iter()
             .enumerate()
-            .map(|(i, &size)| Request {
+            .map(|(i, &size)| Wanted {
                 path: RelPath::new(format!("f{i}")).unwrap(),
                 size,
                 hash: Some(HashAlgorithm::Blake3.of(b"")),

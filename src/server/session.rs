@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{MutexGuard, mpsc};
 
 use crate::core::hash::HashAlgorithm;
-use crate::core::manifest::{Entry, Kind, Manifest, ManifestError, RelPath};
+use crate::core::manifest::{Entry, Kind, Manifest, ManifestError, Meta, RelPath};
 use crate::core::plan::{self, Plan};
 use crate::events::{Counts, Event, Events};
 use crate::server::fetch::{batches, fetch};
@@ -192,7 +192,7 @@ async fn sync(
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
     terms: Terms,
 ) -> Result<(), SessionError> {
-    let (client, server) = lists(shared, conn, terms).await?;
+    let (client, server, root_meta) = lists(shared, conn, terms).await?;
     let client = hash_where_it_matters(shared, conn, client, &server, terms).await?;
     let (outcome, plan) = plan_and_apply(shared, conn, client, server).await;
     let mut requests = plan.requests.clone();
@@ -207,7 +207,8 @@ async fn sync(
         (terms.transfers, terms.algorithm),
     )
     .await?;
-    let summary = finish(shared, conn, (plan, outcome, got), requested, terms).await;
+    let done = (plan, outcome, got);
+    let summary = finish(shared, conn, done, (requested, root_meta), terms).await;
     conn.send_now(&ControlMessage::SyncDone(summary.clone()))
         .await?;
     shared.events.emit(Event::SessionDone {
@@ -232,7 +233,7 @@ async fn lists(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
-) -> Result<(Manifest, Manifest), SessionError> {
+) -> Result<(Manifest, Manifest, Option<Meta>), SessionError> {
     let (root, cache_file) = (shared.root.clone(), shared.cache_file.clone());
     let opts = scan::Options {
         read_own: true,
@@ -249,7 +250,7 @@ async fn lists(
     let server = keepalive(shared.keepalive, conn, scanning)
         .await
         .expect("scan does not panic");
-    let entries = listed?;
+    let (entries, root_meta) = listed?;
     let server = server?;
     check_algorithm(&entries, terms.algorithm)?;
     let client = Manifest::from_entries(entries)?;
@@ -258,19 +259,22 @@ async fn lists(
         entries: client.len(),
         bytes: client.file_bytes(),
     });
-    Ok((client, server))
+    Ok((client, server, root_meta))
 }
 
-/// Reads the client's file list up to `FileListEnd`, within the session's limits.
+/// Reads the client's file list up to `FileListEnd`, within the session's limits; and the
+/// metadata of its root, if it sent it.
 async fn read_list(
     conn: &mut ControlConnection<TcpStream>,
     idle: Duration,
-) -> Result<Vec<Entry>, SessionError> {
+) -> Result<(Vec<Entry>, Option<Meta>), SessionError> {
     let mut entries = Vec::new();
+    let mut root = None;
     let mut bytes = 0usize;
     loop {
         match conn.recv_within(idle).await? {
             ControlMessage::Ping => {}
+            ControlMessage::RootMeta(meta) => root = Some(meta),
             ControlMessage::FileList(batch) => {
                 bytes += batch.iter().map(entry_bytes).sum::<usize>();
                 if entries.len() + batch.len() > MAX_ENTRIES || bytes > MAX_LIST_BYTES {
@@ -278,7 +282,7 @@ async fn read_list(
                 }
                 entries.extend(batch);
             }
-            ControlMessage::FileListEnd => return Ok(entries),
+            ControlMessage::FileListEnd => return Ok((entries, root)),
             m => return Err(m.unexpected("filelist").into()),
         }
     }
@@ -391,7 +395,7 @@ async fn finish(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     (plan, mut outcome, got): (Plan, Outcome, Received),
-    requested: u64,
+    (requested, root_meta): (u64, Option<Meta>),
     terms: Terms,
 ) -> Summary {
     let mut summary = Summary {
@@ -409,6 +413,15 @@ async fn finish(
     let changed = !plan.is_empty() || !outcome.refetch.is_empty();
     let finishing = tokio::task::spawn_blocking(move || {
         apply::apply_meta(&root, &plan, &mut outcome, &*events);
+        // Last: every change at the top moved the root's mtime.
+        if let Some(m) = root_meta
+            && let Err(e) = root.set_root_mtime(m.mtime_secs, m.mtime_nanos)
+        {
+            tracing::warn!("failed to set the mtime of the synced directory: {e}");
+            outcome
+                .failed
+                .push(Failure::new(".", format!("failed to set the mtime: {e}")));
+        }
         // What was just received and verified need not be read again next session.
         if let Some(file) = cache_file.filter(|_| !learned.is_empty())
             && let Err(e) = HashCache::remember(&file, terms.algorithm, learned)

@@ -8,7 +8,8 @@ use tracing::warn;
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
 use crate::core::manifest::RelPath;
-use crate::core::plan::{LocalCopy, Plan, Request};
+use crate::core::manifest::Wanted;
+use crate::core::plan::{LocalCopy, Plan};
 use crate::events::{Event, EventSink};
 use crate::store::root::{Root, Stage, TempFile};
 use crate::wire::Failure;
@@ -21,7 +22,7 @@ pub struct Outcome {
     pub deleted: u64,
     pub failed: Vec<Failure>,
     /// Local copies that could not be made (source gone or changed): ask the client instead.
-    pub refetch: Vec<Request>,
+    pub refetch: Vec<Wanted>,
 }
 
 impl Outcome {
@@ -73,7 +74,7 @@ pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome 
                     "cannot reuse {} for {}, requesting it instead: {e}",
                     c.src, c.dst
                 );
-                out.refetch.push(Request {
+                out.refetch.push(Wanted {
                     path: c.dst.clone(),
                     size: c.size,
                     hash: Some(c.hash),

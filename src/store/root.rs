@@ -428,6 +428,22 @@ impl Root {
             .map_err(|e| RootError::io(rel, e))
     }
 
+    /// Gives the root directory itself (which no relative path names) the mtime of the
+    /// client's, unless it has it already. Only the mtime: the root's mode is the server's
+    /// own (a read-only client root must not lock the server out of its mirror).
+    pub fn set_root_mtime(&self, secs: i64, nanos: u32) -> io::Result<()> {
+        let dir = rustix::fs::open(
+            &self.dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = rustix::fs::fstat(&dir)?;
+        if (st.st_mtime, st.st_mtime_nsec as u32) == (secs, nanos) {
+            return Ok(());
+        }
+        Ok(rustix::fs::futimens(&dir, &timestamps(secs, nanos))?)
+    }
+
     /// Opens the regular file `rel` for reading, beneath the handle, following no symlink.
     /// Changes nothing, not even a mode: the client reads its tree with it.
     pub fn open_read(&self, rel: &RelPath) -> io::Result<File> {

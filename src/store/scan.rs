@@ -16,6 +16,8 @@ use crate::store::root::Root;
 #[derive(Debug, Default)]
 pub struct Scan {
     pub entries: Vec<Entry>,
+    /// The scanned directory's own mode and mtime (no entry names it).
+    pub root: Meta,
     pub warnings: Vec<String>,
     /// Files whose hash may go into the hash cache: (index in `entries`, stamp), in order.
     cacheable: Vec<(usize, Stamp)>,
@@ -84,7 +86,10 @@ impl Options {
 
 /// Files are hashed after the metadata walk, on every core, except those `cache` vouches for.
 pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, opts: Options) -> io::Result<Scan> {
-    let mut scan = Scan::default();
+    let mut scan = Scan {
+        root: meta_of(&fs::symlink_metadata(root)?),
+        ..Scan::default()
+    };
     let mut pending = Vec::new();
     let top = read_dir_sorted(root)?;
     let own = opts.read_own.then(|| Root::new(root));

@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
 use crate::core::manifest::RelPath;
-use crate::core::plan::Request;
+use crate::core::manifest::Wanted;
 use crate::events::{Event, EventSink};
 use crate::store::cache::{Learned, Stamp, now_ns};
 use crate::store::root::{Root, TempFile};
@@ -39,7 +39,7 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 
 /// A file being received: where it goes, and how far it got.
 struct Incoming<'a> {
-    want: &'a Request,
+    want: &'a Wanted,
     /// `None` once the file is known to be bad: its remaining data is read and dropped.
     sink: Option<TempFile>,
     hasher: Hasher,
@@ -104,11 +104,11 @@ impl Incoming<'_> {
 pub fn receive<S: Read>(
     conn: &mut BlockingConnection<S>,
     root: &Root,
-    wanted: &[Request],
+    wanted: &[Wanted],
     algorithm: HashAlgorithm,
     events: &dyn EventSink,
 ) -> Result<Received, ProtocolError> {
-    let mut pending: HashMap<&RelPath, &Request> = wanted.iter().map(|r| (&r.path, r)).collect();
+    let mut pending: HashMap<&RelPath, &Wanted> = wanted.iter().map(|r| (&r.path, r)).collect();
     let mut out = Received::default();
     let mut cur: Option<Incoming> = None;
     while let Some(msg) = conn.recv()? {
@@ -183,7 +183,7 @@ pub fn receive<S: Read>(
     Ok(out)
 }
 
-fn begin<'a>(root: &Root, want: &'a Request, algorithm: HashAlgorithm) -> Incoming<'a> {
+fn begin<'a>(root: &Root, want: &'a Wanted, algorithm: HashAlgorithm) -> Incoming<'a> {
     let (sink, error) = match root.temp_for(&want.path) {
         Ok(t) => (Some(t), None),
         Err(e) => (
@@ -284,7 +284,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = Root::new(d.path());
         let path = RelPath::new("f").unwrap();
-        let req = Request {
+        let req = Wanted {
             path: path.clone(),
             size: content.len() as u64,
             hash: announced.map(|c| B3.of(c)),
@@ -365,7 +365,7 @@ mod tests {
         let size: u64 = 64 << 20;
         let mut whole = vec![0u8; size as usize];
         whole[1 << 20..(1 << 20) + 3].copy_from_slice(b"abc");
-        let req = Request {
+        let req = Wanted {
             path: path.clone(),
             size,
             hash: Some(B3.of(&whole)),

@@ -57,11 +57,12 @@ pub fn send<S: Write>(
         let res = match find_sorted(listed, path) {
             Some(e) if e.is_file() => {
                 let hash = matches!(e.kind, Kind::Unhashed { .. }).then_some(algorithm);
-                send_one(&mut conn, root, path, &mut buf, hash)?
+                send_one(&mut conn, root, path, &mut buf, hash)
             }
-            _ => Err("not a file this client offered".to_string()),
+            _ => Err(SendError::File("not a file this client offered".into())),
         };
         match res {
+            Err(SendError::Connection(e)) => return Err(e),
             Ok(done) => {
                 let hash = done.hashed.map(|(hash, _)| hash);
                 conn.send(&DataMessage::FileEnd { hash })?;
@@ -75,7 +76,7 @@ pub fn send<S: Write>(
                 out.files += 1;
                 out.bytes += done.sent;
             }
-            Err(reason) => {
+            Err(SendError::File(reason)) => {
                 conn.send(&DataMessage::FileAbort {
                     reason: reason.clone(),
                 })?;
@@ -98,30 +99,36 @@ struct SentFile {
     hashed: Option<(ContentHash, Option<Stamp>)>,
 }
 
-/// Streams one file, hashing it too when `hash` names an algorithm. The outer error is the
-/// connection's; the inner one the file's. A file being hashed must not change while it is
-/// read (its stamp is compared before and after): one written to meanwhile is aborted, to be
-/// sent whole next cycle.
+/// Why a file was not sent.
+enum SendError {
+    /// The connection failed: the rest of the request cannot be sent either.
+    Connection(ProtocolError),
+    /// This file could not be sent (the reason goes to the server in `FileAbort`); the
+    /// connection goes on with the next.
+    File(String),
+}
+
+impl From<ProtocolError> for SendError {
+    fn from(e: ProtocolError) -> Self {
+        SendError::Connection(e)
+    }
+}
+
+/// Streams one file, hashing it too when `hash` names an algorithm. A file being hashed must
+/// not change while it is read (its stamp is compared before and after): one written to
+/// meanwhile is aborted, to be sent whole next cycle.
 fn send_one<W: Write>(
     conn: &mut BlockingConnection<W>,
     root: &Root,
     path: &RelPath,
     buf: &mut [u8],
     hash: Option<HashAlgorithm>,
-) -> Result<Result<SentFile, String>, ProtocolError> {
-    let file = match root.open_read(path) {
-        Ok(f) => f,
-        Err(e) => return Ok(Err(format!("failed to open: {e}"))),
-    };
+) -> Result<SentFile, SendError> {
+    let failed = |what: &str, e: std::io::Error| SendError::File(format!("failed to {what}: {e}"));
+    let file = root.open_read(path).map_err(|e| failed("open", e))?;
     let opened = now_ns();
-    let before = match file.metadata() {
-        Ok(m) => Stamp::of(&m),
-        Err(e) => return Ok(Err(format!("failed to stat: {e}"))),
-    };
-    let mut reader = match SparseReader::new(file) {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(format!("failed to stat: {e}"))),
-    };
+    let before = Stamp::of(&file.metadata().map_err(|e| failed("stat", e))?);
+    let mut reader = SparseReader::new(file).map_err(|e| failed("stat", e))?;
     let mut hasher = hash.map(|alg| Hasher::new(alg, before.size().max(THREAD_ABOVE)));
     let mut sent = 0u64;
     loop {
@@ -145,21 +152,19 @@ fn send_one<W: Write>(
                     h.update(Piece::Zeros(n));
                 }
             }
-            Err(e) => return Ok(Err(format!("failed to read: {e}"))),
+            Err(e) => return Err(failed("read", e)),
         }
     }
     let Some(hasher) = hasher else {
-        return Ok(Ok(SentFile { sent, hashed: None }));
+        return Ok(SentFile { sent, hashed: None });
     };
-    match reader.file().metadata() {
-        Ok(m) if Stamp::of(&m) == before => {
-            let cacheable = before.settled_at(opened).then_some(before);
-            Ok(Ok(SentFile {
-                sent,
-                hashed: Some((hasher.finish(), cacheable)),
-            }))
-        }
-        Ok(_) => Ok(Err("changed while being sent".into())),
-        Err(e) => Ok(Err(format!("failed to stat: {e}"))),
+    let after = Stamp::of(&reader.file().metadata().map_err(|e| failed("stat", e))?);
+    if after != before {
+        return Err(SendError::File("changed while being sent".into()));
     }
+    let cacheable = before.settled_at(opened).then_some(before);
+    Ok(SentFile {
+        sent,
+        hashed: Some((hasher.finish(), cacheable)),
+    })
 }

@@ -151,9 +151,12 @@ impl Writer<'_> {
                 self.u64(*size);
             }
         }
-        self.u32(e.meta.mode);
-        self.u64(e.meta.mtime_secs as u64);
-        self.u32(e.meta.mtime_nanos);
+        self.meta(&e.meta);
+    }
+    pub(crate) fn meta(&mut self, m: &Meta) {
+        self.u32(m.mode);
+        self.u64(m.mtime_secs as u64);
+        self.u32(m.mtime_nanos);
     }
 }
 
@@ -269,6 +272,10 @@ impl<'a> Reader<'a> {
             6 => Kind::Unhashed { size: self.size()? },
             _ => return Err(ProtocolError::Malformed("entry kind")),
         };
+        let meta = self.meta()?;
+        Ok(Entry { path, kind, meta })
+    }
+    pub(crate) fn meta(&mut self) -> Result<Meta, ProtocolError> {
         let meta = Meta {
             // Permission bits and the sticky bit, never set-user/group-ID: a peer must not be
             // able to plant setuid files.
@@ -279,7 +286,7 @@ impl<'a> Reader<'a> {
         if meta.mtime_nanos >= 1_000_000_000 {
             return Err(ProtocolError::Malformed("entry mtime"));
         }
-        Ok(Entry { path, kind, meta })
+        Ok(meta)
     }
     /// Fails unless the whole body was used.
     pub(crate) fn finish(&self, what: &'static str) -> Result<(), ProtocolError> {

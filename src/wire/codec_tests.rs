@@ -105,6 +105,7 @@ fn every_message_round_trips() {
         ControlMessage::FileList(entries),
         ControlMessage::FileList(vec![]),
         ControlMessage::FileListEnd,
+        ControlMessage::RootMeta(meta),
         ControlMessage::FileRequest {
             id: 3,
             paths: vec![p("a"), p("b/c")],

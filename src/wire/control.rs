@@ -2,7 +2,7 @@
 //! requests and the end of the session. See the grammar in [`crate::wire`].
 
 use crate::core::hash::HashAlgorithm;
-use crate::core::manifest::{Entry, MAX_PATH_LEN, RelPath};
+use crate::core::manifest::{Entry, MAX_PATH_LEN, Meta, RelPath};
 use crate::wire::codec::{MAX_TEXT, ProtocolError, Reader, Writer, truncate};
 use crate::wire::tag;
 
@@ -105,6 +105,9 @@ pub enum ControlMessage {
     /// Client → server: a batch of the file list.
     FileList(Vec<Entry>),
     FileListEnd,
+    /// Client → server, before `FileListEnd`: the metadata of the synced directory itself,
+    /// which no entry of the list names (the server mirrors its mtime).
+    RootMeta(Meta),
     /// Server → client: hash these files you announced unhashed.
     HashRequest(Vec<RelPath>),
     /// Client → server: one entry per path asked, in order: the file with its hash, or
@@ -130,6 +133,7 @@ impl ControlMessage {
             ControlMessage::Welcome { .. } => tag::WELCOME,
             ControlMessage::FileList(_) => tag::FILE_LIST,
             ControlMessage::FileListEnd => tag::FILE_LIST_END,
+            ControlMessage::RootMeta(_) => tag::ROOT_META,
             ControlMessage::HashRequest(_) => tag::HASH_REQUEST,
             ControlMessage::HashAnswer(_) => tag::HASH_ANSWER,
             ControlMessage::FileRequest { .. } => tag::FILE_REQUEST,
@@ -187,6 +191,7 @@ impl ControlMessage {
                 w.entries(entries)
             }
             ControlMessage::FileListEnd | ControlMessage::Ping => {}
+            ControlMessage::RootMeta(meta) => w.meta(meta),
             ControlMessage::HashRequest(paths) => w.paths(paths),
             ControlMessage::FileRequest { id, paths } => {
                 w.u32(*id);
@@ -262,6 +267,7 @@ impl ControlMessage {
             }
             tag::FILE_LIST => ControlMessage::FileList(r.entries()?),
             tag::FILE_LIST_END => ControlMessage::FileListEnd,
+            tag::ROOT_META => ControlMessage::RootMeta(r.meta()?),
             tag::HASH_REQUEST => ControlMessage::HashRequest(r.paths()?),
             tag::HASH_ANSWER => ControlMessage::HashAnswer(r.entries()?),
             tag::FILE_REQUEST => ControlMessage::FileRequest {

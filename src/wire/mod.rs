@@ -16,6 +16,7 @@
 //!                                                                busy, shutting down)
 //!             S: Ping         -> greeted     (while the client waits for its turn)
 //!   listing   C: FileList     -> listing     C: Ping  -> listing
+//!             C: RootMeta     -> listing     (the synced directory's own mtime)
 //!             C: FileListEnd  -> planning    S: Error -> end   (invalid or oversized list)
 //!   planning  S: HashRequest  -> hashing     (large files sent unhashed, size known here)
 //!             S: FileRequest  -> fetching    S: SyncDone -> end   S: Error -> end
@@ -67,6 +68,7 @@ pub mod tag {
     pub const HASH_ANSWER: u8 = 14;
     pub const PING: u8 = 15;
     pub const HOLE: u8 = 16;
+    pub const ROOT_META: u8 = 17;
 
     /// (tag, name, carried on the data connection)
     const TABLE: &[(u8, &str, bool)] = &[
@@ -86,6 +88,7 @@ pub mod tag {
         (HASH_ANSWER, "hash-answer", false),
         (PING, "ping", false),
         (HOLE, "hole", true),
+        (ROOT_META, "root-meta", false),
     ];
 
     pub fn name(tag: u8) -> &'static str {
@@ -160,6 +163,7 @@ pub const ARROWS: &[Arrow] = {
         arrow(Greeted, S, tag::PING, Greeted),
         arrow(Listing, C, tag::FILE_LIST, Listing),
         arrow(Listing, C, tag::PING, Listing),
+        arrow(Listing, C, tag::ROOT_META, Listing),
         arrow(Listing, C, tag::FILE_LIST_END, Planning),
         arrow(Listing, S, tag::ERROR, End),
         arrow(Planning, S, tag::HASH_REQUEST, Hashing),
