@@ -29,10 +29,10 @@ struct Case {
     no_logs: &'static [&'static str],
 }
 
-/// Runs a case on a fresh world; returns the world and the output of the sync under test.
 /// The summary of a sync that had nothing to do.
 const NOTHING_DONE: &str = "requested=0 copied=0 renamed=0 deleted=0 failed=0 bytes=0";
 
+/// Runs a case on a fresh world; returns the world and the output of the sync under test.
 fn check(case: Case) -> (World, Output) {
     check_in(World::start(&[]), case)
 }

@@ -59,10 +59,30 @@ fn same_category(a: &Kind, b: &Kind) -> bool {
     )
 }
 
+/// The plan that makes `server` mirror `client`. Its steps: what goes ([`deletions`]), what
+/// is made or updated in place and which files need content ([`walk_client`]), where that
+/// content comes from ([`find_content`]), and which directories get their metadata back.
 pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
     let mut p = Plan::default();
+    let mut deletes = deletions(client, server);
+    // Directories whose listing changes: their mtime must be put back at the end.
+    let mut touched: BTreeSet<RelPath> = deletes.iter().filter_map(RelPath::parent).collect();
+    let needs_content = walk_client(client, server, &mut p, &mut touched);
+    find_content(needs_content, server, &mut p, &mut deletes);
+    p.deletes = deletes.into_iter().rev().collect();
+    p.dir_meta = client
+        .iter()
+        .filter(|c| c.kind == Kind::Dir && touched.contains(&c.path))
+        .map(|c| (c.path.clone(), c.meta))
+        .collect();
+    p.dir_meta.reverse();
+    p
+}
 
-    // What the client could not read keeps whatever the server has there, and below it.
+/// What the server has that must go: what the client lacks, and whatever stands where the
+/// client has an entry of another kind. What the client could not read keeps whatever the
+/// server has there, and below it.
+fn deletions(client: &Manifest, server: &Manifest) -> BTreeSet<RelPath> {
     let any_protected = client
         .iter()
         .any(|e| matches!(e.kind, Kind::Unreadable { .. }));
@@ -80,8 +100,7 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
                 )
             })
     };
-
-    let mut deletes: BTreeSet<RelPath> = server
+    server
         .iter()
         .filter(|s| !is_protected(&s.path))
         .filter(|s| match client.get(&s.path) {
@@ -89,12 +108,18 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
             Some(c) => !same_category(&c.kind, &s.kind),
         })
         .map(|s| s.path.clone())
-        .collect();
+        .collect()
+}
 
-    // Directories whose listing changes: their mtime must be put back at the end.
-    let mut touched: BTreeSet<RelPath> = deletes.iter().filter_map(RelPath::parent).collect();
-    let mut needs_content: Vec<&Entry> = Vec::new();
-
+/// Plans directories, symlinks and metadata-only changes for every client entry, notes the
+/// directories whose listing changes, and returns the files whose content must be found.
+fn walk_client<'a>(
+    client: &'a Manifest,
+    server: &Manifest,
+    p: &mut Plan,
+    touched: &mut BTreeSet<RelPath>,
+) -> Vec<&'a Entry> {
+    let mut needs_content = Vec::new();
     for c in client.iter() {
         let s = server
             .get(&c.path)
@@ -144,7 +169,17 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
             touched.insert(parent);
         }
     }
+    needs_content
+}
 
+/// For each file that needs content: a local copy of a server file with the same hash (a
+/// move when that source is due for deletion), else a request to the client.
+fn find_content(
+    needs_content: Vec<&Entry>,
+    server: &Manifest,
+    p: &mut Plan,
+    deletes: &mut BTreeSet<RelPath>,
+) {
     // Content the server already has, by hash, sorted so that a lookup is a binary search and
     // the choice among equal candidates is by path. Built only when some file needs content.
     let mut by_hash: Vec<(ContentHash, &RelPath)> = Vec::new();
@@ -171,23 +206,26 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
             _ => unreachable!("only files need content"),
         };
         let first = by_hash.partition_point(|(m, _)| *m < hash);
-        let sources: Vec<&RelPath> = by_hash[first..]
+        let sources = by_hash[first..]
             .iter()
             .take_while(|(m, _)| *m == hash)
-            .map(|(_, p)| *p)
-            .collect();
+            .map(|(_, p)| *p);
         // A source due for deletion is preferred: it can be moved rather than copied.
-        match sources
-            .iter()
-            .find(|s| deletes.contains(**s))
-            .or(sources.first())
-        {
+        let mut chosen = None;
+        for src in sources {
+            if deletes.contains(src) {
+                chosen = Some(src);
+                break;
+            }
+            chosen = chosen.or(Some(src));
+        }
+        match chosen {
             Some(src) => {
-                if deletes.contains(*src) {
+                if deletes.contains(src) {
                     moves.insert(src, p.copies.len());
                 }
                 p.copies.push(LocalCopy {
-                    src: (*src).clone(),
+                    src: src.clone(),
                     dst: c.path.clone(),
                     size,
                     hash,
@@ -210,15 +248,6 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
     }
     p.copies
         .sort_by(|a, b| (a.is_move, &a.dst).cmp(&(b.is_move, &b.dst)));
-
-    p.deletes = deletes.into_iter().rev().collect();
-    p.dir_meta = client
-        .iter()
-        .filter(|c| c.kind == Kind::Dir && touched.contains(&c.path))
-        .map(|c| (c.path.clone(), c.meta))
-        .collect();
-    p.dir_meta.reverse();
-    p
 }
 
 impl fmt::Display for Plan {

@@ -1,5 +1,7 @@
-//! Walks a directory and lists it as entries: files with their content hash, directories, symlinks
-//! (never followed) and what could not be read. Special files and non-UTF-8 names are skipped.
+//! Walks a directory and lists it as entries: files with their content hash, directories,
+//! symlinks (never followed), special files (sockets, FIFOs, devices: listed as such, so the
+//! server can delete its own and the client can leave them out) and what could not be read.
+//! Names that are not valid UTF-8 are skipped with a warning.
 
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
@@ -53,9 +55,6 @@ pub fn meta_of(m: &Metadata) -> Meta {
     }
 }
 
-/// Lists the tree below `root` (the root itself is not an entry). Fails only when the root
-/// cannot be read at all; anything below that cannot be read becomes an `Unreadable` entry.
-///
 /// How a side scans.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
@@ -84,7 +83,10 @@ impl Options {
     }
 }
 
-/// Files are hashed after the metadata walk, on every core, except those `cache` vouches for.
+/// Lists the tree below `root` (the root itself is not an entry; its metadata is
+/// `Scan::root`). Fails only when the root cannot be read at all; anything below that cannot
+/// be read becomes an `Unreadable` entry. Files are hashed after the metadata walk, on every
+/// core, except those `cache` vouches for.
 pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, opts: Options) -> io::Result<Scan> {
     let mut scan = Scan {
         root: meta_of(&fs::symlink_metadata(root)?),
