@@ -488,6 +488,34 @@ fn permission_changes_are_applied_without_transfer() {
     assert_eq!(summary(&out), NOTHING_DONE);
 }
 
+/// A sparse file stays sparse: the client sends its holes as holes (rsync's `-S`), the server
+/// leaves them unwritten. 256 MiB of which one block holds data: a few KiB cross the wire
+/// and are allocated on the server.
+#[test]
+fn sparse_files_stay_sparse() {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    let w = World::start(&[]);
+    let mut f = fs::File::create(w.client.join("sparse")).unwrap();
+    f.set_len(256 << 20).unwrap();
+    f.seek(SeekFrom::Start(100 << 20)).unwrap();
+    f.write_all(b"data").unwrap();
+    drop(f);
+    let mark = w.mark();
+    let out = w.sync_ok();
+    w.assert_mirrored();
+    w.assert_logged(mark, "Received file: sparse (268435456 bytes, blake3 ok)");
+    let allocated = fs::metadata(w.server_dir.join("sparse")).unwrap().blocks() * 512;
+    assert!(allocated < 1 << 20, "{allocated} bytes allocated on the server");
+    let sent: u64 = summary(&out)
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("bytes="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(sent < 1 << 20, "{sent} bytes sent for one block of data");
+}
+
 /// The synced directory's own mtime is mirrored too (`rsync -a` carries it), also when
 /// nothing else changed, and after changes at the top that move it on the server.
 #[test]
