@@ -28,7 +28,7 @@ use crate::core::manifest::{Meta, RelPath, TEMP_PREFIX};
 #[derive(Debug, thiserror::Error)]
 pub enum RootError {
     #[error(
-        "{path}: parent {ancestor} is a symlink or not a directory; refusing to write through it"
+        "{path}: parent {ancestor} is a symlink or not a directory; refusing to go through it"
     )]
     UnsafeParent { path: RelPath, ancestor: String },
     #[error("{path}: {source}")]
@@ -1005,6 +1005,8 @@ mod tests {
             ] {
                 let err = res.unwrap_err().to_string();
                 assert!(err.contains("parent link is a symlink"), "{err}");
+                // Reads are refused too, so the words are not about writing.
+                assert!(err.contains("refusing to go through it"), "{err}");
             }
             // Nor through a symlink as the entry itself when reading.
             let err = r.open_read(&p("link")).unwrap_err();
