@@ -27,9 +27,7 @@ use crate::core::manifest::{Meta, RelPath, TEMP_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootError {
-    #[error(
-        "{path}: parent {ancestor} is a symlink or not a directory; refusing to go through it"
-    )]
+    #[error("{path}: parent {ancestor} is a symlink or not a directory; refusing to go through it")]
     UnsafeParent { path: RelPath, ancestor: String },
     #[error("{path}: {source}")]
     Io {
