@@ -42,7 +42,7 @@ struct Args {
     /// Content hash: blake3, or md5 for the original tool's exact behaviour. MD5 is not
     /// collision-resistant: the server copies content it already holds under the same MD5
     /// instead of transferring it, so two different files with one MD5 (public collision
-    /// pairs exist) can leave a wrong copy. [default: blake3, or md5 with an older server]
+    /// pairs exist) can leave a wrong copy. [default: blake3]
     #[arg(long, value_name = "ALGORITHM")]
     hash: Option<HashAlgorithm>,
     /// Give up on a server silent for this many seconds (at most 10 before it welcomes us;
