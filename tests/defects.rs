@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use server_sync::core::hash::HashAlgorithm;
+use server_sync::core::identity::ClientId;
 use server_sync::core::manifest::{Entry, Kind, Meta, RelPath};
 use server_sync::server;
 use server_sync::wire::protocol::{self, Capabilities, Message, ProtocolError, Summary, VERSION};
@@ -109,6 +110,10 @@ fn hello() -> Message {
         transfers: 1,
         hashes: vec![HashAlgorithm::Blake3],
         capabilities: Capabilities::NONE,
+        machine: String::new(),
+        root_chain: Vec::new(),
+        client: ClientId(1),
+        take_over: false,
     }
 }
 

@@ -38,7 +38,8 @@ pub mod protocol;
 pub use codec::{MAX_FRAME, MAX_TEXT, ProtocolError};
 pub use connection::{BlockingConnection, Connection, ControlConnection, WireMessage};
 pub use control::{
-    BATCH, Capabilities, ControlMessage, Failure, MAGIC, MAX_FAILURES_NAMED, Summary, VERSION,
+    BATCH, Capabilities, ControlMessage, Failure, MAGIC, MAX_FAILURES_NAMED, NESTED_ROOTS,
+    OTHER_CLIENT, Summary, VERSION,
 };
 pub use data::{CHUNK_SIZE, DataMessage};
 

@@ -16,10 +16,11 @@ use std::io::{Read, Write};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
+use crate::core::identity::{ClientId, FileId};
 use crate::core::manifest::{Entry, Kind, MAX_PATH_LEN, Meta, PathError, RelPath};
 
 /// Bumped on any incompatible change; the server refuses other versions in its `Welcome`.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = crate::wire::control::VERSION;
 /// Opens every `Hello` and `DataHello`, so a stray connection is recognised at its first bytes.
 pub const MAGIC: [u8; 4] = *b"SSYN";
 /// Largest frame accepted. File lists and requests are sent in batches well below it, and
@@ -43,6 +44,11 @@ pub enum Message {
         /// Optional features the client supports ([`Capabilities`]): later features extend
         /// the protocol through these bits, without a version bump.
         capabilities: Capabilities,
+        /// As in [`crate::wire::ControlMessage::Hello`].
+        machine: String,
+        root_chain: Vec<FileId>,
+        client: ClientId,
+        take_over: bool,
     },
     Welcome {
         version: u32,
@@ -223,6 +229,10 @@ impl Message {
                 transfers,
                 hashes,
                 capabilities,
+                machine,
+                root_chain,
+                client,
+                take_over,
             } => {
                 w.u8(1);
                 w.bytes_raw(&MAGIC);
@@ -233,6 +243,15 @@ impl Message {
                     w.u8(h.id());
                 }
                 w.u64(capabilities.0);
+                w.str(machine);
+                w.u16(root_chain.len() as u16);
+                for d in root_chain {
+                    w.u64(d.dev);
+                    w.u64(d.ino);
+                }
+                w.u64((client.0 >> 64) as u64);
+                w.u64(client.0 as u64);
+                w.u8(u8::from(*take_over));
             }
             Message::Welcome {
                 version,
@@ -337,6 +356,10 @@ impl Message {
                         transfers: 0,
                         hashes: Vec::new(),
                         capabilities: Capabilities::NONE,
+                        machine: String::new(),
+                        root_chain: Vec::new(),
+                        client: ClientId(0),
+                        take_over: false,
                     });
                 }
                 let transfers = r.u16()?;
@@ -346,11 +369,26 @@ impl Message {
                     // Unknown algorithms (from a newer peer) are simply not offered to us.
                     hashes.extend(HashAlgorithm::from_id(r.u8()?));
                 }
+                let capabilities = Capabilities(r.u64()?);
+                let machine = r.str_max("hello", 128)?;
+                let n = r.u16()?;
+                let mut root_chain = Vec::new();
+                for _ in 0..n {
+                    root_chain.push(FileId {
+                        dev: r.u64()?,
+                        ino: r.u64()?,
+                    });
+                }
+                let client = ClientId((u128::from(r.u64()?) << 64) | u128::from(r.u64()?));
                 Message::Hello {
                     version,
                     transfers,
                     hashes,
-                    capabilities: Capabilities(r.u64()?),
+                    capabilities,
+                    machine,
+                    root_chain,
+                    client,
+                    take_over: r.u8()? == 1,
                 }
             }
             2 => {
@@ -810,6 +848,10 @@ mod tests {
                 transfers: 2,
                 hashes: vec![HashAlgorithm::Blake3, HashAlgorithm::Md5],
                 capabilities: Capabilities(5),
+                machine: "m".into(),
+                root_chain: vec![FileId { dev: 1, ino: 2 }],
+                client: ClientId(3),
+                take_over: true,
             },
             Message::Welcome {
                 version: VERSION,
