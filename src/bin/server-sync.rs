@@ -95,10 +95,21 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     } else {
         HashCache::file_for_dir(args.cache_dir.as_deref(), &args.dir).map_err(anyhow::Error::msg)?
     };
-    // Without a state directory (no HOME), any client is served, as before this record.
     let owner_file = match args.state_dir.clone().or_else(state::default_dir) {
-        Some(d) => Some(state::owner_file(&d, &args.dir).map_err(anyhow::Error::msg)?),
-        None => None,
+        Some(d) => {
+            let file = state::owner_file(&d, &args.dir).map_err(anyhow::Error::msg)?;
+            // An unreadable record is a setup error, found now rather than at each session.
+            if let Some(client) = state::read_owner(&file)? {
+                tracing::info!("this folder mirrors client {client}");
+            }
+            Some(file)
+        }
+        None => {
+            tracing::warn!(
+                "no state directory (HOME is not set; see --state-dir): any client is served"
+            );
+            None
+        }
     };
     let root = server::prepare_root(&args.dir)?;
     let (control, data) = server::bind(&args.bind, args.port, args.data_port).await?;

@@ -11,9 +11,12 @@
 //!
 //! ```text
 //! control:
-//!   start     C: Hello        -> greeted
+//!   start     C: Hello        -> greeted     (version, transfers, hashes, capabilities,
+//!                                             machine, root chain, client ID, take-over)
 //!   greeted   S: Welcome      -> listing     S: Error -> end   (version, no common hash,
-//!                                                                busy, shutting down)
+//!                                                                busy, shutting down,
+//!                                                                nested roots, another
+//!                                                                client's folder)
 //!   listing   C: FileList     -> listing     C: Ping  -> listing
 //!             C: FileListEnd  -> planning    S: Error -> end   (invalid or oversized list)
 //!   planning  S: HashRequest  -> hashing     (large files sent unhashed, size known here)
