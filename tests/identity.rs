@@ -151,11 +151,11 @@ fn nested_roots_on_one_machine_are_refused_and_nothing_changes() {
 
 #[test]
 fn directories_side_by_side_on_one_machine_still_sync() {
-    // The check compares directories, not prefixes of their names: `c` and `c2` are not
-    // nested, nor are two directories that share only their parents.
+    // Directories are compared, not names: `server2` beside the server's `server` shares a
+    // prefix of its name and its parents, and is not nested with it.
     let server_state = tempdir();
     let w = World::start(&server_flags(server_state.path()));
-    let beside = w.extra_dir("client2");
+    let beside = w.extra_dir("server2");
     apply(&beside, &write("x.txt", "x").action);
     let out = w.sync_dir(&beside);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -396,4 +396,31 @@ fn take_over_is_for_one_sync_and_both_flags_are_documented() {
             );
         }
     }
+}
+
+#[test]
+fn the_server_refuses_a_state_dir_inside_dir_or_a_corrupt_record_at_start() {
+    let w = World::new();
+    let dir = w.tmp.path().join("new-mirror");
+    let inside = dir.join("state");
+    let mut cmd = Command::new(SERVER_BIN);
+    cmd.arg(&dir).arg("--state-dir").arg(&inside);
+    isolate(&mut cmd, w.home.path());
+    let err = one_line_error(&w.run(cmd), 2);
+    assert!(
+        err.contains("state directory") && err.contains("is inside the synced directory"),
+        "{err}"
+    );
+    assert!(!dir.exists(), "a refused setup leaves nothing behind");
+
+    let state = w.home.path().join("server-state");
+    let record = server_sync::store::state::owner_file(&state, &w.server_dir).unwrap();
+    fs::create_dir_all(&state).unwrap();
+    fs::write(&record, "not an id\n").unwrap();
+    let mut cmd = Command::new(SERVER_BIN);
+    cmd.arg(&w.server_dir).arg("--state-dir").arg(&state);
+    isolate(&mut cmd, w.home.path());
+    let err = one_line_error(&w.run(cmd), 2);
+    assert!(err.contains(&record.display().to_string()), "{err}");
+    assert!(err.contains("not a client ID"), "{err}");
 }

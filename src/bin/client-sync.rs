@@ -68,8 +68,8 @@ struct Args {
     /// ~/.local/state/server-sync]
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// Make the server's folder mirror DIR even though it mirrors another client: its
-    /// contents are replaced by DIR's, and the other client is refused from then on
+    /// With --once: make the server's folder mirror DIR even though it mirrors another
+    /// client; its contents are replaced by DIR's, and the other client is refused from then on
     #[arg(long, requires = "once")]
     take_over: bool,
     /// More log output (-v debug, -vv trace)

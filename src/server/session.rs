@@ -27,8 +27,8 @@ use crate::store::scan;
 use crate::store::state::{self, StateError};
 use crate::transfer::Received;
 use crate::wire::{
-    BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure, NESTED_ROOTS,
-    OTHER_CLIENT, ProtocolError, Summary, VERSION,
+    BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure,
+    MAX_FAILURES_NAMED, NESTED_ROOTS, OTHER_CLIENT, ProtocolError, Summary, VERSION,
 };
 
 /// What every connection task of a server shares.
@@ -261,15 +261,26 @@ fn admit(shared: &Shared, terms: Terms) -> Result<Admission, SessionError> {
 
 /// After a session that went through: records the client the folder now mirrors, when it
 /// was the first or took over. A failure is reported with the session's.
-fn record_client(shared: &Shared, admission: Admission, client: ClientId, summary: &mut Summary) {
-    let Some(file) = shared.owner_file.as_deref().filter(|_| admission.records()) else {
+async fn record_client(
+    shared: &Shared,
+    admission: Admission,
+    client: ClientId,
+    summary: &mut Summary,
+) {
+    let Some(file) = shared.owner_file.clone().filter(|_| admission.records()) else {
         return;
     };
-    match state::write_owner(file, client) {
+    // Flushed to disk (blocking): a record lost in a crash would let another client in.
+    let written = tokio::task::spawn_blocking(move || state::write_owner(&file, client))
+        .await
+        .expect("writing a record does not panic");
+    match written {
         Ok(()) => shared.events.emit(Event::MirrorOf { client }),
         Err(e) => {
-            tracing::warn!("failed to record the client this folder mirrors: {e}");
-            summary.failed.push(Failure::new("", e.to_string()));
+            tracing::warn!("{e}");
+            if summary.failed.len() < MAX_FAILURES_NAMED {
+                summary.failed.push(Failure::new("", e.to_string()));
+            }
             summary.failed_total += 1;
         }
     }
@@ -318,7 +329,7 @@ async fn sync(
     )
     .await?;
     let mut summary = finish(shared, conn, (plan, outcome, got), requested, terms).await;
-    record_client(shared, admission, terms.client, &mut summary);
+    record_client(shared, admission, terms.client, &mut summary).await;
     conn.send_now(&ControlMessage::SyncDone(summary.clone()))
         .await?;
     shared.events.emit(Event::SessionDone {

@@ -161,7 +161,11 @@ pub fn write_owner(file: &Path, client: ClientId) -> Result<(), StateError> {
         .write_all(format!("{client}\n").as_bytes())
         .and_then(|()| tmp.file().sync_all())
         .map_err(write)?;
-    tmp.persist_to(file).map_err(write)
+    tmp.persist_to(file).map_err(write)?;
+    // The rename too: a record lost in a crash would let another client in.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(write)
 }
 
 /// A state directory, private, with its missing parents.
