@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::core::hash::HashAlgorithm;
+use crate::core::identity::ClientId;
 use crate::core::manifest::RelPath;
 use crate::core::text::Escaped;
 
@@ -24,6 +25,17 @@ pub enum Event {
     /// A client waits for another client's session to end.
     SessionWaiting {
         peer: SocketAddr,
+    },
+    /// A client replaces, on purpose (`--take-over`), the folder another client had mirrored.
+    TakingOver {
+        peer: SocketAddr,
+        client: ClientId,
+        from: ClientId,
+    },
+    /// The folder is now recorded as the mirror of `client` (after its first session, or a
+    /// take-over).
+    MirrorOf {
+        client: ClientId,
     },
     /// The client's whole file list arrived.
     ListReceived {
@@ -148,7 +160,8 @@ impl Event {
             | Event::Failed { .. }
             | Event::SendFailed { .. }
             | Event::NotReadable { .. }
-            | Event::Skipped { .. } => Level::Warn,
+            | Event::Skipped { .. }
+            | Event::TakingOver { .. } => Level::Warn,
             _ => Level::Info,
         }
     }
@@ -162,6 +175,11 @@ impl fmt::Display for Event {
             Event::SessionWaiting { peer } => {
                 write!(f, "client {peer} waits for another session to finish")
             }
+            Event::TakingOver { peer, client, from } => write!(
+                f,
+                "client {peer} (ID {client}) takes over this folder, which mirrored client {from}"
+            ),
+            Event::MirrorOf { client } => write!(f, "this folder now mirrors client {client}"),
             Event::ListReceived {
                 peer,
                 entries,

@@ -9,7 +9,7 @@ mod support;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use support::*;
@@ -898,7 +898,13 @@ fn unreadable_client_entries_are_reported_and_kept_on_the_server() {
     if root {
         fs::set_permissions(w.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
         // The cache lives in root's private directory: the unprivileged client goes without.
-        cmd.arg("--no-cache").uid(65534).gid(65534);
+        // It is still the same client: its ID, copied where it can read it.
+        let state = nobodys_dir(&w, "client-state");
+        let id = state.join("client-id");
+        fs::copy(w.home.path().join("state/server-sync/client-id"), &id).unwrap();
+        std::os::unix::fs::chown(&id, Some(65534), Some(65534)).unwrap();
+        cmd.arg("--no-cache").arg("--state-dir").arg(&state);
+        cmd.uid(65534).gid(65534);
     }
     let mark = w.mark();
     let out = w.run(cmd);
@@ -969,16 +975,26 @@ fn unprivileged_world() -> Option<World> {
     if !as_unprivileged_server(&w) {
         return None;
     }
-    w.start_server_with(&[], nobody);
+    // SAFETY: geteuid has no preconditions.
+    let state = (unsafe { libc::geteuid() } == 0).then(|| nobodys_dir(&w, "server-state"));
+    w.start_server_with(&[], |cmd| nobody(cmd, state.as_deref()));
     Some(w)
 }
 
-fn nobody(cmd: &mut Command) {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+/// A directory beside the world's trees that `nobody` owns.
+fn nobodys_dir(w: &World, name: &str) -> PathBuf {
+    let dir = w.extra_dir(name);
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    dir
+}
+
+/// Runs the server as `nobody` when this process is root, with its state in `state`.
+fn nobody(cmd: &mut Command, state: Option<&Path>) {
+    if let Some(state) = state {
         // The hash cache lives in root's private directory: the unprivileged server goes
-        // without.
-        cmd.arg("--no-cache").uid(65534).gid(65534);
+        // without. Its state (the client it mirrors) it cannot go without.
+        cmd.arg("--no-cache").arg("--state-dir").arg(state);
+        cmd.uid(65534).gid(65534);
     }
 }
 

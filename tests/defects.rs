@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use server_sync::core::hash::HashAlgorithm;
+use server_sync::core::identity::ClientId;
 use server_sync::core::manifest::{Entry, Kind, Meta, RelPath};
 use server_sync::server;
 use server_sync::wire::codec::read_frame_blocking;
@@ -119,6 +120,10 @@ fn hello() -> ControlMessage {
         transfers: 1,
         hashes: vec![HashAlgorithm::Blake3],
         capabilities: Capabilities::NONE,
+        machine: String::new(),
+        root_chain: Vec::new(),
+        client: ClientId(1),
+        take_over: false,
     }
 }
 

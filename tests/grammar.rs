@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use server_sync::client;
 use server_sync::core::hash::HashAlgorithm;
+use server_sync::core::identity::ClientId;
 use server_sync::core::manifest::{Entry, Kind, Meta, RelPath};
 use server_sync::events::{Event, EventSink};
 use server_sync::server;
@@ -116,6 +117,10 @@ async fn scripted(port: u16) -> ControlConnection<TcpStream> {
         transfers: 1,
         hashes: vec![HashAlgorithm::Blake3],
         capabilities: Capabilities::NONE,
+        machine: String::new(),
+        root_chain: Vec::new(),
+        client: ClientId(1),
+        take_over: false,
     })
     .await
     .unwrap();

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use server_sync::core::hash::HashAlgorithm;
+use server_sync::core::identity::ClientId;
 use server_sync::core::manifest::{Entry, Kind, Meta, RelPath};
 use server_sync::wire::codec::read_frame;
 use server_sync::wire::{
@@ -93,14 +94,10 @@ impl Peer {
         got
     }
 
-    /// `Hello` → `Welcome`: the data port and session token.
-    fn hello(&mut self) -> (u16, u64) {
-        self.send(&ControlMessage::Hello {
-            version: VERSION,
-            transfers: 1,
-            hashes: vec![HashAlgorithm::Blake3],
-            capabilities: Capabilities::NONE,
-        });
+    /// `Hello` → `Welcome`: the data port and session token. The peer says it is the world's
+    /// client, whose tree the server's folder mirrors.
+    fn hello(&mut self, w: &World) -> (u16, u64) {
+        self.send(&hello(client_id(w), VERSION));
         match self.recv() {
             Ok(Some(ControlMessage::Welcome {
                 data_port, token, ..
@@ -108,6 +105,27 @@ impl Peer {
             other => panic!("expected welcome, got {other:?}"),
         }
     }
+}
+
+/// A `Hello` from a client with this ID, speaking `version`.
+fn hello(client: ClientId, version: u32) -> ControlMessage {
+    ControlMessage::Hello {
+        version,
+        transfers: 1,
+        hashes: vec![HashAlgorithm::Blake3],
+        capabilities: Capabilities::NONE,
+        machine: String::new(),
+        root_chain: Vec::new(),
+        client,
+        take_over: false,
+    }
+}
+
+/// The ID of the world's `client-sync` (made now if it has not run yet), kept in its state
+/// directory under the world's home (see `isolate`).
+fn client_id(w: &World) -> ClientId {
+    let dir = w.home.path().join("state/server-sync");
+    server_sync::store::state::client_id(&dir, ClientId(0x5ca1ab1e)).unwrap()
 }
 
 /// A message's whole frame, length prefix included.
@@ -254,7 +272,7 @@ fn open_session_changing(w: &World, changed: &str) -> (Peer, u16, u64) {
         hash: HashAlgorithm::Blake3.of(NEW),
     };
     let mut control = Peer::connect(w.port());
-    let (data_port, token) = control.hello();
+    let (data_port, token) = control.hello(w);
     control.send(&ControlMessage::FileList(entries));
     control.send(&ControlMessage::FileListEnd);
     match control.recv() {
@@ -317,7 +335,7 @@ fn check_attacks(attacks: Vec<Attack>) {
         let mark = w.mark();
         let mut peer = Peer::connect(w.port());
         if a.after_hello {
-            peer.hello();
+            peer.hello(&w);
         }
         peer.send_raw(&a.bytes);
         if a.then_eof {
@@ -467,27 +485,13 @@ fn garbage_and_bad_frames_are_refused() {
         attack(
             "bad magic",
             false,
-            patch(
-                frame(&ControlMessage::Hello {
-                    version: VERSION,
-                    transfers: 1,
-                    hashes: vec![HashAlgorithm::Blake3],
-                    capabilities: Capabilities::NONE,
-                }),
-                b"SSYN",
-                b"HTTP",
-            ),
+            patch(frame(&hello(ClientId(1), VERSION)), b"SSYN", b"HTTP"),
             "bad magic",
         ),
         attack(
             "wrong version",
             false,
-            frame(&ControlMessage::Hello {
-                version: 99,
-                transfers: 1,
-                hashes: vec![HashAlgorithm::Blake3],
-                capabilities: Capabilities::NONE,
-            }),
+            frame(&hello(ClientId(1), 99)),
             "client speaks protocol version 99",
         ),
         attack(
@@ -537,12 +541,7 @@ fn garbage_and_bad_frames_are_refused() {
 fn wrong_version_is_told_why() {
     let w = victim_world(&[]);
     let mut peer = Peer::connect(w.port());
-    peer.send(&ControlMessage::Hello {
-        version: 99,
-        transfers: 1,
-        hashes: vec![HashAlgorithm::Blake3],
-        capabilities: Capabilities::NONE,
-    });
+    peer.send(&hello(ClientId(1), 99));
     match peer.until_closed().as_slice() {
         [ControlMessage::Error(e)] => assert!(e.contains("version 99"), "{e}"),
         other => panic!("expected one error message, got {other:?}"),
@@ -830,7 +829,7 @@ fn silent_peers_are_dropped_after_the_idle_timeout() {
         }),
         ("silent in the middle of the file list", |w| {
             let mut peer = Peer::connect(w.port());
-            peer.hello();
+            peer.hello(w);
             peer.send(&ControlMessage::FileList(vec![file_entry("a", b"a")]));
             peer.until_closed();
             "peer went silent"
@@ -860,7 +859,7 @@ fn silent_peers_are_dropped_after_the_idle_timeout() {
         }),
         ("holds the session while another client waits", |w| {
             let mut peer = Peer::connect(w.port());
-            peer.hello();
+            peer.hello(w);
             // An honest client arrives while the silent one holds the session.
             let mark = w.mark();
             w.sync_ok();
@@ -898,7 +897,7 @@ fn connections_past_the_limit_are_refused() {
     w.assert_logged(mark, "refusing connection from 127.0.0.1:");
     w.assert_logged(mark, "already serving 2 connections");
     // The admitted ones are still served.
-    first.hello();
+    first.hello(&w);
     drop((first, second, third));
     w.server()
         .wait_for_log_count("ended: connection closed by the peer", 2, WAIT);

@@ -32,9 +32,12 @@ fn unprivileged_world() -> Option<World> {
         fs::set_permissions(w.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::chown(&w.server_dir, Some(65534), Some(65534)).unwrap();
         // The hash cache lives in root's private directory: the unprivileged server goes
-        // without.
+        // without. Its state (the client it mirrors) it keeps in a directory of its own.
+        let state = w.extra_dir("server-state");
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
         w.start_server_with(&[], |cmd| {
-            cmd.arg("--no-cache").uid(65534).gid(65534);
+            cmd.arg("--no-cache").arg("--state-dir").arg(&state);
+            cmd.uid(65534).gid(65534);
         });
     } else {
         w.start_server(&[]);

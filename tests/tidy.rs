@@ -17,7 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("events", &["core", "events"]),
     ("wire", &["core", "wire"]),
     ("process", &["process"]),
-    ("store", &["core", "wire", "events", "store"]),
+    ("store", &["core", "wire", "events", "process", "store"]),
     (
         "transfer",
         &["core", "wire", "events", "store", "transfer", "process"],
@@ -63,14 +63,20 @@ fn layer_of(rel: &Path) -> Option<String> {
     }
 }
 
-/// The code lines of a file with their numbers: comments and `#[cfg(test)]` modules left
-/// out (tests may use files and sockets to check the code that may not).
+/// The code lines of a file with their numbers: comments and the `#[cfg(test)]` module left
+/// out (tests may use files and sockets to check the code that may not). The test module is
+/// the last item of a file (clippy's `items_after_test_module`); a single `#[cfg(test)]` item
+/// elsewhere is checked like the rest.
 fn code_lines(text: &str) -> Vec<(usize, &str)> {
     let mut out = Vec::new();
     let mut in_tests = false;
-    for (i, line) in text.lines().enumerate() {
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
         let t = line.trim_start();
-        if t.starts_with("#[cfg(test)]") {
+        let next_is_mod = lines
+            .get(i + 1)
+            .is_some_and(|n| n.trim_start().starts_with("mod "));
+        if t.starts_with("#[cfg(test)]") && next_is_mod {
             in_tests = true;
         }
         if in_tests || t.starts_with("//") {
@@ -210,4 +216,6 @@ fn the_checks_can_fail() {
     assert_eq!(layer_of(Path::new("src/bin/x.rs")), None);
     let lines = code_lines("a\n// b\nc // d\n#[cfg(test)]\nmod tests { e }");
     assert_eq!(lines, [(1, "a"), (3, "c ")]);
+    let lines = code_lines("#[cfg(test)]\nfn f() {}\ng");
+    assert_eq!(lines, [(1, "#[cfg(test)]"), (2, "fn f() {}"), (3, "g")]);
 }

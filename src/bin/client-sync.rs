@@ -7,18 +7,27 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 use server_sync::client;
 use server_sync::core::hash::HashAlgorithm;
+use server_sync::core::identity::ClientId;
 use server_sync::core::text::Escaped;
 use server_sync::store::cache::HashCache;
+use server_sync::store::state;
 
 /// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.
 ///
 /// Without --once, syncs at start and then every --interval seconds until SIGINT, SIGTERM or
 /// SIGHUP, retrying with back-off a server that cannot be reached or is busy.
 ///
+/// A server folder mirrors one client: this client's ID, made on first use, is kept in
+/// --state-dir, and a server whose folder mirrors another client refuses it unless told
+/// --take-over. A server on this machine refuses a DIR that is its own directory, inside it,
+/// or holds it.
+///
 /// Exit status with --once: 0 the server now mirrors DIR; 1 some entries failed (each is
-/// named on stderr); 2 usage or local error (DIR missing or not a directory, a cache inside
-/// DIR); 3 the server could not be used (unreachable, busy, refused or ended the sync, did
-/// not answer, or the connection was lost), so DIR is not known to be mirrored.
+/// named on stderr), or the server's folder mirrors another client (see --take-over); 2 usage
+/// or local error (DIR missing or not a directory, a cache inside DIR, DIR and the server's
+/// directory nested, no usable client ID); 3 the server could not be used (unreachable,
+/// busy, refused or ended the sync, did not answer, or the connection was lost), so DIR is
+/// not known to be mirrored.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -55,6 +64,14 @@ struct Args {
     /// Hash every file on every sync instead of trusting the hash cache
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
+    /// Keep this client's ID here [default: $XDG_STATE_HOME/server-sync or
+    /// ~/.local/state/server-sync]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// With --once: make the server's folder mirror DIR even though it mirrors another
+    /// client; its contents are replaced by DIR's, and the other client is refused from then on
+    #[arg(long, requires = "once")]
+    take_over: bool,
     /// More log output (-v debug, -vv trace)
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
@@ -85,8 +102,25 @@ async fn run(args: Args) -> ExitCode {
             }
         }
     };
+    let Some(state_dir) = args.state_dir.clone().or_else(state::default_dir) else {
+        eprintln!("client-sync: no directory for the client ID: set HOME or use --state-dir");
+        return ExitCode::from(2);
+    };
+    let fresh = ClientId(
+        u128::from(server_sync::process::random_u64()) << 64
+            | u128::from(server_sync::process::random_u64()),
+    );
+    let client_id = match state::client_id(&state_dir, fresh) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("client-sync: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = client::Config {
         cache_file,
+        client_id,
+        take_over: args.take_over,
         transfers: args.transfers as usize,
         hashes: match args.hash {
             Some(h) => vec![h],

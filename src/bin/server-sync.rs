@@ -8,13 +8,18 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 use server_sync::server;
 use server_sync::store::cache::HashCache;
+use server_sync::store::state;
 
 /// Keep DIR an exact, verified mirror of the directory a `client-sync` sends.
 ///
 /// Files the client does not have are deleted; files whose MD5 is already somewhere in DIR
 /// are copied locally instead of transferred. Prints `listening control=HOST:PORT
 /// data=HOST:PORT` once ready. Exit status: 0 after SIGINT, SIGTERM or SIGHUP, 2 on a bad
-/// DIR or a port that cannot be bound.
+/// DIR, a cache or state directory inside it, or a port that cannot be bound.
+///
+/// DIR mirrors one client: the first to sync it, recorded in --state-dir. Another client is
+/// refused unless it runs `client-sync --take-over`. A client on this machine whose directory
+/// is DIR, inside it, or holds it is refused.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -45,6 +50,10 @@ struct Args {
     /// Hash every file on every sync instead of trusting the hash cache
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
+    /// Keep the record of the client DIR mirrors here [default: $XDG_STATE_HOME/server-sync
+    /// or ~/.local/state/server-sync]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// More log output (-v debug, -vv trace)
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
@@ -86,6 +95,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     } else {
         HashCache::file_for_dir(args.cache_dir.as_deref(), &args.dir).map_err(anyhow::Error::msg)?
     };
+    let owner_file = match args.state_dir.clone().or_else(state::default_dir) {
+        Some(d) => {
+            let file = state::owner_file(&d, &args.dir).map_err(anyhow::Error::msg)?;
+            // An unreadable record is a setup error, found now rather than at each session.
+            if let Some(client) = state::read_owner(&file)? {
+                tracing::info!("this folder mirrors client {client}");
+            }
+            Some(file)
+        }
+        None => {
+            tracing::warn!(
+                "no state directory (HOME is not set; see --state-dir): any client is served"
+            );
+            None
+        }
+    };
     let root = server::prepare_root(&args.dir)?;
     let (control, data) = server::bind(&args.bind, args.port, args.data_port).await?;
     println!(
@@ -99,6 +124,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections as usize,
         max_per_address: args.max_per_address as usize,
         cache_file,
+        owner_file,
         ..server::Config::new(root.path())
     };
     server::run(

@@ -11,6 +11,7 @@ pub use daemon::{log_report, run};
 pub use session::sync_once;
 
 use crate::core::hash::HashAlgorithm;
+use crate::core::identity::ClientId;
 use crate::core::text::Escaped;
 use crate::events::{self, Events};
 use crate::store::DirError;
@@ -45,6 +46,13 @@ pub struct Config {
     /// Files at least this large that the hash cache cannot vouch for are announced unhashed
     /// and hashed while they are sent (or when the server asks): read once, not twice.
     pub defer_above: u64,
+    /// Who this client is: a server folder mirrors one client (see `store::state`).
+    pub client_id: ClientId,
+    /// Replace the server folder's contents even if it mirrors another client.
+    pub take_over: bool,
+    /// This machine's identifier, so that a server on the same machine can refuse nested
+    /// directories; `None` when the machine has none.
+    pub machine_id: Option<String>,
     /// Where the sync's events go (by default, the log).
     pub events: Events,
 }
@@ -63,6 +71,14 @@ impl Config {
             idle_timeout: IDLE_TIMEOUT,
             keepalive: Duration::from_secs(5),
             defer_above: 8 << 20,
+            // A new client each time, unless the caller loads the one kept in a state
+            // directory (as `client-sync` does).
+            client_id: ClientId(
+                u128::from(crate::process::random_u64()) << 64
+                    | u128::from(crate::process::random_u64()),
+            ),
+            take_over: false,
+            machine_id: crate::store::state::machine_id(),
             events: events::log(),
         }
     }
@@ -84,6 +100,12 @@ pub enum ClientError {
     NoAnswer { addr: String, wait: Duration },
     #[error("server refused the sync: {}", Escaped(.0))]
     Refused(String),
+    /// The server is on this machine and its directory and `dir` are nested.
+    #[error("cannot sync {}: {}", .dir.display(), Escaped(.why))]
+    Nested { dir: PathBuf, why: String },
+    /// The server's folder mirrors another client (see `--take-over`).
+    #[error("server refused the sync: {}", Escaped(.0))]
+    OtherClient(String),
     #[error("server ended the sync: {}", Escaped(.0))]
     Ended(String),
     #[error("server went silent for {} s in the middle of the sync", .0.as_secs_f64())]
@@ -99,7 +121,9 @@ impl ClientError {
     /// 1 is kept for a sync that ran but left entries behind (see `Report::is_clean`).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ClientError::Dir(_) => 2,
+            ClientError::Dir(_) | ClientError::Nested { .. } => 2,
+            // Nothing was synced, but the server is fine: it belongs to another client.
+            ClientError::OtherClient(_) => 1,
             // The server could not be used: the sync did not complete, try again later.
             ClientError::Unreachable { .. }
             | ClientError::NoAnswer { .. }

@@ -10,15 +10,17 @@ use tokio::task::JoinSet;
 
 use crate::client::{ClientError, Config, Report};
 use crate::core::hash::HashAlgorithm;
+use crate::core::identity::FileId;
 use crate::core::manifest::{Entry, Kind, Meta, RelPath, find_sorted};
 use crate::events::Event;
 use crate::store::cache::{HashCache, Learned};
 use crate::store::root::Root;
 use crate::store::scan;
 use crate::transfer::{self, Ticket};
+use crate::wire::control::MAX_CHAIN;
 use crate::wire::{
-    BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure, ProtocolError,
-    VERSION,
+    BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure, NESTED_ROOTS,
+    OTHER_CLIENT, ProtocolError, VERSION,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,8 +40,9 @@ struct Terms {
 pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     let start = Instant::now();
     crate::store::check_dir(&cfg.root)?;
+    let root_chain = root_chain(cfg)?;
     let (mut conn, peer) = connect(cfg).await?;
-    let terms = handshake(cfg, &mut conn, peer).await?;
+    let terms = handshake(cfg, &mut conn, peer, root_chain).await?;
     // Scan only now that the session has started: the server walks its own tree meanwhile.
     let mut report = Report::default();
     let (listed, root) = scan_tree(cfg, &mut conn, terms.algorithm, &mut report).await?;
@@ -66,11 +69,30 @@ async fn connect(cfg: &Config) -> Result<(ControlConnection<TcpStream>, SocketAd
     Ok((Connection::new(stream), peer))
 }
 
-/// Says hello, offering the configured hashes, and waits for the server's welcome.
+/// Device and inode of DIR and its ancestors, for a server on this machine to compare with its
+/// own; nothing when this machine has no identifier, since no server could tell it is here.
+fn root_chain(cfg: &Config) -> Result<Vec<FileId>, ClientError> {
+    if cfg.machine_id.is_none() {
+        return Ok(Vec::new());
+    }
+    let mut chain = crate::store::state::dir_chain(&cfg.root).map_err(|source| {
+        crate::store::DirError::Unreadable {
+            path: cfg.root.clone(),
+            source,
+        }
+    })?;
+    // Deeper than any path can be written: the directories nearest DIR matter most.
+    chain.truncate(MAX_CHAIN);
+    Ok(chain)
+}
+
+/// Says hello, offering the configured hashes and saying who and where this client is, and
+/// waits for the server's welcome.
 async fn handshake(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
     peer: SocketAddr,
+    root_chain: Vec<FileId>,
 ) -> Result<Terms, ClientError> {
     let transfers = cfg.transfers.clamp(1, u16::MAX.into()) as u16;
     conn.send_now(&ControlMessage::Hello {
@@ -78,6 +100,10 @@ async fn handshake(
         transfers,
         hashes: cfg.hashes.clone(),
         capabilities: Capabilities::NONE,
+        machine: cfg.machine_id.clone().unwrap_or_default(),
+        root_chain,
+        client: cfg.client_id,
+        take_over: cfg.take_over,
     })
     .await?;
     let wait = cfg.handshake_timeout.min(cfg.idle_timeout);
@@ -103,6 +129,11 @@ async fn handshake(
         ControlMessage::Welcome { hash, .. } => {
             Err(ProtocolError::Unrequested(format!("hash algorithm {hash}")).into())
         }
+        ControlMessage::Error(e) if e.starts_with(NESTED_ROOTS) => Err(ClientError::Nested {
+            dir: crate::store::state::real_path(&cfg.root),
+            why: e,
+        }),
+        ControlMessage::Error(e) if e.starts_with(OTHER_CLIENT) => Err(ClientError::OtherClient(e)),
         ControlMessage::Error(e) => Err(ClientError::Refused(e)),
         m => Err(m.unexpected("welcome").into()),
     }

@@ -2,6 +2,7 @@
 //! file system, the network or the async runtime (the tidy test enforces it).
 
 pub mod hash;
+pub mod identity;
 pub mod manifest;
 pub mod plan;
 pub mod stamp;

@@ -74,6 +74,8 @@ pub async fn run(
         keepalive: config.keepalive,
         data_port: data.local_addr().map(|a| a.port()).unwrap_or(0),
         cache_file: config.cache_file.clone(),
+        owner_file: config.owner_file.clone(),
+        machine_id: config.machine_id.clone(),
         events: config.events.clone(),
         session: tokio::sync::Mutex::new(()),
         waiting: Mutex::new(HashMap::new()),

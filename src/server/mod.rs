@@ -56,6 +56,12 @@ pub struct Config {
     pub keepalive: Duration,
     /// Where the hash cache of `root` is kept; `None` hashes every file on every session.
     pub cache_file: Option<PathBuf>,
+    /// Where the record of the client `root` mirrors is kept ([`crate::store::state`]);
+    /// `None` serves any client.
+    pub owner_file: Option<PathBuf>,
+    /// This machine's identifier: a client that sends the same one is on this machine, and is
+    /// refused if its directory and `root` are nested. `None`: no such check.
+    pub machine_id: Option<String>,
     /// Where the sessions' events go (by default, the log).
     pub events: Events,
 }
@@ -70,6 +76,8 @@ impl Config {
             max_per_address: 8,
             keepalive: Duration::from_secs(5),
             cache_file: None,
+            owner_file: None,
+            machine_id: crate::store::state::machine_id(),
             events: events::log(),
         }
     }

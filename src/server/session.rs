@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{MutexGuard, mpsc};
 
 use crate::core::hash::HashAlgorithm;
+use crate::core::identity::{Admission, ClientId, FileId, Nesting};
 use crate::core::manifest::{Entry, Kind, Manifest, ManifestError, Meta, RelPath};
 use crate::core::plan::{self, Plan};
 use crate::events::{Counts, Event, Events};
@@ -23,10 +24,11 @@ use crate::store::apply::{self, Outcome};
 use crate::store::cache::HashCache;
 use crate::store::root::Root;
 use crate::store::scan;
+use crate::store::state::{self, StateError};
 use crate::transfer::Received;
 use crate::wire::{
-    BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure, ProtocolError,
-    Summary, VERSION,
+    BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure,
+    MAX_FAILURES_NAMED, NESTED_ROOTS, OTHER_CLIENT, ProtocolError, Summary, VERSION,
 };
 
 /// What every connection task of a server shares.
@@ -38,6 +40,10 @@ pub struct Shared {
     pub keepalive: Duration,
     pub data_port: u16,
     pub cache_file: Option<PathBuf>,
+    /// Where the record of the client this folder mirrors is kept; `None`: any client.
+    pub owner_file: Option<PathBuf>,
+    /// This machine's identifier, to recognise a client on the same machine.
+    pub machine_id: Option<String>,
     pub events: Events,
     /// Held for a whole session: two clients never interleave their changes.
     pub session: tokio::sync::Mutex<()>,
@@ -80,6 +86,31 @@ pub enum SessionError {
         got: HashAlgorithm,
         session: HashAlgorithm,
     },
+    #[error("{NESTED_ROOTS}: {}", nesting_text(.nesting, .server_dir))]
+    Nested {
+        nesting: Nesting,
+        server_dir: PathBuf,
+    },
+    #[error(
+        "{OTHER_CLIENT} (ID {owner}); run client-sync --take-over to replace its contents with this directory's"
+    )]
+    OtherClient { owner: ClientId },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// How the two directories overlap, in words the client prints after its own directory.
+fn nesting_text(nesting: &Nesting, server_dir: &std::path::Path) -> String {
+    let s = server_dir.display();
+    match nesting {
+        Nesting::Same => format!("the server directory {s} is the client's directory itself"),
+        Nesting::ServerInsideClient => {
+            format!("the server directory {s} is inside the client's directory")
+        }
+        Nesting::ClientInsideServer => {
+            format!("the client's directory is inside the server directory {s}")
+        }
+    }
 }
 
 /// What the handshake settled.
@@ -88,6 +119,8 @@ struct Terms {
     addr: SocketAddr,
     transfers: usize,
     algorithm: HashAlgorithm,
+    client: ClientId,
+    take_over: bool,
 }
 
 pub async fn session(
@@ -99,13 +132,23 @@ pub async fn session(
     let terms = match greet(shared, &mut conn, addr).await {
         Ok(t) => t,
         // Told why only when it said hello: a silent or garbled peer gets nothing back.
-        Err(e @ (SessionError::Version(_) | SessionError::NoCommonHash(_))) => {
+        Err(
+            e @ (SessionError::Version(_)
+            | SessionError::NoCommonHash(_)
+            | SessionError::Nested { .. }
+            | SessionError::Scan(_)),
+        ) => {
             return Err(refuse(&mut conn, e).await);
         }
         Err(e) => return Err(e),
     };
     let _turn = match wait_turn(shared, &mut conn, addr).await {
         Ok(t) => t,
+        Err(e) => return Err(refuse(&mut conn, e).await),
+    };
+    // Only now, in its turn: another session may have changed whom the folder mirrors.
+    let admission = match admit(shared, terms) {
+        Ok(a) => a,
         Err(e) => return Err(refuse(&mut conn, e).await),
     };
     shared.events.emit(Event::SessionStarted {
@@ -124,7 +167,7 @@ pub async fn session(
         capabilities: Capabilities::NONE,
     })
     .await?;
-    match sync(shared, &mut conn, &mut rx, terms).await {
+    match sync(shared, &mut conn, &mut rx, terms, admission).await {
         Ok(()) => Ok(()),
         Err(e) => Err(refuse(&mut conn, e).await),
     }
@@ -151,18 +194,95 @@ async fn greet(
             version,
             transfers,
             hashes,
+            machine,
+            root_chain,
+            client,
+            take_over,
             ..
         } if version == VERSION => {
             let algorithm = HashAlgorithm::negotiate(&HashAlgorithm::ALL, &hashes)
                 .ok_or(SessionError::NoCommonHash(hashes))?;
+            check_nesting(shared, &machine, &root_chain)?;
             Ok(Terms {
                 addr,
                 transfers: usize::from(transfers).clamp(1, MAX_TRANSFERS),
                 algorithm,
+                client,
+                take_over,
             })
         }
         ControlMessage::Hello { version, .. } => Err(SessionError::Version(version)),
         m => Err(m.unexpected("hello").into()),
+    }
+}
+
+/// Refuses a client on this machine whose directory is this server's, or inside it, or holds
+/// it: the mirror would swallow its own source. A client on another machine (or a machine
+/// without an identifier, either side) is not checked.
+fn check_nesting(
+    shared: &Shared,
+    machine: &str,
+    client_chain: &[FileId],
+) -> Result<(), SessionError> {
+    match &shared.machine_id {
+        Some(ours) if !machine.is_empty() && machine == ours => {}
+        _ => return Ok(()),
+    }
+    let server_chain = state::dir_chain(shared.root.path()).map_err(SessionError::Scan)?;
+    match Nesting::of(&server_chain, client_chain) {
+        Some(nesting) => Err(SessionError::Nested {
+            nesting,
+            server_dir: state::real_path(shared.root.path()),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Whether this client may sync into the folder, given the client it mirrors: refused before
+/// anything changes when it is another's (unless taken over).
+fn admit(shared: &Shared, terms: Terms) -> Result<Admission, SessionError> {
+    let Some(file) = &shared.owner_file else {
+        return Ok(Admission::Owner);
+    };
+    let owner = state::read_owner(file)?;
+    match Admission::decide(owner, terms.client, terms.take_over) {
+        Admission::Refused { owner } => Err(SessionError::OtherClient { owner }),
+        a @ Admission::TakeOver { from } => {
+            shared.events.emit(Event::TakingOver {
+                peer: terms.addr,
+                client: terms.client,
+                from,
+            });
+            Ok(a)
+        }
+        a => Ok(a),
+    }
+}
+
+/// After a session that went through: records the client the folder now mirrors, when it
+/// was the first or took over. A failure is reported with the session's.
+async fn record_client(
+    shared: &Shared,
+    admission: Admission,
+    client: ClientId,
+    summary: &mut Summary,
+) {
+    let Some(file) = shared.owner_file.clone().filter(|_| admission.records()) else {
+        return;
+    };
+    // Flushed to disk (blocking): a record lost in a crash would let another client in.
+    let written = tokio::task::spawn_blocking(move || state::write_owner(&file, client))
+        .await
+        .expect("writing a record does not panic");
+    match written {
+        Ok(()) => shared.events.emit(Event::MirrorOf { client }),
+        Err(e) => {
+            tracing::warn!("{e}");
+            if summary.failed.len() < MAX_FAILURES_NAMED {
+                summary.failed.push(Failure::new("", e.to_string()));
+            }
+            summary.failed_total += 1;
+        }
     }
 }
 
@@ -191,6 +311,7 @@ async fn sync(
     conn: &mut ControlConnection<TcpStream>,
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
     terms: Terms,
+    admission: Admission,
 ) -> Result<(), SessionError> {
     let (client, server, root_meta) = lists(shared, conn, terms).await?;
     let client = hash_where_it_matters(shared, conn, client, &server, terms).await?;
@@ -208,7 +329,8 @@ async fn sync(
     )
     .await?;
     let done = (plan, outcome, got);
-    let summary = finish(shared, conn, done, (requested, root_meta), terms).await;
+    let mut summary = finish(shared, conn, done, (requested, root_meta), terms).await;
+    record_client(shared, admission, terms.client, &mut summary).await;
     conn.send_now(&ControlMessage::SyncDone(summary.clone()))
         .await?;
     shared.events.emit(Event::SessionDone {

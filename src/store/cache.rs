@@ -64,8 +64,7 @@ impl HashCache {
     /// Where the cache of `dir` lives under `cache_dir`: one file per directory, named by the
     /// MD5 of its canonical path.
     pub fn file_for(cache_dir: &Path, dir: &Path) -> PathBuf {
-        let key = HashAlgorithm::Md5.of(resolve(dir).as_os_str().as_encoded_bytes());
-        cache_dir.join(format!("{key}.hashes"))
+        cache_dir.join(format!("{}.hashes", dir_key(dir)))
     }
 
     /// The default cache directory: `$XDG_CACHE_HOME/server-sync` or `~/.cache/server-sync`.
@@ -84,15 +83,7 @@ impl HashCache {
         let Some(cache_dir) = cache_dir.map(Path::to_owned).or_else(Self::default_dir) else {
             return Ok(None);
         };
-        // Either may not exist yet (the cache directory is created on first save, the
-        // server's DIR at start): compare where they will be, not just what exists now.
-        if resolve(&cache_dir).starts_with(resolve(dir)) {
-            return Err(format!(
-                "cache directory {} is inside the synced directory {}",
-                cache_dir.display(),
-                dir.display()
-            ));
-        }
+        check_outside("cache", &cache_dir, dir)?;
         Ok(Some(Self::file_for(&cache_dir, dir)))
     }
 
@@ -228,6 +219,29 @@ impl HashCache {
         tmp.file().write_all(&body)?;
         tmp.persist_to(&self.file)
     }
+}
+
+/// What names the files kept for the synced directory `dir` (its cache, its record of the
+/// client it mirrors): the MD5 of its canonical path.
+pub(crate) fn dir_key(dir: &Path) -> String {
+    HashAlgorithm::Md5
+        .of(resolve(dir).as_os_str().as_encoded_bytes())
+        .to_string()
+}
+
+/// Refuses a `what` directory (cache, state) inside the synced directory `dir`, where it would
+/// be synced, and on the server deleted, as part of the tree.
+pub(crate) fn check_outside(what: &str, kept: &Path, dir: &Path) -> Result<(), String> {
+    // Either may not exist yet (the directory is created on first save, the server's DIR at
+    // start): compare where they will be, not just what exists now.
+    if resolve(kept).starts_with(resolve(dir)) {
+        return Err(format!(
+            "{what} directory {} is inside the synced directory {}",
+            kept.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Where `p` is or would be once created: its deepest existing ancestor canonicalized (so

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod read;
 pub mod root;
 pub mod scan;
+pub mod state;
 
 use std::path::{Path, PathBuf};
 

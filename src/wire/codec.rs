@@ -99,6 +99,9 @@ impl Writer<'_> {
     pub(crate) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_be_bytes());
     }
+    pub(crate) fn u128(&mut self, v: u128) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
     pub(crate) fn raw(&mut self, b: &[u8]) {
         self.0.extend_from_slice(b);
     }
@@ -185,6 +188,9 @@ impl<'a> Reader<'a> {
     }
     pub(crate) fn u64(&mut self) -> Result<u64, ProtocolError> {
         Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    pub(crate) fn u128(&mut self) -> Result<u128, ProtocolError> {
+        Ok(u128::from_be_bytes(self.take(16)?.try_into().unwrap()))
     }
     pub(crate) fn magic(&mut self, magic: &[u8; 4]) -> Result<(), ProtocolError> {
         if self.take(4).map_err(|_| ProtocolError::BadMagic)? != magic {

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 
 use crate::core::hash::HashAlgorithm;
+use crate::core::identity::{ClientId, FileId};
 use crate::core::manifest::{Entry, Kind, MAX_PATH_LEN, Meta, RelPath};
 use crate::wire::codec::{MAX_FRAME, MAX_TEXT, ProtocolError, read_frame, read_frame_blocking};
 use crate::wire::control::{
@@ -94,6 +95,10 @@ fn every_message_round_trips() {
             transfers: 2,
             hashes: vec![HashAlgorithm::Blake3, HashAlgorithm::Md5],
             capabilities: Capabilities(5),
+            machine: "m".into(),
+            root_chain: vec![FileId { dev: 1, ino: 2 }],
+            client: ClientId(7),
+            take_over: true,
         },
         ControlMessage::Welcome {
             version: VERSION,

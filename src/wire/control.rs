@@ -2,18 +2,32 @@
 //! requests and the end of the session. See the grammar in [`crate::wire`].
 
 use crate::core::hash::HashAlgorithm;
+use crate::core::identity::{ClientId, FileId};
 use crate::core::manifest::{Entry, MAX_PATH_LEN, Meta, RelPath};
 use crate::wire::codec::{MAX_TEXT, ProtocolError, Reader, Writer, truncate};
 use crate::wire::tag;
 
 /// Bumped on any incompatible change; the server refuses other versions with an `Error`.
-pub const VERSION: u32 = 2;
+/// 3: `Hello` carries the client's machine, root and identity.
+pub const VERSION: u32 = 3;
 /// Opens every `Hello` and `DataHello`, so a stray connection is recognised at its first bytes.
 pub const MAGIC: [u8; 4] = *b"SSYN";
 /// Entries per `FileList` frame and paths per `FileRequest` or `HashRequest` frame.
 pub const BATCH: usize = 512;
 /// Failures named in a `SyncDone`; the rest are only counted.
 pub const MAX_FAILURES_NAMED: usize = 500;
+/// Longest machine identifier accepted in a `Hello` (systemd's are 32 hex digits).
+pub const MAX_MACHINE_ID: usize = 128;
+/// Most directories in a `Hello`'s root chain: a path of at most 4096 bytes has at most
+/// 2048 components, and `/` itself.
+pub const MAX_CHAIN: usize = 2049;
+
+/// How the server's `Error` begins when it refuses a client whose directory and its own are
+/// nested (the same, or one inside the other, on one machine). The client reads it as a local
+/// setup error.
+pub const NESTED_ROOTS: &str = "nested roots";
+/// How the server's `Error` begins when its folder mirrors another client.
+pub const OTHER_CLIENT: &str = "this folder mirrors another client";
 
 /// Optional protocol features, as bits. None is defined yet: the field is there so that the
 /// next features (watching, two-way, resume, compression) are negotiated, not versioned.
@@ -90,6 +104,15 @@ pub enum ControlMessage {
         hashes: Vec<HashAlgorithm>,
         /// Optional features the client supports.
         capabilities: Capabilities,
+        /// The client machine's identifier (`/etc/machine-id`), empty when it has none: a
+        /// server with the same one is on the same machine and compares `root_chain`.
+        machine: String,
+        /// Device and inode of the client's directory, then of each ancestor up to `/`.
+        root_chain: Vec<FileId>,
+        /// Who the client is: a server folder mirrors one client.
+        client: ClientId,
+        /// Replace the folder's contents even though it mirrors another client.
+        take_over: bool,
     },
     /// Server → client: the session starts.
     Welcome {
@@ -164,6 +187,10 @@ impl ControlMessage {
                 transfers,
                 hashes,
                 capabilities,
+                machine,
+                root_chain,
+                client,
+                take_over,
             } => {
                 w.raw(&MAGIC);
                 w.u32(*version);
@@ -173,6 +200,14 @@ impl ControlMessage {
                     w.u8(h.id());
                 }
                 w.u64(capabilities.0);
+                w.str(machine);
+                w.u16(root_chain.len() as u16);
+                for d in root_chain {
+                    w.u64(d.dev);
+                    w.u64(d.ino);
+                }
+                w.u128(client.0);
+                w.u8(u8::from(*take_over));
             }
             ControlMessage::Welcome {
                 version,
@@ -235,6 +270,10 @@ impl ControlMessage {
                         transfers: 0,
                         hashes: Vec::new(),
                         capabilities: Capabilities::NONE,
+                        machine: String::new(),
+                        root_chain: Vec::new(),
+                        client: ClientId(0),
+                        take_over: false,
                     });
                 }
                 let transfers = r.u16()?;
@@ -244,11 +283,32 @@ impl ControlMessage {
                     // Unknown algorithms (from a newer peer) are simply not offered to us.
                     hashes.extend(HashAlgorithm::from_id(r.u8()?));
                 }
+                let capabilities = Capabilities(r.u64()?);
+                let machine = r.str_max("hello", MAX_MACHINE_ID)?;
+                let n = usize::from(r.u16()?);
+                if n > MAX_CHAIN {
+                    return Err(ProtocolError::Malformed("hello"));
+                }
+                let mut root_chain = Vec::with_capacity(n);
+                for _ in 0..n {
+                    root_chain.push(FileId {
+                        dev: r.u64()?,
+                        ino: r.u64()?,
+                    });
+                }
                 ControlMessage::Hello {
                     version,
                     transfers,
                     hashes,
-                    capabilities: Capabilities(r.u64()?),
+                    capabilities,
+                    machine,
+                    root_chain,
+                    client: ClientId(r.u128()?),
+                    take_over: match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(ProtocolError::Malformed("hello")),
+                    },
                 }
             }
             tag::WELCOME => {
@@ -302,5 +362,107 @@ impl ControlMessage {
         };
         r.finish(msg.name())?;
         Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: ClientId = ClientId(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+
+    fn hello(
+        machine: &str,
+        root_chain: Vec<FileId>,
+        client: ClientId,
+        take_over: bool,
+    ) -> ControlMessage {
+        ControlMessage::Hello {
+            version: VERSION,
+            transfers: 2,
+            hashes: vec![HashAlgorithm::Blake3, HashAlgorithm::Md5],
+            capabilities: Capabilities(5),
+            machine: machine.into(),
+            root_chain,
+            client,
+            take_over,
+        }
+    }
+
+    fn frame(m: &ControlMessage) -> Vec<u8> {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        out
+    }
+
+    /// The body of a frame (tag first), as `decode` takes it.
+    fn body(m: &ControlMessage) -> Vec<u8> {
+        frame(m)[4..].to_vec()
+    }
+
+    #[test]
+    fn hello_round_trips_with_its_machine_root_chain_and_identity() {
+        let chain = |n: u64| {
+            (0..n)
+                .map(|i| FileId {
+                    dev: u64::MAX - i,
+                    ino: i,
+                })
+                .collect::<Vec<_>>()
+        };
+        for m in [
+            hello("0123456789abcdef0123456789abcdef", chain(4), CLIENT, false),
+            hello("", Vec::new(), CLIENT, true),
+            hello(
+                &"m".repeat(MAX_MACHINE_ID),
+                chain(MAX_CHAIN as u64),
+                CLIENT,
+                true,
+            ),
+            hello("x", chain(1), ClientId(u128::MAX), false),
+            hello("y", chain(2), ClientId(0), true),
+        ] {
+            assert_eq!(ControlMessage::decode(&body(&m)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn a_truncated_or_overlong_hello_is_refused() {
+        let m = hello("machine", vec![FileId { dev: 1, ino: 2 }], CLIENT, true);
+        let full = body(&m);
+        // Every cut is refused, the one just after the fields a version-2 hello ended with too:
+        // the new fields are not optional.
+        for len in 1..full.len() {
+            assert!(
+                ControlMessage::decode(&full[..len]).is_err(),
+                "a hello cut to {len} of {} bytes was accepted",
+                full.len()
+            );
+        }
+        let mut longer = full.clone();
+        longer.push(0);
+        assert!(ControlMessage::decode(&longer).is_err(), "trailing byte");
+        let mut bad_flag = full;
+        *bad_flag.last_mut().unwrap() = 2;
+        assert!(
+            ControlMessage::decode(&bad_flag).is_err(),
+            "take-over flag 2"
+        );
+        let too_long = hello(&"m".repeat(MAX_MACHINE_ID + 1), Vec::new(), CLIENT, false);
+        assert!(ControlMessage::decode(&body(&too_long)).is_err());
+        let chain = vec![FileId { dev: 0, ino: 0 }; MAX_CHAIN + 1];
+        assert!(ControlMessage::decode(&body(&hello("m", chain, CLIENT, false))).is_err());
+    }
+
+    #[test]
+    fn another_versions_hello_is_read_for_its_version_only() {
+        let mut b = body(&hello("m", Vec::new(), CLIENT, false));
+        // Tag, magic, then the version.
+        b[5..9].copy_from_slice(&[0, 0, 0, 2]);
+        b.truncate(9);
+        match ControlMessage::decode(&b).unwrap() {
+            ControlMessage::Hello { version: 2, .. } => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -11,9 +11,12 @@
 //!
 //! ```text
 //! control:
-//!   start     C: Hello        -> greeted
+//!   start     C: Hello        -> greeted     (version, transfers, hashes, capabilities,
+//!                                             machine, root chain, client ID, take-over)
 //!   greeted   S: Welcome      -> listing     S: Error -> end   (version, no common hash,
-//!                                                                busy, shutting down)
+//!                                                                busy, shutting down,
+//!                                                                nested roots, another
+//!                                                                client's folder)
 //!             S: Ping         -> greeted     (while the client waits for its turn)
 //!   listing   C: FileList     -> listing     C: Ping  -> listing
 //!             C: RootMeta     -> listing     (the synced directory's own mtime)
@@ -43,7 +46,8 @@ pub mod data;
 pub use codec::{MAX_FRAME, MAX_TEXT, ProtocolError};
 pub use connection::{BlockingConnection, Connection, ControlConnection, WireMessage};
 pub use control::{
-    BATCH, Capabilities, ControlMessage, Failure, MAGIC, MAX_FAILURES_NAMED, Summary, VERSION,
+    BATCH, Capabilities, ControlMessage, Failure, MAGIC, MAX_FAILURES_NAMED, NESTED_ROOTS,
+    OTHER_CLIENT, Summary, VERSION,
 };
 pub use data::{CHUNK_SIZE, DataMessage};
 

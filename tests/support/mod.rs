@@ -225,10 +225,12 @@ fn quote(s: &str) -> String {
 }
 
 /// Makes a child's behaviour independent of the developer's environment: log level from the
-/// flags only, hash cache in the test's own directory.
+/// flags only, hash cache and state (the client's ID, the server's record of its client) in
+/// the test's own directory.
 pub fn isolate(cmd: &mut Command, home: &Path) {
     cmd.env_remove("RUST_LOG")
         .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("XDG_STATE_HOME", home.join("state"))
         .env("HOME", home);
 }
 
