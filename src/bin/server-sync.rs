@@ -12,8 +12,9 @@ use server_sync::store::state;
 
 /// Keep DIR an exact, verified mirror of the directory a `client-sync` sends.
 ///
-/// Files the client does not have are deleted; files whose MD5 is already somewhere in DIR
-/// are copied locally instead of transferred. Prints `listening control=HOST:PORT
+/// Files the client does not have are deleted; files whose content hash (BLAKE3, or MD5 for a
+/// client that asks for it) is already somewhere in DIR are copied locally instead of
+/// transferred. Prints `listening control=HOST:PORT
 /// data=HOST:PORT` once ready. Exit status: 0 after SIGINT, SIGTERM or SIGHUP, 2 on a bad
 /// DIR, a cache or state directory inside it, or a port that cannot be bound.
 ///
