@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 
 use crate::fsops;
-use crate::process::{ExitInfo, Hub, Line, WaitError, log_path, port_open, refusing_port};
+use crate::netstat;
+use crate::process::{ExitInfo, Hub, Line, WaitError, log_path, refusing_port};
 use crate::profile::{Profile, Ready, SyncDone, Vars};
 use crate::scenario::{Action, Exit, Loc, Scenario, Since, SnapshotMode, Step, is_client};
 use crate::tree::{self, Tree, entry_at, format_time};
@@ -27,6 +28,12 @@ const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 const LOG_SETTLE: Duration = Duration::from_secs(2);
 /// Entries of a tree shown in a failure report before it is cut short.
 const REPORT_TREE_LIMIT: usize = 60;
+/// How long a fixed-port server may wait for its ports to leave TIME_WAIT (60 s on Linux), on top
+/// of the step's own timeout.
+const PORT_RELEASE_LIMIT: Duration = Duration::from_secs(90);
+/// How often kernel state (socket table, thread states) is looked at while waiting on it: it
+/// offers no event to wait for.
+const POLL: Duration = Duration::from_millis(10);
 
 /// How to run scenarios.
 #[derive(Clone, Debug)]
@@ -116,6 +123,7 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
         log_path(&cfg.out_dir, &sc.number_text(), "client"),
     ];
     let setup = (|| -> Result<(tempfile::TempDir, Arc<Hub>)> {
+        cfg.profile.check_needs()?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!("scenario-{}-", sc.number_text()))
             .tempdir()?;
@@ -523,6 +531,10 @@ impl Run<'_> {
             }
         }
         let p = &self.cfg.profile;
+        let mut notes = Vec::new();
+        if p.fixed_ports() {
+            notes.extend(self.wait_ports_free()?);
+        }
         let vars = Vars {
             dir: self.dir("server").to_path_buf(),
             port: p.server.port,
@@ -561,34 +573,119 @@ impl Run<'_> {
                     }
                 }
             }
-            Ready::Tcp => {
-                // Nothing to wait on but the port itself: retry connecting until the deadline.
-                loop {
-                    if port_open(SERVER_HOST, p.server.port) {
-                        break;
-                    }
-                    if let Some(e) = self.hub.exit_of(id) {
-                        return Err(self.with_output(
-                            fail(
-                                format!("port {} to accept connections", p.server.port),
-                                format!("server ended ({e})"),
-                            ),
-                            id,
-                        ));
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(fail(
-                            format!("port {} to accept connections", p.server.port),
-                            "still refused at the timeout",
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+            Ready::Listen => {
+                self.wait_listening(id, p.server.port, deadline)?;
                 (p.server.port, p.server.data_port)
             }
         };
+        if p.server.wait_idle {
+            self.wait_server_idle(id, deadline)?;
+        }
         self.ports = Some((port, data_port));
-        Ok(format!("control port {port}, data port {data_port}"))
+        notes.insert(0, format!("control port {port}, data port {data_port}"));
+        Ok(notes.join("; "))
+    }
+
+    /// Waits until the kernel lists the server's fixed control port as listening. Nothing
+    /// connects to it: a single-threaded server would take the probe for its client.
+    fn wait_listening(&self, id: usize, port: u16, deadline: Instant) -> Result<(), Failure> {
+        let expected = || format!("port {port} listening (in /proc/net/tcp or tcp6)");
+        loop {
+            if netstat::is_listening(port).map_err(anyhow::Error::from)? {
+                return Ok(());
+            }
+            if let Some(e) = self.hub.exit_of(id) {
+                let f = fail(expected(), format!("server ended ({e})"));
+                return Err(self.with_output(f, id));
+            }
+            if Instant::now() >= deadline {
+                let f = fail(expected(), "not listening at the timeout");
+                return Err(self.with_output(f, id));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// With fixed ports, the previous scenario's server may have left its control port in
+    /// TIME_WAIT (it closed a connection first), and a server that does not set SO_REUSEADDR
+    /// cannot bind it for 60 s. Waits, within [`PORT_RELEASE_LIMIT`], until no socket is bound to
+    /// either fixed port; a listener there is another server, reported at once.
+    fn wait_ports_free(&self) -> Result<Option<String>, Failure> {
+        let p = &self.cfg.profile;
+        let mut ports = vec![p.server.port];
+        if p.server.data_port != 0 && p.server.data_port != p.server.port {
+            ports.push(p.server.data_port);
+        }
+        let started = Instant::now();
+        loop {
+            let mut busy = Vec::new();
+            for &port in &ports {
+                let states = netstat::states_on_port(port).map_err(anyhow::Error::from)?;
+                if states.contains(&netstat::LISTEN) {
+                    return Err(fail(
+                        format!("port {port} free before the server starts"),
+                        format!(
+                            "something else listens on it ({}); is another server running?",
+                            netstat::describe(&states)
+                        ),
+                    ));
+                }
+                if !states.is_empty() {
+                    busy.push(format!("{port}: {}", netstat::describe(&states)));
+                }
+            }
+            let waited = started.elapsed();
+            if busy.is_empty() {
+                return Ok((waited >= POLL).then(|| {
+                    let text = format!(
+                        "waited {} for ports {} to be released",
+                        fmt_ms(waited),
+                        ports
+                            .iter()
+                            .map(u16::to_string)
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    );
+                    self.hub.note("server", &text);
+                    text
+                }));
+            }
+            if waited >= PORT_RELEASE_LIMIT {
+                return Err(fail(
+                    format!("ports free before the server starts (waited {PORT_RELEASE_LIMIT:?})"),
+                    format!("still in use: {}", busy.join("; ")),
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits until every thread of the server is asleep (profile `wait_idle`): it has finished
+    /// what it does between sessions and waits for the next client.
+    fn wait_server_idle(&self, id: usize, deadline: Instant) -> Result<(), Failure> {
+        let pid = self.hub.pid(id);
+        loop {
+            match netstat::tree_asleep(pid).map_err(anyhow::Error::from)? {
+                Some(true) => return Ok(()),
+                None => {
+                    let e = self.hub.wait_exit(id, deadline);
+                    let e = e.map(|e| e.to_string()).unwrap_or_default();
+                    let f = fail(
+                        "the server idle, waiting for a client",
+                        format!("ended ({e})"),
+                    );
+                    return Err(self.with_output(f, id));
+                }
+                Some(false) if Instant::now() >= deadline => {
+                    let f = fail(
+                        "the server idle, waiting for a client (all threads asleep)",
+                        "still busy at the timeout",
+                    );
+                    return Err(self.with_output(f, id));
+                }
+                Some(false) => std::thread::sleep(POLL),
+            }
+        }
     }
 
     fn start_daemon(&mut self, side: &str, interval: u64) -> StepResult {
@@ -728,6 +825,9 @@ impl Run<'_> {
                         ),
                         server,
                     ));
+                }
+                if p.server.wait_idle {
+                    self.wait_server_idle(server, deadline)?;
                 }
             }
         }

@@ -7,10 +7,11 @@
 //! * [`profile`] says how to start and recognise a given implementation (ours is built in).
 //! * [`engine`] runs one scenario: temp directories, processes, checks, snapshot, failure report.
 //! * [`suite`] runs many (parallel jobs, repeats, summary) for the xtask front end.
-//! * [`process`], [`tree`], [`fsops`] and [`pattern`] are the building blocks.
+//! * [`process`], [`tree`], [`fsops`], [`netstat`] and [`pattern`] are the building blocks.
 
 pub mod engine;
 pub mod fsops;
+pub mod netstat;
 pub mod pattern;
 pub mod process;
 pub mod profile;

@@ -149,6 +149,8 @@ fn scenarios(args: &[String]) -> Result<bool> {
         Some(p) => (Profile::load(p, &bin_dir)?, false),
         None => (Profile::builtin(&bin_dir)?, true),
     };
+    // Before building: a profile missing its environment says so in one line, at once.
+    profile.check_needs()?;
     if builtin || profile.uses_bin_dir() {
         build(&root)?;
     }
