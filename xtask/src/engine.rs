@@ -16,10 +16,11 @@ use anyhow::{Result, anyhow};
 
 use crate::fsops;
 use crate::netstat;
-use crate::process::{ExitInfo, Hub, Line, WaitError, log_path, refusing_port};
+use crate::process::{DeadPort, ExitInfo, Hub, Line, WaitError, log_path, signal_name};
 use crate::profile::{Profile, Ready, SyncDone, Vars};
 use crate::scenario::{Action, Exit, Loc, Scenario, Since, SnapshotMode, Step, is_client};
 use crate::tree::{self, Tree, entry_at, format_time};
+use rustix::process::Signal;
 
 const SERVER_HOST: &str = "127.0.0.1";
 /// How long teardown lets processes exit on SIGTERM before SIGKILL.
@@ -109,8 +110,8 @@ struct Run<'a> {
     background: BTreeMap<String, usize>,
     last_sync_mark: usize,
     skipped: usize,
-    /// The port clients get while no server has started (see `refusing_port`).
-    no_server_port: Option<(u16, std::os::fd::OwnedFd)>,
+    /// The port clients get while no server has started.
+    no_server_port: Option<DeadPort>,
 }
 
 /// Runs `sc` with `cfg`. Never panics on a scenario failure: everything ends up in the outcome.
@@ -316,9 +317,9 @@ impl Run<'_> {
             // No server yet: a port that refuses connections, so the client finds no server.
             None => {
                 if self.no_server_port.is_none() {
-                    self.no_server_port = Some(refusing_port()?);
+                    self.no_server_port = Some(DeadPort::bind()?);
                 }
-                (self.no_server_port.as_ref().map_or(0, |p| p.0), 0)
+                (self.no_server_port.as_ref().map_or(0, |p| p.port), 0)
             }
         };
         Ok(Vars {
@@ -408,8 +409,8 @@ impl Run<'_> {
             }
             Action::Start { side, .. } if side == "server" => self.start_server(step),
             Action::Start { side, interval } => self.start_daemon(side, *interval),
-            Action::Stop { side, exit } => self.stop(step, side, libc::SIGTERM, Some(*exit)),
-            Action::Kill { side } => self.stop(step, side, libc::SIGKILL, None),
+            Action::Stop { side, exit } => self.stop(step, side, Signal::TERM, Some(*exit)),
+            Action::Kill { side } => self.stop(step, side, Signal::KILL, None),
             Action::Sync {
                 sides,
                 exit,
@@ -706,7 +707,7 @@ impl Run<'_> {
         Ok(format!("pid {}", self.hub.pid(id)))
     }
 
-    fn stop(&mut self, step: &Step, side: &str, sig: i32, expect: Option<Exit>) -> StepResult {
+    fn stop(&mut self, step: &Step, side: &str, sig: Signal, expect: Option<Exit>) -> StepResult {
         let id = if side == "server" {
             self.server.take()
         } else {
@@ -731,7 +732,7 @@ impl Run<'_> {
         }
         match (self.hub.wait_exit(id, self.deadline(step)), expect) {
             (None, _) => Err(fail(
-                format!("{side} to exit after signal {sig}"),
+                format!("{side} to exit after {}", signal_name(sig)),
                 "still running at the timeout",
             )),
             (Some(e), Some(x)) if !exit_ok(x, e) => {
@@ -774,7 +775,7 @@ impl Run<'_> {
                     {
                         // A client that never exits by itself: the line says it is done.
                         Ok(_) => {
-                            self.hub.signal(*id, libc::SIGTERM);
+                            self.hub.signal(*id, Signal::TERM);
                             self.hub.wait_exit(*id, deadline);
                             Some(ExitInfo::Code(0))
                         }
