@@ -123,18 +123,7 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
         log_path(&cfg.out_dir, &sc.number_text(), "server"),
         log_path(&cfg.out_dir, &sc.number_text(), "client"),
     ];
-    let setup = (|| -> Result<(tempfile::TempDir, Arc<Hub>)> {
-        cfg.profile.check_needs()?;
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("scenario-{}-", sc.number_text()))
-            .tempdir()?;
-        let hub = Hub::new(&BTreeMap::from([
-            ("server".to_string(), logs[0].clone()),
-            ("client".to_string(), logs[1].clone()),
-        ]))?;
-        Ok((tmp, hub))
-    })();
-    let (tmp, hub) = match setup {
+    let (tmp, hub) = match set_up(sc, cfg, &logs) {
         Ok(x) => x,
         Err(e) => {
             return Outcome {
@@ -169,72 +158,14 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
         no_server_port: None,
     };
     let _ = writeln!(log, "    directory: {}", root.display());
-    let mut failure = None;
-    for side in sc.sides() {
-        let dir = root.join(&side);
-        if let Err(e) = fsops::mkdir_p(&dir, 0o755) {
-            failure = Some((0, fail("scenario directories", format!("{e:#}"))));
-        }
-        run.dirs.insert(side, dir);
-    }
+    let mut failure = run.make_side_dirs();
     if failure.is_none() {
-        for step in &sc.steps {
-            let t = Instant::now();
-            let offset = started.elapsed();
-            let result = run.step(step);
-            let took = t.elapsed();
-            match result {
-                Ok(detail) => {
-                    let _ = writeln!(
-                        log,
-                        "  {:>3} +{:>7.3}s {:>8}  ok    {}{}",
-                        step.number,
-                        offset.as_secs_f64(),
-                        fmt_ms(took),
-                        step.source,
-                        if detail.is_empty() {
-                            String::new()
-                        } else {
-                            format!("  ({detail})")
-                        }
-                    );
-                }
-                Err(f) => {
-                    let _ = writeln!(
-                        log,
-                        "  {:>3} +{:>7.3}s {:>8}  FAIL  {}\n        expected: {}\n        actual:   {}",
-                        step.number,
-                        offset.as_secs_f64(),
-                        fmt_ms(took),
-                        step.source,
-                        f.expected,
-                        indent_tail(&f.actual, 18)
-                    );
-                    failure = Some((step.number, f));
-                    break;
-                }
-            }
-        }
+        failure = run.run_steps(started, &mut log);
     }
     for line in run.hub.stop_all(TEARDOWN_GRACE) {
         let _ = writeln!(log, "      teardown: {line}");
     }
-
-    let mut report = failure.map(|(n, f)| run.failure_report(n, &f, &logs));
-    if let Some(r) = &report {
-        log.push_str(&indent_block(r, 6));
-    }
-    if report.is_none() {
-        if let Err(msg) = run.check_snapshot() {
-            let r = run.report_header(&format!(
-                "final trees differ from the snapshot\n  {}",
-                indent_tail(&msg, 2)
-            )) + &run.report_trees_and_logs(&logs, true);
-            let _ = writeln!(log, "      snapshot: FAIL");
-            log.push_str(&indent_block(&r, 6));
-            report = Some(r);
-        }
-    }
+    let report = run.final_report(failure, &logs, &mut log);
     let kept = if cfg.keep {
         let p = tmp.keep();
         let _ = writeln!(log, "    kept: {}", p.display());
@@ -268,6 +199,19 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
     }
 }
 
+/// The scenario's temporary directory and a hub writing the server and client logs.
+fn set_up(sc: &Scenario, cfg: &Config, logs: &[PathBuf]) -> Result<(tempfile::TempDir, Arc<Hub>)> {
+    cfg.profile.check_needs()?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("scenario-{}-", sc.number_text()))
+        .tempdir()?;
+    let hub = Hub::new(&BTreeMap::from([
+        ("server".to_string(), logs[0].clone()),
+        ("client".to_string(), logs[1].clone()),
+    ]))?;
+    Ok((tmp, hub))
+}
+
 fn fmt_ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
     if ms < 10.0 {
@@ -296,6 +240,83 @@ fn exit_ok(expect: Exit, got: ExitInfo) -> bool {
 }
 
 impl Run<'_> {
+    /// One directory per side the scenario uses. A failure is reported as step 0.
+    fn make_side_dirs(&mut self) -> Option<(usize, Failure)> {
+        let mut failure = None;
+        for side in self.sc.sides() {
+            let dir = self.root.join(&side);
+            if let Err(e) = fsops::mkdir_p(&dir, 0o755) {
+                failure = Some((0, fail("scenario directories", format!("{e:#}"))));
+            }
+            self.dirs.insert(side, dir);
+        }
+        failure
+    }
+
+    /// Runs the steps in order until one fails, recording each in the run log.
+    fn run_steps(&mut self, started: Instant, log: &mut String) -> Option<(usize, Failure)> {
+        for step in &self.sc.steps {
+            let t = Instant::now();
+            let offset = started.elapsed();
+            let result = self.step(step);
+            let took = t.elapsed();
+            match result {
+                Ok(detail) => {
+                    let _ = writeln!(
+                        log,
+                        "  {:>3} +{:>7.3}s {:>8}  ok    {}{}",
+                        step.number,
+                        offset.as_secs_f64(),
+                        fmt_ms(took),
+                        step.source,
+                        if detail.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  ({detail})")
+                        }
+                    );
+                }
+                Err(f) => {
+                    let _ = writeln!(
+                        log,
+                        "  {:>3} +{:>7.3}s {:>8}  FAIL  {}\n        expected: {}\n        actual:   {}",
+                        step.number,
+                        offset.as_secs_f64(),
+                        fmt_ms(took),
+                        step.source,
+                        f.expected,
+                        indent_tail(&f.actual, 18)
+                    );
+                    return Some((step.number, f));
+                }
+            }
+        }
+        None
+    }
+
+    /// The failure report of the failed step, or else of a snapshot mismatch; `None` when the
+    /// scenario passed. Also appended to the run log.
+    fn final_report(
+        &self,
+        failure: Option<(usize, Failure)>,
+        logs: &[PathBuf],
+        log: &mut String,
+    ) -> Option<String> {
+        if let Some((n, f)) = failure {
+            let r = self.failure_report(n, &f, logs);
+            log.push_str(&indent_block(&r, 6));
+            return Some(r);
+        }
+        let msg = self.check_snapshot().err()?;
+        let r = self.report_header(&format!(
+            "final trees differ from the snapshot\n  {}",
+            indent_tail(&msg, 2)
+        )) + &self.report_trees_and_logs(logs, true);
+        let _ = writeln!(log, "      snapshot: FAIL");
+        log.push_str(&indent_block(&r, 6));
+        Some(r)
+    }
+
     fn deadline(&self, step: &Step) -> Instant {
         Instant::now() + step.timeout.unwrap_or(self.sc.timeout)
     }
@@ -337,76 +358,6 @@ impl Run<'_> {
             return self.check(step);
         }
         match &step.action {
-            Action::Write { at, content, mode } => {
-                let p = self.path(at);
-                fsops::write(&p, content, *mode)?;
-                Ok(describe_file(&p))
-            }
-            Action::Append { at, content } => {
-                let p = self.path(at);
-                fsops::append(&p, content)?;
-                Ok(describe_file(&p))
-            }
-            Action::Modify {
-                at,
-                offset,
-                content,
-            } => {
-                let p = self.path(at);
-                fsops::modify(&p, *offset, content)?;
-                Ok(describe_file(&p))
-            }
-            Action::Delete { at } => {
-                fsops::delete(&self.path(at))?;
-                Ok(String::new())
-            }
-            Action::Rename { from, to } => {
-                fsops::rename(&self.path(from), &self.path(to))?;
-                Ok(String::new())
-            }
-            Action::Copy { from, to } => {
-                let p = self.path(to);
-                fsops::copy(&self.path(from), &p)?;
-                Ok(describe_file(&p))
-            }
-            Action::Mkdir { at, mode } => {
-                fsops::mkdir_p(&self.path(at), mode.unwrap_or(fsops::DEFAULT_DIR_MODE))?;
-                Ok(String::new())
-            }
-            Action::Chmod { at, mode } => {
-                let p = self.path(at);
-                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
-                    return Err(anyhow!("chmod would follow the symlink {at}").into());
-                }
-                fsops::set_mode(&p, *mode)?;
-                Ok(String::new())
-            }
-            Action::Touch { at, mtime } => {
-                fsops::set_mtime(&self.path(at), mtime.0, mtime.1)?;
-                Ok(format_time(mtime.0, mtime.1))
-            }
-            Action::Symlink { at, target } => {
-                let target = target.replace("{outside}", &self.dir("outside").to_string_lossy());
-                fsops::make_symlink(&self.path(at), &target)?;
-                Ok(format!("-> {target}"))
-            }
-            Action::Mkfifo { at } => {
-                fsops::mkfifo(&self.path(at))?;
-                Ok(String::new())
-            }
-            Action::Generate {
-                at,
-                files,
-                size,
-                seed,
-            } => {
-                fsops::generate_files(&self.path(at), *files, *size, *seed)?;
-                Ok(format!("{files} files of {size} bytes"))
-            }
-            Action::Clone { from, to } => {
-                fsops::clone_tree(self.dir(from), self.dir(to))?;
-                Ok(String::new())
-            }
             Action::Start { side, .. } if side == "server" => self.start_server(step),
             Action::Start { side, interval } => self.start_daemon(side, *interval),
             Action::Stop { side, exit } => self.stop(step, side, Signal::TERM, Some(*exit)),
@@ -477,7 +428,84 @@ impl Run<'_> {
                     )),
                 }
             }
-            _ => unreachable!("checks are handled above"),
+            _ => self.change_files(&step.action),
+        }
+    }
+
+    /// The steps that change files of a side.
+    fn change_files(&mut self, action: &Action) -> StepResult {
+        match action {
+            Action::Write { at, content, mode } => {
+                let p = self.path(at);
+                fsops::write(&p, content, *mode)?;
+                Ok(describe_file(&p))
+            }
+            Action::Append { at, content } => {
+                let p = self.path(at);
+                fsops::append(&p, content)?;
+                Ok(describe_file(&p))
+            }
+            Action::Modify {
+                at,
+                offset,
+                content,
+            } => {
+                let p = self.path(at);
+                fsops::modify(&p, *offset, content)?;
+                Ok(describe_file(&p))
+            }
+            Action::Delete { at } => {
+                fsops::delete(&self.path(at))?;
+                Ok(String::new())
+            }
+            Action::Rename { from, to } => {
+                fsops::rename(&self.path(from), &self.path(to))?;
+                Ok(String::new())
+            }
+            Action::Copy { from, to } => {
+                let p = self.path(to);
+                fsops::copy(&self.path(from), &p)?;
+                Ok(describe_file(&p))
+            }
+            Action::Mkdir { at, mode } => {
+                fsops::mkdir_p(&self.path(at), mode.unwrap_or(fsops::DEFAULT_DIR_MODE))?;
+                Ok(String::new())
+            }
+            Action::Chmod { at, mode } => {
+                let p = self.path(at);
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(anyhow!("chmod would follow the symlink {at}").into());
+                }
+                fsops::set_mode(&p, *mode)?;
+                Ok(String::new())
+            }
+            Action::Touch { at, mtime } => {
+                fsops::set_mtime(&self.path(at), mtime.0, mtime.1)?;
+                Ok(format_time(mtime.0, mtime.1))
+            }
+            Action::Symlink { at, target } => {
+                let target = target.replace("{outside}", &self.dir("outside").to_string_lossy());
+                fsops::make_symlink(&self.path(at), &target)?;
+                Ok(format!("-> {target}"))
+            }
+            Action::Mkfifo { at } => {
+                fsops::mkfifo(&self.path(at))?;
+                Ok(String::new())
+            }
+            Action::Generate {
+                at,
+                files,
+                size,
+                seed,
+            } => {
+                fsops::generate_files(&self.path(at), *files, *size, *seed)?;
+                Ok(format!("{files} files of {size} bytes"))
+            }
+            Action::Clone { from, to } => {
+                fsops::clone_tree(self.dir(from), self.dir(to))?;
+                Ok(String::new())
+            }
+            other => unreachable!("not a file change: {other:?}"),
         }
     }
 
@@ -765,74 +793,86 @@ impl Run<'_> {
         let deadline = self.deadline(step);
         let mut outcomes = Vec::new();
         for (side, id) in &ids {
-            let got = match p.sync_done()? {
-                SyncDone::Exit => self.hub.wait_exit(*id, deadline),
-                SyncDone::Line(pattern) => {
-                    let which = move |l: &Line| l.proc == *id;
-                    match self
-                        .hub
-                        .wait_line(&which, &pattern, mark, 1, &[*id], deadline)
-                    {
-                        // A client that never exits by itself: the line says it is done.
-                        Ok(_) => {
-                            self.hub.signal(*id, Signal::TERM);
-                            self.hub.wait_exit(*id, deadline);
-                            Some(ExitInfo::Code(0))
-                        }
-                        Err(WaitError::Exited(_)) => self.hub.exit_of(*id),
-                        Err(WaitError::Timeout(_)) => None,
-                    }
-                }
-            };
-            match got {
-                None => {
-                    return Err(self.with_output(
-                        fail(
-                            format!("{side}'s sync to finish with {exit}"),
-                            "still running at the timeout",
-                        ),
-                        *id,
-                    ));
-                }
-                Some(e) if !exit_ok(exit, e) => {
-                    return Err(self.with_output(
-                        fail(
-                            format!("{side}'s sync to finish with {exit}"),
-                            e.to_string(),
-                        ),
-                        *id,
-                    ));
-                }
-                Some(e) => outcomes.push(format!("{side}: {e}")),
-            }
+            let e = self.wait_sync_end(side, *id, mark, exit, deadline)?;
+            outcomes.push(format!("{side}: {e}"));
         }
         // The client may exit a moment before the server logs the end of its session; wait for
         // that line so later log checks see the whole session.
         if exit == Exit::Code(0) {
-            if let (Some(pattern), Some(server)) = (p.session_done()?, self.server) {
-                let which = move |l: &Line| l.proc == server;
-                if let Err(e) =
-                    self.hub
-                        .wait_line(&which, &pattern, mark, ids.len(), &[server], deadline)
-                {
-                    return Err(self.with_output(
-                        fail(
-                            format!(
-                                "the server to log {:?} for {} session(s)",
-                                pattern.source(),
-                                ids.len()
-                            ),
-                            e.to_string(),
-                        ),
-                        server,
-                    ));
-                }
-                if p.server.wait_idle {
-                    self.wait_server_idle(server, deadline)?;
-                }
-            }
+            self.wait_sessions_done(mark, ids.len(), deadline)?;
         }
         Ok(outcomes.join(", "))
+    }
+
+    /// Waits until one client's sync has ended as the profile tells (its exit, or its done line
+    /// and then SIGTERM), and checks that it ended with `exit`.
+    fn wait_sync_end(
+        &self,
+        side: &str,
+        id: usize,
+        mark: usize,
+        exit: Exit,
+        deadline: Instant,
+    ) -> Result<ExitInfo, Failure> {
+        let got = match self.cfg.profile.sync_done()? {
+            SyncDone::Exit => self.hub.wait_exit(id, deadline),
+            SyncDone::Line(pattern) => {
+                let which = move |l: &Line| l.proc == id;
+                match self
+                    .hub
+                    .wait_line(&which, &pattern, mark, 1, &[id], deadline)
+                {
+                    // A client that never exits by itself: the line says it is done.
+                    Ok(_) => {
+                        self.hub.signal(id, Signal::TERM);
+                        self.hub.wait_exit(id, deadline);
+                        Some(ExitInfo::Code(0))
+                    }
+                    Err(WaitError::Exited(_)) => self.hub.exit_of(id),
+                    Err(WaitError::Timeout(_)) => None,
+                }
+            }
+        };
+        let expected = || format!("{side}'s sync to finish with {exit}");
+        match got {
+            None => Err(self.with_output(fail(expected(), "still running at the timeout"), id)),
+            Some(e) if !exit_ok(exit, e) => {
+                Err(self.with_output(fail(expected(), e.to_string()), id))
+            }
+            Some(e) => Ok(e),
+        }
+    }
+
+    /// Waits for the server's `session_done` line of `sessions` sessions since `mark` (when the
+    /// profile has one and a server runs), then, with `wait_idle`, until the server is idle.
+    fn wait_sessions_done(
+        &self,
+        mark: usize,
+        sessions: usize,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let p = &self.cfg.profile;
+        let (Some(pattern), Some(server)) = (p.session_done()?, self.server) else {
+            return Ok(());
+        };
+        let which = move |l: &Line| l.proc == server;
+        if let Err(e) = self
+            .hub
+            .wait_line(&which, &pattern, mark, sessions, &[server], deadline)
+        {
+            let f = fail(
+                format!(
+                    "the server to log {:?} for {sessions} session(s)",
+                    pattern.source(),
+                ),
+                e.to_string(),
+            );
+            return Err(self.with_output(f, server));
+        }
+        if p.server.wait_idle {
+            self.wait_server_idle(server, deadline)?;
+        }
+        Ok(())
     }
 }
 

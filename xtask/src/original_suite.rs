@@ -74,32 +74,8 @@ fn run_inner(args: &[String]) -> Result<ExitCode> {
     let root = xtask::workspace_root();
     let bin_dir = build(&root, release)?;
     let work = target_dir(&root)?.join("original-suite");
-    if work.exists() {
-        std::fs::remove_dir_all(&work).with_context(|| format!("clear {}", work.display()))?;
-    }
-    std::fs::create_dir_all(&work)?;
-    // The folders and the hash caches live apart from the logs, and go when the run ends.
-    let tmp = tempfile::Builder::new()
-        .prefix("original-suite-")
-        .tempdir()?;
-    let (client, server, cache) = (
-        tmp.path().join("client"),
-        tmp.path().join("server"),
-        tmp.path().join("cache"),
-    );
-    for d in [&client, &server, &cache] {
-        std::fs::create_dir(d)?;
-    }
-    for name in ["server-sync", "client-sync"] {
-        let shim = shim(&bin_dir.join(name), &cache.join(name));
-        std::fs::write(work.join(format!("{name}.py")), shim)?;
-    }
-    let suite = std::fs::read_to_string(original.join(SUITE))
-        .with_context(|| format!("read {}", original.join(SUITE).display()))?;
-    let suite = set_folders(&suite, &client, &server)
-        .with_context(|| format!("in {}", original.join(SUITE).display()))?;
-    std::fs::write(work.join(SUITE), suite)?;
-
+    let folders = prepare(&work, &original, &bin_dir)?;
+    let (client, server) = (folders.path().join("client"), folders.path().join("server"));
     println!(
         "running {SUITE} from {} against {} in {}\n  client folder {}, server folder {}",
         original.display(),
@@ -122,6 +98,37 @@ fn run_inner(args: &[String]) -> Result<ExitCode> {
         Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
         None => ExitCode::FAILURE,
     })
+}
+
+/// Fills `work` (emptied first) with the two shims and the suite with its folders rewritten,
+/// and returns the temporary directory holding those folders (`client/`, `server/`) and the
+/// shims' hash caches (`cache/`): it and all in it go when it is dropped.
+fn prepare(work: &Path, original: &Path, bin_dir: &Path) -> Result<tempfile::TempDir> {
+    if work.exists() {
+        std::fs::remove_dir_all(work).with_context(|| format!("clear {}", work.display()))?;
+    }
+    std::fs::create_dir_all(work)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("original-suite-")
+        .tempdir()?;
+    let (client, server, cache) = (
+        tmp.path().join("client"),
+        tmp.path().join("server"),
+        tmp.path().join("cache"),
+    );
+    for d in [&client, &server, &cache] {
+        std::fs::create_dir(d)?;
+    }
+    for name in ["server-sync", "client-sync"] {
+        let shim = shim(&bin_dir.join(name), &cache.join(name));
+        std::fs::write(work.join(format!("{name}.py")), shim)?;
+    }
+    let suite = std::fs::read_to_string(original.join(SUITE))
+        .with_context(|| format!("read {}", original.join(SUITE).display()))?;
+    let suite = set_folders(&suite, &client, &server)
+        .with_context(|| format!("in {}", original.join(SUITE).display()))?;
+    std::fs::write(work.join(SUITE), suite)?;
+    Ok(tmp)
 }
 
 /// Builds both product binaries and returns their directory.
