@@ -74,7 +74,7 @@ fn seed_001_file_added_on_client_is_sent() {
         change: vec![write("test001.txt", "content of test 001\n")],
         logs: &[
             "Requesting file: test001.txt",
-            "Received file: test001.txt (20 bytes, md5 ok)",
+            "Received file: test001.txt (20 bytes, blake3 ok)",
         ],
         ..Case::default()
     });
@@ -107,8 +107,8 @@ fn seed_003_rename_on_client_is_a_rename_not_a_transfer() {
     check(Case {
         before: vec![write("test003a.txt", "three")],
         change: vec![mv("test003a.txt", "test003b.txt")],
-        logs: &["Renaming file: test003a.txt to test003b.txt"],
-        no_logs: &["Requesting file", "Deleting file", "Copying file"],
+        logs: &["Copying file: test003a.txt and renaming to test003b.txt (moved)"],
+        no_logs: &["Requesting file", "Deleting file"],
     });
 }
 
@@ -119,7 +119,7 @@ fn seed_004_modified_file_is_sent_again() {
         change: vec![write("test004.txt", "new content")],
         logs: &[
             "Requesting file: test004.txt",
-            "Received file: test004.txt (11 bytes, md5 ok)",
+            "Received file: test004.txt (11 bytes, blake3 ok)",
         ],
         ..Case::default()
     });
@@ -152,10 +152,141 @@ fn seed_007_file_deleted_on_server_is_sent_again() {
         change: vec![rm("test007.txt").on_server()],
         logs: &[
             "Requesting file: test007.txt",
-            "Received file: test007.txt (5 bytes, md5 ok)",
+            "Received file: test007.txt (5 bytes, blake3 ok)",
         ],
         ..Case::default()
     });
+}
+
+/// The public MD5 collision pair: `one` and `two` share an MD5 and differ in six bytes. With
+/// the default hash the server must not take one for the other, neither for a local copy of
+/// new content nor for a file overwritten in place by its twin. (Tree listings compare by MD5
+/// too, so the bytes are compared directly.)
+#[test]
+fn md5_collisions_mirror_exactly_with_the_default_hash() {
+    let (a, b) = server_sync::core::hash::md5_collision_pair();
+    let w = World::start(&[]);
+    w.apply(&[write("one", &a)]);
+    w.sync_ok();
+    w.apply(&[write("two", &b)]);
+    let mark = w.mark();
+    w.sync_ok();
+    w.assert_logged(mark, "Requesting file: two");
+    w.assert_not_logged(mark, "Copying file");
+    assert_eq!(fs::read(w.server_dir.join("two")).unwrap(), b);
+
+    // Overwritten in place by its twin: same size, same MD5, other bytes.
+    let mtime = fs::metadata(w.client.join("one"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    w.apply(&[write("one", &b)]);
+    fs::File::options()
+        .write(true)
+        .open(w.client.join("one"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    w.sync_ok();
+    assert_eq!(fs::read(w.server_dir.join("one")).unwrap(), b);
+    w.assert_mirrored();
+}
+
+/// `--hash md5` is the seed's behaviour: MD5 on the wire and in the log, and trusted for
+/// local copies, which the help text warns about.
+#[test]
+fn hash_md5_is_the_seeds_behaviour() {
+    let w = World::start(&[]);
+    w.apply(&[write("a.txt", "hello")]);
+    let mut cmd = w.client_command(&w.client);
+    cmd.args(["--hash", "md5"]);
+    let mark = w.mark();
+    let out = w.run(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    w.assert_logged(mark, "connected (md5)");
+    w.assert_logged(mark, "Received file: a.txt (5 bytes, md5 ok)");
+    w.assert_mirrored();
+    // Then the default: a session of its own algorithm, not fooled by the other's cache.
+    w.apply(&[write("b.txt", "hello")]);
+    let mark = w.mark();
+    w.sync_ok();
+    w.assert_logged(mark, "connected (blake3)");
+    w.assert_logged(mark, "Copying file: a.txt and renaming to b.txt");
+    w.assert_mirrored();
+
+    let mut bad = w.client_command(&w.client);
+    bad.args(["--hash", "sha1"]);
+    let out = w.run(bad);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown hash algorithm"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A file the server has just received and verified is not read again at the next session:
+/// its hash is cached with the stamp it has in place. (Its mtime, the client's, is old; a
+/// file whose mtime is recent is hashed again, see the next test.)
+#[test]
+fn a_received_file_is_not_hashed_again() {
+    let w = World::start(&["-v"]);
+    w.apply(&[write("a.txt", "content"), mtime("a.txt", 1_600_000_000, 0)]);
+    w.sync_ok();
+    let mark = w.mark();
+    let out = w.sync_ok();
+    assert_eq!(summary(&out), NOTHING_DONE);
+    w.assert_logged(mark, "hash cache: 1 hits, 0 misses");
+}
+
+/// The racy window stays honest for the server's own writes: a file changed on the server
+/// right after it was placed, in the same clock tick, with the same size, is still noticed.
+#[test]
+fn a_write_right_after_placing_is_noticed() {
+    let w = World::start(&["-v"]);
+    w.apply(&[write("a.txt", "content"), mtime("a.txt", 1_600_000_000, 0)]);
+    w.sync_ok();
+    // At once: the same size, other bytes.
+    fs::write(w.server_dir.join("a.txt"), "CONTENT").unwrap();
+    let mark = w.mark();
+    w.sync_ok();
+    w.assert_logged(mark, "Requesting file: a.txt");
+    w.assert_mirrored();
+
+    // A file whose own mtime is recent is not trusted at once: hashed again next time.
+    w.apply(&[write("new.txt", "fresh")]);
+    w.sync_ok();
+    let mark = w.mark();
+    w.sync_ok();
+    w.assert_logged(mark, "hash cache: 1 hits, 1 misses");
+}
+
+/// A file name cannot forge a log line: control characters in paths are printed escaped, on
+/// both sides, so the fake WARN line stays inside the real one that names the file.
+#[test]
+fn file_names_cannot_forge_log_lines() {
+    let forged = "2026-01-01T00:00:00.000000Z  WARN refusing connection from 10.6.6.6:1: forged";
+    let name = format!("x\n{forged}");
+    let w = World::start(&[]);
+    w.apply(&[write(&name, "x"), write("esc\x1b[2J", "y")]);
+    let out = w.sync_ok();
+    w.assert_mirrored();
+    for (side, log) in [("server", w.server().log()), ("client", stdout(&out))] {
+        for line in log.lines().filter(|l| l.contains("10.6.6.6")) {
+            assert!(
+                line.contains("x\\n2026-01-01"),
+                "{side} log has a line the file name forged: {line:?}"
+            );
+        }
+        assert!(
+            !log.contains('\x1b'),
+            "{side} log holds a raw escape: {log:?}"
+        );
+    }
+    w.assert_logged(
+        0,
+        "Received file: x\\n2026-01-01T00:00:00.000000Z  WARN refusing",
+    );
 }
 
 #[test]
@@ -168,7 +299,7 @@ fn nested_directories_are_created_with_their_files() {
         ],
         logs: &[
             "Creating directory: a/b/c",
-            "Received file: a/b/c/deep.txt (4 bytes, md5 ok)",
+            "Received file: a/b/c/deep.txt (4 bytes, blake3 ok)",
             "Received file: x/y.txt",
         ],
         ..Case::default()
@@ -180,7 +311,7 @@ fn rename_across_directories_moves_the_file() {
     check(Case {
         before: vec![write("a/b/c/deep.txt", "deep"), mkdir("x")],
         change: vec![mv("a/b/c/deep.txt", "x/deep.txt")],
-        logs: &["Renaming file: a/b/c/deep.txt to x/deep.txt"],
+        logs: &["Copying file: a/b/c/deep.txt and renaming to x/deep.txt (moved)"],
         no_logs: &["Requesting file", "Deleting file"],
     });
 }
@@ -191,8 +322,8 @@ fn renamed_directory_moves_its_files() {
         before: vec![write("old/one.txt", "1"), write("old/sub/two.txt", "2")],
         change: vec![mv("old", "new")],
         logs: &[
-            "Renaming file: old/one.txt to new/one.txt",
-            "Renaming file: old/sub/two.txt to new/sub/two.txt",
+            "Copying file: old/one.txt and renaming to new/one.txt (moved)",
+            "Copying file: old/sub/two.txt and renaming to new/sub/two.txt (moved)",
             "Deleting directory: old/sub",
             "Deleting directory: old",
         ],
@@ -294,7 +425,7 @@ fn unicode_space_and_odd_names() {
     w.assert_mirrored();
     w.assert_logged(
         mark,
-        "Renaming file: ünïcödé/日本語 ファイル.txt to with space 2.txt",
+        "Copying file: ünïcödé/日本語 ファイル.txt and renaming to with space 2.txt (moved)",
     );
 }
 
@@ -562,8 +693,8 @@ fn large_file_renamed_is_moved_not_sent() {
         before: vec![write("big.bin", large(1))],
         change: vec![mv("big.bin", "moved.bin")],
         logs: &[
-            "Asking the client for the md5 of 1 large file(s)",
-            "Renaming file: big.bin to moved.bin",
+            "Asking the client for the blake3 of 1 large file(s)",
+            "Copying file: big.bin and renaming to moved.bin (moved)",
         ],
         no_logs: &["Requesting file"],
     });
@@ -585,9 +716,9 @@ fn large_file_changed_in_place_with_the_same_size_is_sent() {
         before: vec![write("big.bin", large(3))],
         change: vec![write("big.bin", large(4))],
         logs: &[
-            "Asking the client for the md5 of 1 large file(s)",
+            "Asking the client for the blake3 of 1 large file(s)",
             "Requesting file: big.bin",
-            "Received file: big.bin (9437184 bytes, md5 ok)",
+            "Received file: big.bin (9437184 bytes, blake3 ok)",
         ],
         ..Case::default()
     });
@@ -606,7 +737,7 @@ fn large_file_of_64_mib_arrives_intact_in_bounded_memory() {
         "content differs"
     );
     w.assert_mirrored();
-    w.assert_logged(mark, "Received file: big.bin (67108864 bytes, md5 ok)");
+    w.assert_logged(mark, "Received file: big.bin (67108864 bytes, blake3 ok)");
     assert_eq!(
         summary(&out),
         "requested=1 copied=0 renamed=0 deleted=0 failed=0 bytes=67108864"
@@ -1040,7 +1171,7 @@ fn client_usage_and_local_errors_exit_2() {
             [&[file, "--once"], &p[..]].concat(),
             Some("is not a directory"),
         ),
-        ([&[file], &p[..]].concat(), Some("cannot read")),
+        ([&[file], &p[..]].concat(), Some("is not a directory")),
         (
             [
                 &[

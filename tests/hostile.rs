@@ -12,8 +12,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use server_sync::manifest::{Entry, Kind, Md5, Meta, RelPath};
-use server_sync::protocol::{self, Message, ProtocolError, VERSION};
+use server_sync::core::hash::HashAlgorithm;
+use server_sync::core::manifest::{Entry, Kind, Meta, RelPath};
+use server_sync::wire::protocol::{self, Capabilities, Message, ProtocolError, VERSION};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
@@ -81,6 +82,8 @@ impl Peer {
         self.send(&Message::Hello {
             version: VERSION,
             transfers: 1,
+            hashes: vec![HashAlgorithm::Blake3],
+            capabilities: Capabilities::NONE,
         });
         match self.recv() {
             Ok(Some(Message::Welcome {
@@ -136,7 +139,7 @@ fn file_entry(path: &str, content: &[u8]) -> Entry {
         path: p(path),
         kind: Kind::File {
             size: content.len() as u64,
-            md5: Md5::of(content),
+            hash: HashAlgorithm::Blake3.of(content),
         },
         meta: meta(),
     }
@@ -194,7 +197,7 @@ fn entries_of(dir: &Path) -> Vec<Entry> {
                 let content = fs::read(&path).unwrap();
                 Kind::File {
                     size: content.len() as u64,
-                    md5: Md5::of(&content),
+                    hash: HashAlgorithm::Blake3.of(&content),
                 }
             };
             out.push(Entry {
@@ -232,7 +235,7 @@ fn open_session_changing(w: &World, changed: &str) -> (Peer, u16, u64) {
         .unwrap();
     e.kind = Kind::File {
         size: NEW.len() as u64,
-        md5: Md5::of(NEW),
+        hash: HashAlgorithm::Blake3.of(NEW),
     };
     let mut control = Peer::connect(w.port());
     let (data_port, token) = control.hello();
@@ -449,6 +452,8 @@ fn garbage_and_bad_frames_are_refused() {
                 frame(&Message::Hello {
                     version: VERSION,
                     transfers: 1,
+                    hashes: vec![HashAlgorithm::Blake3],
+                    capabilities: Capabilities::NONE,
                 }),
                 b"SSYN",
                 b"HTTP",
@@ -461,6 +466,8 @@ fn garbage_and_bad_frames_are_refused() {
             frame(&Message::Hello {
                 version: 99,
                 transfers: 1,
+                hashes: vec![HashAlgorithm::Blake3],
+                capabilities: Capabilities::NONE,
             }),
             "client speaks protocol version 99",
         ),
@@ -477,7 +484,7 @@ fn garbage_and_bad_frames_are_refused() {
                 token: 1,
                 request: 0,
             }),
-            "unexpected data-hello message, expected hello",
+            "data-hello message on the wrong connection",
         ),
         attack(
             "request from the client",
@@ -514,6 +521,8 @@ fn wrong_version_is_told_why() {
     peer.send(&Message::Hello {
         version: 99,
         transfers: 1,
+        hashes: vec![HashAlgorithm::Blake3],
+        capabilities: Capabilities::NONE,
     });
     match peer.until_closed().as_slice() {
         [Message::Error(e)] => assert!(e.contains("version 99"), "{e}"),
@@ -556,7 +565,7 @@ fn data_connections_with_a_bad_token_or_garbage_are_refused() {
     data.send(&Message::DataHello { token, request: 0 });
     data.send(&Message::FileBegin { path: p("victim") });
     data.send(&Message::Chunk(NEW.to_vec()));
-    data.send(&Message::FileEnd { md5: None });
+    data.send(&Message::FileEnd { hash: None });
     drop(data);
     match control.recv() {
         Ok(Some(Message::SyncDone(s))) => assert!(s.failed.is_empty(), "{s:?}"),
@@ -589,27 +598,27 @@ struct DataAttack {
 fn lying_and_malformed_transfers_change_nothing() {
     let begin = |s: &str| frame(&Message::FileBegin { path: p(s) });
     let chunk = |b: &[u8]| frame(&Message::Chunk(b.to_vec()));
-    let end = || frame(&Message::FileEnd { md5: None });
+    let end = || frame(&Message::FileEnd { hash: None });
     let outside = World::new().outside.join("pwned");
     let cases = vec![
         DataAttack {
-            name: "content differs from the announced md5",
+            name: "content differs from the announced hash",
             frames: vec![begin("victim"), chunk(b"bad content"), end()],
             expect: Expect::Failed("content changed while being sent"),
             log: "Rejected file: victim: content changed while being sent",
             victim: OLD,
         },
         DataAttack {
-            name: "file-end md5 contradicts the announced one",
+            name: "file-end hash contradicts the announced one",
             frames: vec![
                 begin("victim"),
                 chunk(NEW),
                 frame(&Message::FileEnd {
-                    md5: Some(server_sync::manifest::Md5::of(b"something else")),
+                    hash: Some(HashAlgorithm::Blake3.of(b"something else")),
                 }),
             ],
-            expect: Expect::Failed("client ended the file with md5"),
-            log: "Rejected file: victim: client ended the file with md5",
+            expect: Expect::Failed("client ended the file with blake3"),
+            log: "Rejected file: victim: client ended the file with blake3",
             victim: OLD,
         },
         DataAttack {
@@ -767,7 +776,7 @@ fn a_directory_swapped_for_a_symlink_mid_session_is_not_written_through() {
         path: p("keep/file.txt"),
     });
     data.send(&Message::Chunk(NEW.to_vec()));
-    data.send(&Message::FileEnd { md5: None });
+    data.send(&Message::FileEnd { hash: None });
     drop(data);
     match control.recv() {
         Ok(Some(Message::SyncDone(s))) => assert!(
@@ -861,17 +870,18 @@ fn connections_past_the_limit_are_refused() {
     let mut first = Peer::connect(w.port());
     let second = Peer::connect(w.port());
     let mut third = Peer::connect(w.port());
-    assert!(
-        third.until_closed().is_empty(),
-        "third connection not closed"
-    );
+    // Told why, then closed.
+    match &third.until_closed()[..] {
+        [Message::Error(e)] if e.starts_with("server busy: already serving 2 connections") => {}
+        other => panic!("third connection not turned away as busy: {other:?}"),
+    }
     w.assert_logged(mark, "refusing connection from 127.0.0.1:");
     w.assert_logged(mark, "already serving 2 connections");
     // The admitted ones are still served.
     first.hello();
     drop((first, second, third));
     w.server()
-        .wait_for_log_count("ended: connection closed in the middle of a frame", 2, WAIT);
+        .wait_for_log_count("ended: connection closed by the peer", 2, WAIT);
     still_safe_and_serving(&w);
 }
 
@@ -967,6 +977,8 @@ fn fake_server_session(
         version: VERSION,
         data_port: data_l.local_addr().unwrap().port(),
         token: 7,
+        hash: HashAlgorithm::Blake3,
+        capabilities: Capabilities::NONE,
     });
     let mut listed = Vec::new();
     loop {
@@ -1059,7 +1071,7 @@ fn a_hostile_server_request_with_parent_paths_is_refused() {
         hostile,
     ));
     let status = client.wait_exit(WAIT).expect("client exits");
-    assert_eq!(status.code(), Some(1), "{}", client.report());
+    assert_eq!(status.code(), Some(3), "{}", client.report());
     assert!(
         client.stderr.text().contains("'..' component"),
         "{}",

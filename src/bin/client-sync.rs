@@ -5,15 +5,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use server_sync::cache::HashCache;
 use server_sync::client;
+use server_sync::core::hash::HashAlgorithm;
+use server_sync::core::text::Escaped;
+use server_sync::store::cache::HashCache;
 
 /// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.
 ///
-/// Without --once, syncs at start and then every --interval seconds until SIGINT/SIGTERM,
-/// retrying an unreachable server with back-off. Exit status with --once: 0 the server now
-/// mirrors DIR; 1 some entries failed (each is named on stderr); 2 usage or local error
-/// (DIR missing or not a directory); 3 the server cannot be reached.
+/// Without --once, syncs at start and then every --interval seconds until SIGINT, SIGTERM or
+/// SIGHUP, retrying with back-off a server that cannot be reached or is busy.
+///
+/// Exit status with --once: 0 the server now mirrors DIR; 1 some entries failed (each is
+/// named on stderr); 2 usage or local error (DIR missing or not a directory, a cache inside
+/// DIR); 3 the server could not be used (unreachable, busy, refused or ended the sync, did
+/// not answer, or the connection was lost), so DIR is not known to be mirrored.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -34,6 +39,16 @@ struct Args {
     /// Data connections to run at once
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=8))]
     transfers: u64,
+    /// Content hash: blake3, or md5 for the original tool's exact behaviour. MD5 is not
+    /// collision-resistant: the server copies content it already holds under the same MD5
+    /// instead of transferring it, so two different files with one MD5 (public collision
+    /// pairs exist) can leave a wrong copy. [default: blake3, or md5 with an older server]
+    #[arg(long, value_name = "ALGORITHM")]
+    hash: Option<HashAlgorithm>,
+    /// Give up on a server silent for this many seconds (at most 10 before it welcomes us;
+    /// a working server says it is alive every 5 s)
+    #[arg(long, default_value_t = client::IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
     /// Keep the hash cache here [default: $XDG_CACHE_HOME/server-sync or ~/.cache/server-sync]
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -49,7 +64,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    server_sync::limit_malloc_arenas();
+    server_sync::process::limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,7 +73,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
-    server_sync::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
+    server_sync::process::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
     let cache_file = if args.no_cache {
         None
     } else {
@@ -71,21 +86,24 @@ async fn run(args: Args) -> ExitCode {
         }
     };
     let cfg = client::Config {
-        root: args.dir,
-        server: args.server,
-        port: args.port,
         cache_file,
         transfers: args.transfers as usize,
+        hashes: match args.hash {
+            Some(h) => vec![h],
+            None => HashAlgorithm::ALL.to_vec(),
+        },
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        ..client::Config::new(args.dir, args.server, args.port)
     };
     if !args.once {
-        if let Err(e) = std::fs::read_dir(&cfg.root) {
-            eprintln!("client-sync: cannot read {}: {e}", cfg.root.display());
+        if let Err(e) = server_sync::store::check_dir(&cfg.root) {
+            eprintln!("client-sync: {e}");
             return ExitCode::from(2);
         }
         client::run(
             &cfg,
             Duration::from_secs(args.interval),
-            server_sync::shutdown_signal(),
+            server_sync::process::shutdown_signal(),
         )
         .await;
         return ExitCode::SUCCESS;
@@ -93,8 +111,12 @@ async fn run(args: Args) -> ExitCode {
     match client::sync_once(&cfg).await {
         Ok(report) => {
             let mut named = 0;
-            for (path, why) in report.failures() {
-                eprintln!("client-sync: not synced: {path}: {why}");
+            for f in report.failures() {
+                eprintln!(
+                    "client-sync: not synced: {}: {}",
+                    Escaped(&f.path),
+                    Escaped(&f.reason)
+                );
                 named += 1;
             }
             if report.failed_count() > named {

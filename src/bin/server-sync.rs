@@ -6,15 +6,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use server_sync::cache::HashCache;
 use server_sync::server;
+use server_sync::store::cache::HashCache;
 
 /// Keep DIR an exact, verified mirror of the directory a `client-sync` sends.
 ///
 /// Files the client does not have are deleted; files whose MD5 is already somewhere in DIR
 /// are copied locally instead of transferred. Prints `listening control=HOST:PORT
-/// data=HOST:PORT` once ready. Exit status: 0 after SIGINT/SIGTERM, 2 on a bad DIR or a
-/// port that cannot be bound.
+/// data=HOST:PORT` once ready. Exit status: 0 after SIGINT, SIGTERM or SIGHUP, 2 on a bad
+/// DIR or a port that cannot be bound.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -32,10 +32,13 @@ struct Args {
     /// Drop a peer that sends nothing for this many seconds
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout: u64,
-    /// Most client sessions served at once; more are refused (each may also run up to 8
-    /// data connections)
+    /// Most client sessions served at once; more are told the server is busy (each may also
+    /// run up to 8 data connections)
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     max_connections: u64,
+    /// Most connections from one IP address at once; more are told the server is busy
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_per_address: u64,
     /// Keep the hash cache here [default: $XDG_CACHE_HOME/server-sync or ~/.cache/server-sync]
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -51,7 +54,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    server_sync::limit_malloc_arenas();
+    server_sync::process::limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -64,24 +67,26 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
-    server_sync::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
+    server_sync::process::init_logging(if args.quiet { -1 } else { args.verbose as i8 });
     match serve(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("server-sync: {e:#}");
+            // Not `{e:#}`: our errors already end with their cause, which the chain would
+            // print a second time.
+            eprintln!("server-sync: {e}");
             ExitCode::from(2)
         }
     }
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let root = server::prepare_root(&args.dir)?;
+    // Checked before DIR is created: a refused setup leaves nothing behind.
     let cache_file = if args.no_cache {
         None
     } else {
-        HashCache::file_for_dir(args.cache_dir.as_deref(), root.path())
-            .map_err(anyhow::Error::msg)?
+        HashCache::file_for_dir(args.cache_dir.as_deref(), &args.dir).map_err(anyhow::Error::msg)?
     };
+    let root = server::prepare_root(&args.dir)?;
     let (control, data) = server::bind(&args.bind, args.port, args.data_port).await?;
     println!(
         "listening control={} data={}",
@@ -90,11 +95,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     );
     std::io::stdout().flush()?;
     let config = server::Config {
-        root: root.path().to_owned(),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_connections: args.max_connections as usize,
+        max_per_address: args.max_per_address as usize,
         cache_file,
+        ..server::Config::new(root.path())
     };
-    server::run(config, control, data, server_sync::shutdown_signal()).await?;
+    server::run(
+        config,
+        control,
+        data,
+        server_sync::process::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

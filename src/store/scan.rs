@@ -1,15 +1,15 @@
-//! Walks a directory and lists it as entries: files with their MD5, directories, symlinks
+//! Walks a directory and lists it as entries: files with their content hash, directories, symlinks
 //! (never followed) and what could not be read. Special files and non-UTF-8 names are skipped.
 
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use md5::Digest;
-
-use crate::cache::{HashCache, Stamp};
-use crate::manifest::{Entry, Kind, Md5, Meta, RelPath, TEMP_PREFIX};
+use crate::core::hash::{ContentHash, HashAlgorithm};
+use crate::core::manifest::{Entry, Kind, Meta, RelPath, TEMP_PREFIX};
+use crate::store::cache::{HashCache, Stamp};
+use crate::store::root::Root;
 
 /// What a walk found: entries in component order (parents first), and warnings about what it
 /// skipped.
@@ -17,7 +17,7 @@ use crate::manifest::{Entry, Kind, Md5, Meta, RelPath, TEMP_PREFIX};
 pub struct Scan {
     pub entries: Vec<Entry>,
     pub warnings: Vec<String>,
-    /// Files whose MD5 may go into the hash cache: (index in `entries`, stamp), in order.
+    /// Files whose hash may go into the hash cache: (index in `entries`, stamp), in order.
     cacheable: Vec<(usize, Stamp)>,
 }
 
@@ -37,7 +37,7 @@ impl Scan {
             (
                 e.path.as_str(),
                 stamp,
-                e.md5().expect("only files are cacheable"),
+                e.hash().expect("only files are cacheable"),
             )
         }))
     }
@@ -55,16 +55,31 @@ pub fn meta_of(m: &Metadata) -> Meta {
 /// cannot be read at all; anything below that cannot be read becomes an `Unreadable` entry.
 ///
 /// How a side scans.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Options {
+    /// The session's content hash.
+    pub algorithm: HashAlgorithm,
     /// Read a file this process owns but may not read (mode 0000 on a server that is not
-    /// root) by granting owner-read for the moment of hashing: the server must know what its
-    /// own mirror holds.
+    /// root) by granting owner-read for the moment of opening it, and list a directory it owns
+    /// but may not list or enter by granting owner read/search until the scan ends: the server
+    /// must know what its own mirror holds. Those modes change through a [`Root`] of the
+    /// scanned directory, and are put back.
     pub read_own: bool,
     /// List files at least this large that the cache cannot vouch for as `Unhashed` instead
-    /// of reading them now: their MD5 is computed while they are sent, or when the server
+    /// of reading them now: their hash is computed while they are sent, or when the server
     /// asks for it, so a new large file is read once rather than twice in a row.
     pub defer_above: Option<u64>,
+}
+
+impl Options {
+    /// A plain scan in `algorithm`: nothing deferred, nothing of its own forced open.
+    pub fn new(algorithm: HashAlgorithm) -> Options {
+        Options {
+            algorithm,
+            read_own: false,
+            defer_above: None,
+        }
+    }
 }
 
 /// Files are hashed after the metadata walk, on every core, except those `cache` vouches for.
@@ -72,8 +87,24 @@ pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, opts: Options) -> io
     let mut scan = Scan::default();
     let mut pending = Vec::new();
     let top = read_dir_sorted(root)?;
-    walk(None, top, &mut scan, &mut pending, &mut cache, &opts);
-    hash_pending(&mut scan, pending, cache.as_deref(), opts.read_own);
+    let own = opts.read_own.then(|| Root::new(root));
+    // Directories opened up for the walk stay so until their files are hashed.
+    let _restore = own.as_ref().map(Root::restoring_modes);
+    walk(
+        None,
+        top,
+        &mut scan,
+        &mut pending,
+        &mut cache,
+        &opts,
+        own.as_ref(),
+    );
+    hash_pending(
+        &mut scan,
+        pending,
+        cache.as_deref(),
+        (opts.algorithm, own.as_ref()),
+    );
     Ok(scan)
 }
 
@@ -82,7 +113,7 @@ pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>, opts: Options) -> io
     let Some(file) = cache_file else {
         return scan(dir, None, opts);
     };
-    let mut cache = HashCache::load(file);
+    let mut cache = HashCache::load(&file, opts.algorithm);
     let found = scan(dir, Some(&mut cache), opts)?;
     tracing::debug!("hash cache: {} hits, {} misses", cache.hits, cache.misses);
     if let Err(e) = found.save_cache(&cache) {
@@ -98,16 +129,21 @@ struct Pending {
     stamp: Stamp,
 }
 
-fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache>, read_own: bool) {
-    let hash = |p: &Pending| match hash_file(&p.path) {
-        Err(e) if read_own && e.kind() == io::ErrorKind::PermissionDenied => {
-            hash_own_unreadable(&p.path).unwrap_or(Err(e))
+fn hash_pending(
+    scan: &mut Scan,
+    pending: Vec<Pending>,
+    cache: Option<&HashCache>,
+    (alg, own): (HashAlgorithm, Option<&Root>),
+) {
+    let hash = |p: &Pending| match (hash_file(&p.path, alg), own) {
+        (Err(e), Some(own)) if e.kind() == io::ErrorKind::PermissionDenied => {
+            hash_own_unreadable(own, &p.path, alg).unwrap_or(Err(e))
         }
-        r => r,
+        (r, _) => r,
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = pending.len().div_ceil(threads).max(1);
-    let results: Vec<io::Result<(u64, Md5)>> = std::thread::scope(|s| {
+    let results: Vec<io::Result<(u64, ContentHash)>> = std::thread::scope(|s| {
         let workers: Vec<_> = pending
             .chunks(chunk)
             .map(|part| s.spawn(move || part.iter().map(hash).collect::<Vec<_>>()))
@@ -121,12 +157,12 @@ fn hash_pending(scan: &mut Scan, pending: Vec<Pending>, cache: Option<&HashCache
     for (res, p) in results.into_iter().zip(&pending) {
         let e = &mut scan.entries[p.index];
         match res {
-            Ok((size, md5)) => {
+            Ok((size, hash)) => {
                 // A file that changed size while read is hashed again next time, not cached.
                 if cache.is_some_and(|c| size == p.stamp.size() && c.may_record(&p.stamp)) {
                     scan.cacheable.push((p.index, p.stamp));
                 }
-                e.kind = Kind::File { size, md5 };
+                e.kind = Kind::File { size, hash };
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => vanished.push(p.index),
             Err(err) => {
@@ -166,6 +202,7 @@ fn walk(
     pending: &mut Vec<Pending>,
     cache: &mut Option<&mut HashCache>,
     opts: &Options,
+    own: Option<&Root>,
 ) {
     for ent in children {
         let name = ent.file_name();
@@ -210,14 +247,14 @@ fn walk(
         let meta = meta_of(&md);
         let ft = md.file_type();
         if ft.is_dir() {
-            match read_dir_sorted(&path) {
+            match read_own_dir(own, &rel, &md, &path) {
                 Ok(kids) => {
                     scan.entries.push(Entry {
                         path: rel.clone(),
                         kind: Kind::Dir,
                         meta,
                     });
-                    walk(Some(&rel), kids, scan, pending, cache, opts);
+                    walk(Some(&rel), kids, scan, pending, cache, opts, own);
                 }
                 Err(e) => scan.entries.push(unreadable(e)),
             }
@@ -229,16 +266,17 @@ fn walk(
             let index = scan.entries.len();
             let size = md.len();
             let kind = match cached {
-                Some(md5) => {
+                Some(hash) => {
                     scan.cacheable.push((index, stamp));
-                    Kind::File { size, md5 }
+                    Kind::File { size, hash }
                 }
                 None if opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
                 None => {
                     pending.push(Pending { index, path, stamp });
+                    // Filled in by `hash_pending`.
                     Kind::File {
                         size,
-                        md5: Md5([0; 16]),
+                        hash: placeholder(opts.algorithm),
                     }
                 }
             };
@@ -278,49 +316,71 @@ fn walk(
     }
 }
 
-/// Hashes a file this process owns but may not read, by adding owner-read for the moment and
-/// putting the mode back. `None` when the file is not ours to do that to.
-fn hash_own_unreadable(path: &Path) -> Option<io::Result<(u64, Md5)>> {
-    use std::os::unix::fs::PermissionsExt;
-    let m = fs::symlink_metadata(path).ok()?;
-    // SAFETY: geteuid has no preconditions.
-    if !m.is_file() || m.uid() != unsafe { libc::geteuid() } || m.mode() & 0o400 != 0 {
-        return None;
+/// Lists the directory `rel` of the walk. With `own` (the server scanning its own mirror), a
+/// directory this process owns but may not list or enter (mode 000 on a server that is not
+/// root) is opened up first; the scan puts its mode back when it ends.
+fn read_own_dir(
+    own: Option<&Root>,
+    rel: &RelPath,
+    md: &Metadata,
+    path: &Path,
+) -> io::Result<Vec<fs::DirEntry>> {
+    if let Some(own) = own {
+        let euid = rustix::process::geteuid();
+        if !euid.is_root() && md.uid() == euid.as_raw() && md.mode() & 0o500 != 0o500 {
+            // Should that fail, listing it says why.
+            let _ = own.open_up_dir(rel);
+        }
     }
-    let mode = m.permissions().mode();
-    fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o400)).ok()?;
-    let res = hash_file(path);
-    if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
-        return Some(Err(e));
-    }
-    Some(res)
+    read_dir_sorted(path)
 }
 
-/// Size and MD5 of a file that must not change while it is read: its stamp is taken before
-/// and after, and a difference is an error (the file is being written to). Also the stamp,
-/// when it had settled before the read, so that the MD5 may be cached.
-pub fn hash_stable(path: &Path) -> io::Result<(u64, Md5, Option<Stamp>)> {
-    let mut f = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    let opened = crate::cache::now_ns();
+/// Hashes a file this process owns but may not read, which `own` opens beneath its handle by
+/// granting owner-read for the moment of opening. `None` when `path` is not in `own`'s tree.
+fn hash_own_unreadable(
+    own: &Root,
+    path: &Path,
+    alg: HashAlgorithm,
+) -> Option<io::Result<(u64, ContentHash)>> {
+    let rel = RelPath::new(path.strip_prefix(own.path()).ok()?.to_str()?).ok()?;
+    Some(
+        own.open_read_own(&rel)
+            .and_then(|mut f| hash_reader(&mut f, alg)),
+    )
+}
+
+/// Size and hash of a file just opened that must not change while it is read: its stamp is
+/// taken before and after, and a difference is an error (the file is being written to). Also
+/// the stamp, when it had settled before the read, so that the hash may be cached.
+pub fn hash_stable(
+    mut f: File,
+    alg: HashAlgorithm,
+) -> io::Result<(u64, ContentHash, Option<Stamp>)> {
+    let opened = crate::store::cache::now_ns();
     let before = Stamp::of(&f.metadata()?);
-    let (size, md5) = hash_reader(&mut f)?;
+    let (size, hash) = hash_reader(&mut f, alg)?;
     if Stamp::of(&f.metadata()?) != before {
         return Err(io::Error::other("changed while being hashed"));
     }
-    Ok((size, md5, before.settled_at(opened).then_some(before)))
+    Ok((size, hash, before.settled_at(opened).then_some(before)))
 }
 
-/// Size and MD5 of a file, read in bounded chunks.
-pub fn hash_file(path: &Path) -> io::Result<(u64, Md5)> {
-    hash_reader(&mut File::open(path)?)
+/// Size and hash of a file, read in bounded chunks.
+pub fn hash_file(path: &Path, alg: HashAlgorithm) -> io::Result<(u64, ContentHash)> {
+    hash_reader(&mut File::open(path)?, alg)
 }
 
-fn hash_reader(f: &mut File) -> io::Result<(u64, Md5)> {
-    let mut h = md5::Md5::new();
-    let mut buf = vec![0u8; crate::protocol::CHUNK_SIZE];
+/// Bytes read at a time when hashing: large enough that system calls do not dominate.
+const READ_SIZE: usize = 256 << 10;
+
+/// A hash of the right algorithm for an entry whose real hash is computed later.
+fn placeholder(alg: HashAlgorithm) -> ContentHash {
+    ContentHash::new(alg, &[0; 32][..alg.digest_len()]).expect("length of the algorithm")
+}
+
+fn hash_reader(f: &mut File, alg: HashAlgorithm) -> io::Result<(u64, ContentHash)> {
+    let mut h = alg.hasher();
+    let mut buf = vec![0u8; READ_SIZE];
     let mut size = 0u64;
     loop {
         let n = match f.read(&mut buf) {
@@ -332,7 +392,7 @@ fn hash_reader(f: &mut File) -> io::Result<(u64, Md5)> {
         h.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((size, Md5(h.finalize().into())))
+    Ok((size, h.finish()))
 }
 
 #[cfg(test)]
@@ -344,7 +404,7 @@ mod tests {
         scan.entries
             .iter()
             .map(|e| match &e.kind {
-                Kind::File { size, md5 } => format!("{} file {size} {md5}", e.path),
+                Kind::File { size, hash } => format!("{} file {size} {hash}", e.path),
                 Kind::Symlink { target } => format!("{} -> {target}", e.path),
                 k => format!("{} {}", e.path, k.name()),
             })
@@ -361,7 +421,7 @@ mod tests {
         fs::create_dir(r.join("empty")).unwrap();
         symlink("/etc", r.join("link")).unwrap();
         fs::write(r.join(".server-sync-tmp.123"), "partial").unwrap();
-        let s = scan(r, None, Options::default()).unwrap();
+        let s = scan(r, None, Options::new(HashAlgorithm::Md5)).unwrap();
         assert_eq!(
             listing(&s),
             [
@@ -379,9 +439,9 @@ mod tests {
     /// Scans `dir` through a cache whose clock runs far ahead, so files just written by the
     /// test are old enough to be cached.
     fn scan_through(dir: &Path, cache_file: &Path) -> (Scan, u64) {
-        let mut cache = HashCache::load(cache_file.to_owned());
+        let mut cache = HashCache::load(cache_file, HashAlgorithm::Md5);
         cache.now_ns += 3600 * 1_000_000_000;
-        let s = scan(dir, Some(&mut cache), Options::default()).unwrap();
+        let s = scan(dir, Some(&mut cache), Options::new(HashAlgorithm::Md5)).unwrap();
         s.save_cache(&cache).unwrap();
         (s, cache.hits)
     }
@@ -400,10 +460,13 @@ mod tests {
             2,
             "warm cache answers both files"
         );
-        change(&dir, &cache);
+        let file = HashCache::load(&cache, HashAlgorithm::Md5)
+            .file()
+            .to_owned();
+        change(&dir, &file);
         let (s, _) = scan_through(&dir, &cache);
         let a = s.entries.iter().find(|e| e.path.as_str() == "a").unwrap();
-        assert_eq!(a.md5(), Some(Md5::of(want)));
+        assert_eq!(a.hash(), Some(HashAlgorithm::Md5.of(want)));
     }
 
     #[test]
@@ -465,7 +528,7 @@ mod tests {
     fn special_files_are_listed_as_such() {
         let d = tempfile::tempdir().unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
-        let s = scan(d.path(), None, Options::default()).unwrap();
+        let s = scan(d.path(), None, Options::new(HashAlgorithm::Md5)).unwrap();
         assert_eq!(listing(&s), ["sock special"]);
         assert!(s.warnings.is_empty());
     }

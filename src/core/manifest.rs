@@ -3,6 +3,11 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::core::hash::ContentHash;
+#[cfg(test)]
+use crate::core::hash::HashAlgorithm;
+use crate::core::text::Escaped;
+
 /// Names starting with this prefix are the server's in-flight temporary files: never listed,
 /// never accepted from a peer, removed at start-up.
 pub const TEMP_PREFIX: &str = ".server-sync-tmp.";
@@ -119,9 +124,11 @@ pub fn cmp_components(a: &str, b: &str) -> std::cmp::Ordering {
     }
 }
 
+/// For people and logs: control characters escaped (see [`Escaped`]). The raw path, for the
+/// wire and the file system, is [`RelPath::as_str`].
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        fmt::Display::fmt(&Escaped(&self.0), f)
     }
 }
 
@@ -143,32 +150,6 @@ impl Ord for RelPath {
     }
 }
 
-/// An MD5 digest.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Md5(pub [u8; 16]);
-
-impl Md5 {
-    pub fn of(data: &[u8]) -> Md5 {
-        use md5::Digest;
-        Md5(md5::Md5::digest(data).into())
-    }
-}
-
-impl fmt::Display for Md5 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Md5 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
 /// Metadata mirrored along with content: permission bits and modification time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Meta {
@@ -182,7 +163,7 @@ pub struct Meta {
 pub enum Kind {
     File {
         size: u64,
-        md5: Md5,
+        hash: ContentHash,
     },
     Dir,
     Symlink {
@@ -194,7 +175,7 @@ pub enum Kind {
         reason: String,
     },
     /// A regular file announced before it was hashed (large, and not vouched for by the
-    /// cache): its MD5 travels with its content, at the end of the transfer, or is sent when
+    /// cache): its hash travels with its content, at the end of the transfer, or is sent when
     /// the server asks for it to look for a local copy.
     Unhashed {
         size: u64,
@@ -232,9 +213,9 @@ impl Entry {
         matches!(self.kind, Kind::File { .. } | Kind::Unhashed { .. })
     }
 
-    pub fn md5(&self) -> Option<Md5> {
+    pub fn hash(&self) -> Option<ContentHash> {
         match self.kind {
-            Kind::File { md5, .. } => Some(md5),
+            Kind::File { hash, .. } => Some(hash),
             _ => None,
         }
     }
@@ -398,7 +379,7 @@ mod tests {
             path: RelPath::new(s).unwrap(),
             kind: Kind::File {
                 size: 0,
-                md5: Md5::of(b""),
+                hash: HashAlgorithm::Blake3.of(b""),
             },
             meta: Meta::default(),
         };

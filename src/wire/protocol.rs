@@ -15,10 +15,11 @@ use std::io::{Read, Write};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::manifest::{Entry, Kind, MAX_PATH_LEN, Md5, Meta, PathError, RelPath};
+use crate::core::hash::{ContentHash, HashAlgorithm};
+use crate::core::manifest::{Entry, Kind, MAX_PATH_LEN, Meta, PathError, RelPath};
 
 /// Bumped on any incompatible change; the server refuses other versions in its `Welcome`.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Opens every `Hello` and `DataHello`, so a stray connection is recognised at its first bytes.
 pub const MAGIC: [u8; 4] = *b"SSYN";
 /// Largest frame accepted. File lists and requests are sent in batches well below it, and
@@ -31,15 +32,26 @@ pub const BATCH: usize = 512;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
+    /// Client → server, first. A peer of another `version` is answered with an `Error`
+    /// naming both versions; only `version` is read from its `Hello`.
     Hello {
         version: u32,
         /// How many data connections the client will run at once.
         transfers: u16,
+        /// Content hashes the client can use, in its order of preference.
+        hashes: Vec<HashAlgorithm>,
+        /// Optional features the client supports ([`Capabilities`]): later features extend
+        /// the protocol through these bits, without a version bump.
+        capabilities: Capabilities,
     },
     Welcome {
         version: u32,
         data_port: u16,
         token: u64,
+        /// The session's content hash, one of those the client offered.
+        hash: HashAlgorithm,
+        /// The optional features both sides support: the client's, less the server's lacks.
+        capabilities: Capabilities,
     },
     FileList(Vec<Entry>),
     FileListEnd,
@@ -62,14 +74,34 @@ pub enum Message {
         path: RelPath,
     },
     Chunk(Vec<u8>),
-    /// The end of a file's data; `md5` is the MD5 of what was sent when the file was announced
-    /// unhashed, else `None` (the server checks against the announced MD5).
+    /// The end of a file's data; `hash` is the hash of what was sent when the file was
+    /// announced unhashed, else `None` (the server checks against the announced hash).
     FileEnd {
-        md5: Option<Md5>,
+        hash: Option<ContentHash>,
     },
     FileAbort {
         reason: String,
     },
+    /// Client → server: the answer to a `HashRequest`, one entry per path asked, in order:
+    /// the file with its hash, or `Unreadable`.
+    HashAnswer(Vec<Entry>),
+    /// Either way: nothing to say yet, still here (keeps the peer's idle timer from firing
+    /// during a long scan or hash).
+    Ping,
+}
+
+/// Optional protocol features, as bits. None is defined yet: the field is there so that the
+/// next features (watching, two-way, resume, compression) are negotiated, not versioned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities(pub u64);
+
+impl Capabilities {
+    pub const NONE: Capabilities = Capabilities(0);
+
+    /// The features in both sets.
+    pub fn common(self, other: Capabilities) -> Capabilities {
+        Capabilities(self.0 & other.0)
+    }
 }
 
 /// What a session did, sent with `SyncDone` so the client can report it and pick its exit code.
@@ -145,6 +177,8 @@ pub enum ProtocolError {
     },
     #[error("peer sent {0}, which was not requested")]
     Unrequested(String),
+    #[error("server speaks protocol version {0}, this client speaks {VERSION}")]
+    Version(u32),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -165,6 +199,8 @@ impl Message {
             Message::FileEnd { .. } => "file-end",
             Message::HashRequest(_) => "hashrequest",
             Message::FileAbort { .. } => "file-abort",
+            Message::HashAnswer(_) => "hash-answer",
+            Message::Ping => "ping",
         }
     }
 
@@ -182,21 +218,35 @@ impl Message {
         out.extend_from_slice(&[0; 4]);
         let mut w = Writer(out);
         match self {
-            Message::Hello { version, transfers } => {
+            Message::Hello {
+                version,
+                transfers,
+                hashes,
+                capabilities,
+            } => {
                 w.u8(1);
                 w.bytes_raw(&MAGIC);
                 w.u32(*version);
                 w.u16(*transfers);
+                w.u8(hashes.len() as u8);
+                for h in hashes {
+                    w.u8(h.id());
+                }
+                w.u64(capabilities.0);
             }
             Message::Welcome {
                 version,
                 data_port,
                 token,
+                hash,
+                capabilities,
             } => {
                 w.u8(2);
                 w.u32(*version);
                 w.u16(*data_port);
                 w.u64(*token);
+                w.u8(hash.id());
+                w.u64(capabilities.0);
             }
             Message::FileList(entries) => w.file_list(entries),
             Message::FileListEnd => w.u8(4),
@@ -245,10 +295,10 @@ impl Message {
                 w.u8(10);
                 w.bytes(data);
             }
-            Message::FileEnd { md5 } => {
+            Message::FileEnd { hash } => {
                 w.u8(11);
-                if let Some(m) = md5 {
-                    w.bytes_raw(&m.0);
+                if let Some(h) = hash {
+                    w.hash(h);
                 }
             }
             Message::HashRequest(paths) => {
@@ -262,6 +312,11 @@ impl Message {
                 w.u8(12);
                 w.str(reason);
             }
+            Message::HashAnswer(entries) => {
+                w.u8(14);
+                w.entries(entries);
+            }
+            Message::Ping => w.u8(15),
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -274,24 +329,45 @@ impl Message {
         let msg = match tag {
             1 => {
                 r.magic()?;
-                Message::Hello {
-                    version: r.u32()?,
-                    transfers: r.u16()?,
+                let version = r.u32()?;
+                if version != VERSION {
+                    // Another version's layout: only its number matters, to say why not.
+                    return Ok(Message::Hello {
+                        version,
+                        transfers: 0,
+                        hashes: Vec::new(),
+                        capabilities: Capabilities::NONE,
+                    });
                 }
-            }
-            2 => Message::Welcome {
-                version: r.u32()?,
-                data_port: r.u16()?,
-                token: r.u64()?,
-            },
-            3 => {
-                let n = r.count(MIN_ENTRY_LEN)?;
-                let mut entries = Vec::with_capacity(n);
+                let transfers = r.u16()?;
+                let n = r.u8()?;
+                let mut hashes = Vec::with_capacity(n.into());
                 for _ in 0..n {
-                    entries.push(r.entry()?);
+                    // Unknown algorithms (from a newer peer) are simply not offered to us.
+                    hashes.extend(HashAlgorithm::from_id(r.u8()?));
                 }
-                Message::FileList(entries)
+                Message::Hello {
+                    version,
+                    transfers,
+                    hashes,
+                    capabilities: Capabilities(r.u64()?),
+                }
             }
+            2 => {
+                let version = r.u32()?;
+                if version != VERSION {
+                    return Err(ProtocolError::Version(version));
+                }
+                Message::Welcome {
+                    version,
+                    data_port: r.u16()?,
+                    token: r.u64()?,
+                    hash: HashAlgorithm::from_id(r.u8()?)
+                        .ok_or(ProtocolError::Malformed("welcome hash"))?,
+                    capabilities: Capabilities(r.u64()?),
+                }
+            }
+            3 => Message::FileList(r.entries()?),
             4 => Message::FileListEnd,
             5 => {
                 let id = r.u32()?;
@@ -333,9 +409,9 @@ impl Message {
             },
             10 => Message::Chunk(r.bytes()?.to_vec()),
             11 => Message::FileEnd {
-                md5: match r.buf.len() {
+                hash: match r.buf.len() {
                     0 => None,
-                    _ => Some(Md5(r.take(16)?.try_into().unwrap())),
+                    _ => Some(r.hash()?),
                 },
             },
             13 => {
@@ -349,6 +425,8 @@ impl Message {
             12 => Message::FileAbort {
                 reason: r.str_max("abort reason", MAX_TEXT)?,
             },
+            14 => Message::HashAnswer(r.entries()?),
+            15 => Message::Ping,
             t => return Err(ProtocolError::UnknownTag(t)),
         };
         if !r.buf.is_empty() {
@@ -387,8 +465,17 @@ impl Writer<'_> {
     fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());
     }
+    /// A content hash: its algorithm's identifier, then the digest (whose length the
+    /// algorithm fixes).
+    fn hash(&mut self, h: &ContentHash) {
+        self.u8(h.algorithm().id());
+        self.bytes_raw(h.digest());
+    }
     fn file_list(&mut self, entries: &[Entry]) {
         self.u8(3);
+        self.entries(entries);
+    }
+    fn entries(&mut self, entries: &[Entry]) {
         self.u32(entries.len() as u32);
         for e in entries {
             self.entry(e);
@@ -398,10 +485,10 @@ impl Writer<'_> {
     fn entry(&mut self, e: &Entry) {
         self.str(e.path.as_str());
         match &e.kind {
-            Kind::File { size, md5 } => {
+            Kind::File { size, hash } => {
                 self.u8(1);
                 self.u64(*size);
-                self.bytes_raw(&md5.0);
+                self.hash(hash);
             }
             Kind::Dir => self.u8(2),
             Kind::Symlink { target } => {
@@ -481,6 +568,12 @@ impl<'a> Reader<'a> {
         }
         String::from_utf8(b.to_vec()).map_err(|_| ProtocolError::Utf8(what))
     }
+    fn hash(&mut self) -> Result<ContentHash, ProtocolError> {
+        let algorithm =
+            HashAlgorithm::from_id(self.u8()?).ok_or(ProtocolError::Malformed("hash algorithm"))?;
+        let digest = self.take(algorithm.digest_len())?;
+        Ok(ContentHash::new(algorithm, digest).expect("length checked by take"))
+    }
     /// A file size; beyond `i64::MAX` no file system holds it, and sums of sizes stay exact.
     fn size(&mut self) -> Result<u64, ProtocolError> {
         let n = self.u64()?;
@@ -489,12 +582,20 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
+    fn entries(&mut self) -> Result<Vec<Entry>, ProtocolError> {
+        let n = self.count(MIN_ENTRY_LEN)?;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            entries.push(self.entry()?);
+        }
+        Ok(entries)
+    }
     fn entry(&mut self) -> Result<Entry, ProtocolError> {
         let path = RelPath::new(self.str("path")?)?;
         let kind = match self.u8()? {
             1 => Kind::File {
                 size: self.size()?,
-                md5: Md5(self.take(16)?.try_into().unwrap()),
+                hash: self.hash()?,
             },
             2 => Kind::Dir,
             3 => Kind::Symlink {
@@ -672,7 +773,7 @@ mod tests {
                 path: p("d/ü x.txt"),
                 kind: Kind::File {
                     size: 12,
-                    md5: Md5::of(b"hello world\n"),
+                    hash: HashAlgorithm::Blake3.of(b"hello world\n"),
                 },
                 meta,
             },
@@ -707,11 +808,15 @@ mod tests {
             Message::Hello {
                 version: VERSION,
                 transfers: 2,
+                hashes: vec![HashAlgorithm::Blake3, HashAlgorithm::Md5],
+                capabilities: Capabilities(5),
             },
             Message::Welcome {
-                version: 1,
+                version: VERSION,
                 data_port: 7100,
                 token: u64::MAX,
+                hash: HashAlgorithm::Md5,
+                capabilities: Capabilities::NONE,
             },
             Message::FileList(entries),
             Message::FileList(vec![]),
@@ -727,7 +832,7 @@ mod tests {
                 renamed: 4,
                 deleted: 5,
                 bytes: 6,
-                failed: vec![("a".into(), "md5 mismatch".into())],
+                failed: vec![("a".into(), "blake3 mismatch".into())],
                 failed_total: 7,
             }),
             Message::Error("nope".into()),
@@ -737,11 +842,20 @@ mod tests {
             },
             Message::FileBegin { path: p("x") },
             Message::Chunk(vec![1, 2, 3]),
-            Message::FileEnd { md5: None },
+            Message::FileEnd { hash: None },
             Message::FileEnd {
-                md5: Some(Md5::of(b"x")),
+                hash: Some(HashAlgorithm::Md5.of(b"x")),
             },
             Message::HashRequest(vec![p("big"), p("d/big")]),
+            Message::HashAnswer(vec![Entry {
+                path: p("big"),
+                kind: Kind::File {
+                    size: 3,
+                    hash: HashAlgorithm::Md5.of(b"abc"),
+                },
+                meta,
+            }]),
+            Message::Ping,
             Message::FileAbort {
                 reason: "gone".into(),
             },
@@ -813,7 +927,7 @@ mod tests {
             Kind::Unhashed { size: u64::MAX },
             Kind::File {
                 size: 1 << 63,
-                md5: Md5::of(b""),
+                hash: HashAlgorithm::Blake3.of(b""),
             },
         ] {
             assert!(entry(kind).is_err());
@@ -847,12 +961,12 @@ mod tests {
     #[tokio::test]
     async fn framing_handles_truncation_and_size_limit() {
         let mut buf = Vec::new();
-        Message::FileEnd { md5: None }.encode(&mut buf);
+        Message::FileEnd { hash: None }.encode(&mut buf);
         Message::Chunk(vec![7; 10]).encode(&mut buf);
         let mut r = &buf[..];
         assert_eq!(
             read(&mut r).await.unwrap(),
-            Some(Message::FileEnd { md5: None })
+            Some(Message::FileEnd { hash: None })
         );
         assert_eq!(
             read(&mut r).await.unwrap(),
@@ -894,12 +1008,12 @@ mod tests {
     #[test]
     fn blocking_framing_matches_async() {
         let mut buf = Vec::new();
-        write_blocking(&mut buf, &Message::FileEnd { md5: None }).unwrap();
+        write_blocking(&mut buf, &Message::FileEnd { hash: None }).unwrap();
         write_chunk(&mut buf, b"abc").unwrap();
         let mut r = &buf[..];
         assert_eq!(
             read_blocking(&mut r).unwrap(),
-            Some(Message::FileEnd { md5: None })
+            Some(Message::FileEnd { hash: None })
         );
         assert_eq!(
             read_blocking(&mut r).unwrap(),

@@ -3,7 +3,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
-use crate::manifest::{Entry, Kind, Manifest, Md5, Meta, RelPath};
+use crate::core::hash::ContentHash;
+use crate::core::manifest::{Entry, Kind, Manifest, Meta, RelPath};
 
 /// A file whose content the server already holds under another path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -11,7 +12,7 @@ pub struct LocalCopy {
     pub src: RelPath,
     pub dst: RelPath,
     pub size: u64,
-    pub md5: Md5,
+    pub hash: ContentHash,
     pub meta: Meta,
     /// The source was going to be deleted: move it instead of copying it.
     pub is_move: bool,
@@ -22,8 +23,8 @@ pub struct LocalCopy {
 pub struct Request {
     pub path: RelPath,
     pub size: u64,
-    /// `None` for a file announced unhashed: its MD5 comes with its content.
-    pub md5: Option<Md5>,
+    /// `None` for a file announced unhashed: its hash comes with its content.
+    pub hash: Option<ContentHash>,
     pub meta: Meta,
 }
 
@@ -154,35 +155,35 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
         }
     }
 
-    // Content the server already has, by MD5, sorted so that a lookup is a binary search and
+    // Content the server already has, by hash, sorted so that a lookup is a binary search and
     // the choice among equal candidates is by path. Built only when some file needs content.
-    let mut by_md5: Vec<(Md5, &RelPath)> = Vec::new();
+    let mut by_hash: Vec<(ContentHash, &RelPath)> = Vec::new();
     if !needs_content.is_empty() {
-        by_md5 = server
+        by_hash = server
             .iter()
-            .filter_map(|s| Some((s.md5()?, &s.path)))
+            .filter_map(|s| Some((s.hash()?, &s.path)))
             .collect();
-        by_md5.sort_unstable();
+        by_hash.sort_unstable();
     }
     let mut moves: HashMap<&RelPath, usize> = HashMap::new();
     for c in needs_content {
-        let (size, md5) = match c.kind {
-            Kind::File { size, md5 } => (size, md5),
+        let (size, hash) = match c.kind {
+            Kind::File { size, hash } => (size, hash),
             Kind::Unhashed { size } => {
                 p.requests.push(Request {
                     path: c.path.clone(),
                     size,
-                    md5: None,
+                    hash: None,
                     meta: c.meta,
                 });
                 continue;
             }
             _ => unreachable!("only files need content"),
         };
-        let first = by_md5.partition_point(|(m, _)| *m < md5);
-        let sources: Vec<&RelPath> = by_md5[first..]
+        let first = by_hash.partition_point(|(m, _)| *m < hash);
+        let sources: Vec<&RelPath> = by_hash[first..]
             .iter()
-            .take_while(|(m, _)| *m == md5)
+            .take_while(|(m, _)| *m == hash)
             .map(|(_, p)| *p)
             .collect();
         // A source due for deletion is preferred: it can be moved rather than copied.
@@ -199,7 +200,7 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
                     src: (*src).clone(),
                     dst: c.path.clone(),
                     size,
-                    md5,
+                    hash,
                     meta: c.meta,
                     is_move: false,
                 });
@@ -207,7 +208,7 @@ pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
             None => p.requests.push(Request {
                 path: c.path.clone(),
                 size,
-                md5: Some(md5),
+                hash: Some(hash),
                 meta: c.meta,
             }),
         }
@@ -293,7 +294,7 @@ mod tests {
                         let content = words.get(2).copied().unwrap_or("");
                         Kind::File {
                             size: content.len() as u64,
-                            md5: Md5::of(content.as_bytes()),
+                            hash: crate::core::hash::HashAlgorithm::Blake3.of(content.as_bytes()),
                         }
                     }
                     "d" => Kind::Dir,

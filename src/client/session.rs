@@ -1,0 +1,368 @@
+//! One sync, step by step: connect and say hello, walk the tree (the server walks its own
+//! meanwhile), send the list, answer the server's hash and file requests, until `sync:done`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use crate::client::{ClientError, Config, Report};
+use crate::core::hash::HashAlgorithm;
+use crate::core::manifest::{Entry, Kind, Meta, RelPath, find_sorted};
+use crate::events::Event;
+use crate::store::cache::{HashCache, Learned};
+use crate::store::root::Root;
+use crate::store::scan;
+use crate::transfer::{self, Ticket};
+use crate::wire::{
+    BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure, ProtocolError,
+    VERSION,
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Large files the cache cannot vouch for are announced unhashed (see `scan::Options`).
+const DEFER_ABOVE: u64 = 8 << 20;
+/// A data connection the server does not drain for this long is given up.
+const DATA_WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a `Ping` is sent while a long scan or hash runs; well under the server's idle
+/// timeout.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// What the server's `Welcome` settled.
+#[derive(Clone, Copy, Debug)]
+struct Terms {
+    peer: SocketAddr,
+    data_port: u16,
+    token: u64,
+    algorithm: HashAlgorithm,
+}
+
+/// Runs one complete sync.
+pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
+    let start = Instant::now();
+    crate::store::check_dir(&cfg.root)?;
+    let (mut conn, peer) = connect(cfg).await?;
+    let terms = handshake(cfg, &mut conn, peer).await?;
+    // Scan only now that the session has started: the server walks its own tree meanwhile.
+    let mut report = Report::default();
+    let listed = scan_tree(cfg, &mut conn, terms.algorithm, &mut report).await?;
+    send_list(cfg, &mut conn, &listed).await?;
+    let learned = serve(cfg, &mut conn, terms, Arc::new(listed), &mut report).await?;
+    remember(cfg, terms.algorithm, learned).await;
+    report.elapsed = start.elapsed();
+    cfg.events.emit(Event::SyncDone);
+    Ok(report)
+}
+
+async fn connect(cfg: &Config) -> Result<(ControlConnection<TcpStream>, SocketAddr), ClientError> {
+    let addr = format!("{}:{}", cfg.server, cfg.port);
+    let unreachable = |source| ClientError::Unreachable {
+        addr: addr.clone(),
+        source,
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(unreachable)?;
+    let peer = stream.peer_addr().map_err(unreachable)?;
+    crate::process::set_keepalive(&stream).map_err(unreachable)?;
+    Ok((Connection::new(stream), peer))
+}
+
+/// Says hello, offering the configured hashes, and waits for the server's welcome.
+async fn handshake(
+    cfg: &Config,
+    conn: &mut ControlConnection<TcpStream>,
+    peer: SocketAddr,
+) -> Result<Terms, ClientError> {
+    let transfers = cfg.transfers.clamp(1, u16::MAX.into()) as u16;
+    conn.send_now(&ControlMessage::Hello {
+        version: VERSION,
+        transfers,
+        hashes: cfg.hashes.clone(),
+        capabilities: Capabilities::NONE,
+    })
+    .await?;
+    let wait = cfg.handshake_timeout.min(cfg.idle_timeout);
+    let welcome = match next(conn, wait).await {
+        Err(ClientError::Silent(wait)) => {
+            let addr = format!("{}:{}", cfg.server, cfg.port);
+            return Err(ClientError::NoAnswer { addr, wait });
+        }
+        welcome => welcome?,
+    };
+    match welcome {
+        ControlMessage::Welcome {
+            data_port,
+            token,
+            hash,
+            ..
+        } if cfg.hashes.contains(&hash) => Ok(Terms {
+            peer,
+            data_port,
+            token,
+            algorithm: hash,
+        }),
+        ControlMessage::Welcome { hash, .. } => {
+            Err(ProtocolError::Unrequested(format!("hash algorithm {hash}")).into())
+        }
+        ControlMessage::Error(e) => Err(ClientError::Refused(e)),
+        m => Err(m.unexpected("welcome").into()),
+    }
+}
+
+/// Walks the tree (pinging the server meanwhile); returns the entries to list. What cannot
+/// be read goes into the report; sockets, FIFOs and devices are left out.
+async fn scan_tree(
+    cfg: &Config,
+    conn: &mut ControlConnection<TcpStream>,
+    algorithm: HashAlgorithm,
+    report: &mut Report,
+) -> Result<Vec<Entry>, ClientError> {
+    let (dir, cache_file) = (cfg.root.clone(), cfg.cache_file.clone());
+    let opts = scan::Options {
+        defer_above: Some(DEFER_ABOVE),
+        ..scan::Options::new(algorithm)
+    };
+    let scanning = tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file, opts));
+    let mut scan = pinging(conn, scanning)
+        .await?
+        .expect("scan does not panic")
+        .map_err(|source| crate::store::DirError::Unreadable {
+            path: cfg.root.clone(),
+            source,
+        })?;
+    for w in &scan.warnings {
+        tracing::warn!("{w}");
+    }
+    for (path, reason) in scan.unreadable() {
+        report.unreadable.push(Failure::new(
+            path.as_str(),
+            format!("cannot read: {reason}"),
+        ));
+        cfg.events.emit(Event::NotReadable {
+            path: path.clone(),
+            action: "read",
+            reason: reason.to_owned(),
+        });
+    }
+    scan.entries.retain(|e| match &e.kind {
+        Kind::Special { what } => {
+            cfg.events.emit(Event::Skipped {
+                path: e.path.clone(),
+                reason: format!("a {what} is not synced"),
+            });
+            false
+        }
+        _ => true,
+    });
+    Ok(scan.entries)
+}
+
+async fn send_list(
+    cfg: &Config,
+    conn: &mut ControlConnection<TcpStream>,
+    listed: &[Entry],
+) -> Result<(), ClientError> {
+    let bytes: u64 = listed
+        .iter()
+        .map(|e| match e.kind {
+            Kind::File { size, .. } | Kind::Unhashed { size } => size,
+            _ => 0,
+        })
+        .sum();
+    cfg.events.emit(Event::ListSent {
+        entries: listed.len(),
+        bytes,
+    });
+    for batch in listed.chunks(BATCH) {
+        conn.send_file_list(batch).await?;
+    }
+    conn.send_now(&ControlMessage::FileListEnd).await?;
+    Ok(())
+}
+
+/// Answers the server until its `SyncDone`: hash requests here, file requests on data
+/// connections of their own. Returns the hashes learnt on the way, for the cache.
+async fn serve(
+    cfg: &Config,
+    conn: &mut ControlConnection<TcpStream>,
+    terms: Terms,
+    listed: Arc<Vec<Entry>>,
+    report: &mut Report,
+) -> Result<Vec<Learned>, ClientError> {
+    let root = Root::new(&cfg.root);
+    let mut learned: Vec<Learned> = Vec::new();
+    // Data connections in flight, each on its own thread.
+    let mut sending = JoinSet::<Result<Vec<Learned>, ProtocolError>>::new();
+    let transfers = cfg.transfers.max(1);
+    loop {
+        match next(conn, cfg.idle_timeout).await? {
+            ControlMessage::HashRequest(paths) => {
+                let (root, listed) = (root.clone(), listed.clone());
+                let alg = terms.algorithm;
+                let hashing =
+                    tokio::task::spawn_blocking(move || answer_hashes(&root, &listed, &paths, alg));
+                let (entries, got) = pinging(conn, hashing)
+                    .await?
+                    .expect("hashing does not panic");
+                for e in &entries {
+                    if let Kind::Unreadable { reason } = &e.kind {
+                        report.unreadable.push(Failure::new(
+                            e.path.as_str(),
+                            format!("cannot hash: {reason}"),
+                        ));
+                        cfg.events.emit(Event::NotReadable {
+                            path: e.path.clone(),
+                            action: "hash",
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+                learned.extend(got);
+                conn.send_now(&ControlMessage::HashAnswer(entries)).await?;
+            }
+            ControlMessage::FileRequest { id, paths } => {
+                // The server keeps at most `transfers` requests open; bound it here anyway.
+                while sending.len() >= transfers {
+                    let sent = sending.join_next().await.expect("not empty");
+                    learned.extend(sent.expect("send does not panic")?);
+                }
+                let data = open_data(terms).await?;
+                let (root, listed, events) = (root.clone(), listed.clone(), cfg.events.clone());
+                let ticket = Ticket {
+                    token: terms.token,
+                    request: id,
+                };
+                let alg = terms.algorithm;
+                sending.spawn_blocking(move || {
+                    let lists = (paths.as_slice(), listed.as_slice());
+                    let sent = transfer::send(data, &root, ticket, lists, alg, &*events)?;
+                    Ok(sent.learned)
+                });
+                // Surface a finished transfer's error without waiting for the rest.
+                while let Some(sent) = sending.try_join_next() {
+                    learned.extend(sent.expect("send does not panic")?);
+                }
+            }
+            ControlMessage::SyncDone(summary) => {
+                // The server has received everything it asked for: these are done.
+                while let Some(sent) = sending.join_next().await {
+                    learned.extend(sent.expect("send does not panic")?);
+                }
+                report.summary = summary;
+                return Ok(learned);
+            }
+            ControlMessage::Error(e) => return Err(ClientError::Ended(e)),
+            m => return Err(m.unexpected("filerequest, hashrequest or sync:done").into()),
+        }
+    }
+}
+
+/// A data connection to the server, as a blocking socket for a thread of its own.
+async fn open_data(terms: Terms) -> Result<std::net::TcpStream, ProtocolError> {
+    let connect = TcpStream::connect((terms.peer.ip(), terms.data_port));
+    let data = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
+        .and_then(|r| r)
+        .and_then(|s| s.into_std())?;
+    data.set_nonblocking(false)?;
+    // A server that stops reading must not hold this thread forever.
+    crate::process::set_keepalive(&data)?;
+    data.set_write_timeout(Some(DATA_WRITE_TIMEOUT))?;
+    Ok(data)
+}
+
+/// Saves the hashes learnt during the sync into the cache.
+async fn remember(cfg: &Config, algorithm: HashAlgorithm, learned: Vec<Learned>) {
+    let Some(file) = cfg.cache_file.clone().filter(|_| !learned.is_empty()) else {
+        return;
+    };
+    let saved =
+        tokio::task::spawn_blocking(move || HashCache::remember(&file, algorithm, learned)).await;
+    if let Ok(Err(e)) = saved {
+        tracing::warn!("failed to save the hash cache: {e}");
+    }
+}
+
+/// Hashes the unhashed files the server asks about; the answer has one entry per path, in
+/// order: the file with its hash, or `Unreadable` with the reason it could not be hashed.
+fn answer_hashes(
+    root: &Root,
+    listed: &[Entry],
+    paths: &[RelPath],
+    algorithm: HashAlgorithm,
+) -> (Vec<Entry>, Vec<Learned>) {
+    let mut learned = Vec::new();
+    let entries = paths
+        .iter()
+        .map(|path| {
+            let unreadable = |reason: String| Entry {
+                path: path.clone(),
+                kind: Kind::Unreadable { reason },
+                meta: Meta::default(),
+            };
+            let Some(e) =
+                find_sorted(listed, path).filter(|e| matches!(e.kind, Kind::Unhashed { .. }))
+            else {
+                return unreadable("not an unhashed file of this client".into());
+            };
+            let hashed = root
+                .open_read(path)
+                .and_then(|f| scan::hash_stable(f, algorithm));
+            match hashed {
+                Ok((size, hash, stamp)) => {
+                    learned.extend(stamp.map(|stamp| Learned {
+                        path: path.as_str().to_owned(),
+                        stamp,
+                        hash,
+                    }));
+                    Entry {
+                        path: path.clone(),
+                        kind: Kind::File { size, hash },
+                        meta: e.meta,
+                    }
+                }
+                Err(err) => unreadable(err.to_string()),
+            }
+        })
+        .collect();
+    (entries, learned)
+}
+
+/// Awaits `work`, pinging the server every few seconds so that it knows we are still here.
+async fn pinging<T>(
+    conn: &mut ControlConnection<TcpStream>,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, ClientError> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return Ok(done),
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                conn.send_now(&ControlMessage::Ping).await?;
+            }
+        }
+    }
+}
+
+/// The server's next message, pings skipped. The server may work for a long time before it
+/// answers, but pings every few seconds meanwhile, so `limit` without a byte means it is
+/// stopped, hung, gone, or not a server-sync at all.
+async fn next(
+    conn: &mut ControlConnection<TcpStream>,
+    limit: Duration,
+) -> Result<ControlMessage, ClientError> {
+    loop {
+        match tokio::time::timeout(limit, conn.recv()).await {
+            Err(_) => return Err(ClientError::Silent(limit)),
+            Ok(Ok(Some(ControlMessage::Ping))) => continue,
+            Ok(Ok(Some(m))) => return Ok(m),
+            Ok(Ok(None)) => return Err(ClientError::Closed),
+            Ok(Err(e)) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! One client's session, step by step: handshake, its turn, the two lists, hashes of large
+//! files that may already be here, the plan and its local part, the fetch, the finish.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::{MutexGuard, mpsc};
+
+use crate::core::hash::HashAlgorithm;
+use crate::core::manifest::{Entry, Kind, Manifest, ManifestError, RelPath};
+use crate::core::plan::{self, Plan};
+use crate::events::{Counts, Event, Events};
+use crate::server::fetch::{batches, fetch};
+use crate::server::route::Registration;
+use crate::server::{MAX_ENTRIES, MAX_LIST_BYTES, MAX_TRANSFERS};
+use crate::store::apply::{self, Outcome};
+use crate::store::cache::HashCache;
+use crate::store::root::Root;
+use crate::store::scan;
+use crate::transfer::Received;
+use crate::wire::{
+    BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure, ProtocolError,
+    Summary, VERSION,
+};
+
+/// What every connection task of a server shares.
+pub struct Shared {
+    pub root: Root,
+    pub idle: Duration,
+    /// How long a new connection may take to say hello.
+    pub handshake: Duration,
+    pub keepalive: Duration,
+    pub data_port: u16,
+    pub cache_file: Option<PathBuf>,
+    pub events: Events,
+    /// Held for a whole session: two clients never interleave their changes.
+    pub session: tokio::sync::Mutex<()>,
+    /// Sessions waiting for data connections, by token.
+    pub waiting: Mutex<HashMap<u64, mpsc::Sender<(u32, TcpStream)>>>,
+    /// Set when a shutdown begins: a session that gets its turn after that does not start.
+    pub stopping: AtomicBool,
+    /// Data connections being received on blocking threads, which no task abort can stop:
+    /// shutting their sockets down is how an abandoned transfer is ended.
+    pub receiving: Mutex<HashMap<u64, std::net::TcpStream>>,
+    /// Connections open per source address, control and data apart (`true`: data).
+    pub per_address: Mutex<HashMap<(std::net::IpAddr, bool), usize>>,
+}
+
+/// Why a session ended early. Logged by the server, and told to the client; the other
+/// sessions go on.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("client speaks protocol version {0}, this server speaks {VERSION}")]
+    Version(u32),
+    #[error("invalid file list: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("file list longer than {MAX_ENTRIES} entries or {MAX_LIST_BYTES} bytes")]
+    TooManyEntries,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("client did not open the data connection")]
+    NoDataConnection,
+    #[error("peer went silent for {} s without saying hello", .0.as_secs_f64())]
+    NoHello(Duration),
+    #[error("cannot scan the server directory: {0}")]
+    Scan(std::io::Error),
+    #[error("no content hash in common: the client offers {0:?}, this server knows blake3 and md5")]
+    NoCommonHash(Vec<HashAlgorithm>),
+    #[error("client sent a {got} hash for {path} in a {session} session")]
+    WrongHash {
+        path: RelPath,
+        got: HashAlgorithm,
+        session: HashAlgorithm,
+    },
+}
+
+/// What the handshake settled.
+#[derive(Clone, Copy, Debug)]
+struct Terms {
+    addr: SocketAddr,
+    transfers: usize,
+    algorithm: HashAlgorithm,
+}
+
+pub async fn session(
+    shared: &Shared,
+    stream: TcpStream,
+    addr: SocketAddr,
+) -> Result<(), SessionError> {
+    let mut conn: ControlConnection<TcpStream> = Connection::new(stream);
+    let terms = match greet(shared, &mut conn, addr).await {
+        Ok(t) => t,
+        // Told why only when it said hello: a silent or garbled peer gets nothing back.
+        Err(e @ (SessionError::Version(_) | SessionError::NoCommonHash(_))) => {
+            return Err(refuse(&mut conn, e).await);
+        }
+        Err(e) => return Err(e),
+    };
+    let _turn = match wait_turn(shared, &mut conn, addr).await {
+        Ok(t) => t,
+        Err(e) => return Err(refuse(&mut conn, e).await),
+    };
+    shared.events.emit(Event::SessionStarted {
+        peer: addr,
+        hash: terms.algorithm,
+    });
+    let token = crate::process::random_u64();
+    let (tx, mut rx) = mpsc::channel(MAX_TRANSFERS);
+    shared.waiting.lock().unwrap().insert(token, tx);
+    let _registration = Registration { shared, token };
+    conn.send_now(&ControlMessage::Welcome {
+        version: VERSION,
+        data_port: shared.data_port,
+        token,
+        hash: terms.algorithm,
+        capabilities: Capabilities::NONE,
+    })
+    .await?;
+    match sync(shared, &mut conn, &mut rx, terms).await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(refuse(&mut conn, e).await),
+    }
+}
+
+/// Tells the client why the session ends, if it still listens; returns the error to report.
+async fn refuse(conn: &mut ControlConnection<TcpStream>, e: SessionError) -> SessionError {
+    let _ = conn.send_now(&ControlMessage::Error(e.to_string())).await;
+    e
+}
+
+/// Reads the client's `Hello` within the handshake time and picks the session's hash.
+async fn greet(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    addr: SocketAddr,
+) -> Result<Terms, SessionError> {
+    let hello = match conn.recv_within(shared.handshake).await {
+        Err(ProtocolError::Idle) => return Err(SessionError::NoHello(shared.handshake)),
+        hello => hello?,
+    };
+    match hello {
+        ControlMessage::Hello {
+            version,
+            transfers,
+            hashes,
+            ..
+        } if version == VERSION => {
+            let algorithm = HashAlgorithm::negotiate(&HashAlgorithm::ALL, &hashes)
+                .ok_or(SessionError::NoCommonHash(hashes))?;
+            Ok(Terms {
+                addr,
+                transfers: usize::from(transfers).clamp(1, MAX_TRANSFERS),
+                algorithm,
+            })
+        }
+        ControlMessage::Hello { version, .. } => Err(SessionError::Version(version)),
+        m => Err(m.unexpected("hello").into()),
+    }
+}
+
+/// Waits for this session's turn (pinging the client meanwhile); refuses it once the server
+/// is stopping.
+async fn wait_turn<'a>(
+    shared: &'a Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    addr: SocketAddr,
+) -> Result<MutexGuard<'a, ()>, SessionError> {
+    let turn = match shared.session.try_lock() {
+        Ok(g) => g,
+        Err(_) => {
+            shared.events.emit(Event::SessionWaiting { peer: addr });
+            keepalive(shared.keepalive, conn, shared.session.lock()).await
+        }
+    };
+    if shared.stopping.load(Ordering::SeqCst) {
+        return Err(SessionError::ShuttingDown);
+    }
+    Ok(turn)
+}
+
+async fn sync(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    data: &mut mpsc::Receiver<(u32, TcpStream)>,
+    terms: Terms,
+) -> Result<(), SessionError> {
+    let (client, server) = lists(shared, conn, terms).await?;
+    let client = hash_where_it_matters(shared, conn, client, &server, terms).await?;
+    let (outcome, plan) = plan_and_apply(shared, conn, client, server).await;
+    let mut requests = plan.requests.clone();
+    requests.extend(outcome.refetch.iter().cloned());
+    let requested = requests.len() as u64;
+    let batches = batches(requests, terms.transfers);
+    let got = fetch(
+        shared,
+        conn,
+        data,
+        batches,
+        (terms.transfers, terms.algorithm),
+    )
+    .await?;
+    let summary = finish(shared, conn, (plan, outcome, got), requested, terms).await;
+    conn.send_now(&ControlMessage::SyncDone(summary.clone()))
+        .await?;
+    shared.events.emit(Event::SessionDone {
+        peer: terms.addr,
+        counts: Counts {
+            requested: summary.requested,
+            received: summary.received,
+            copied: summary.copied,
+            renamed: summary.renamed,
+            deleted: summary.deleted,
+            failed: summary.failed_total,
+            bytes: summary.bytes,
+        },
+    });
+    Ok(())
+}
+
+/// The client's list, and the server's own tree, walked meanwhile. Whatever the client does,
+/// the scan is this session's work: it is waited for before the session ends, so that
+/// sessions never overlap, even in their leftovers.
+async fn lists(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    terms: Terms,
+) -> Result<(Manifest, Manifest), SessionError> {
+    let (root, cache_file) = (shared.root.clone(), shared.cache_file.clone());
+    let opts = scan::Options {
+        read_own: true,
+        ..scan::Options::new(terms.algorithm)
+    };
+    let scanning = tokio::task::spawn_blocking(move || {
+        let scan = scan::scan_cached(root.path(), cache_file, opts).map_err(SessionError::Scan)?;
+        for w in &scan.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok::<_, SessionError>(Manifest::from_entries(scan.entries)?)
+    });
+    let listed = read_list(conn, shared.idle).await;
+    let server = keepalive(shared.keepalive, conn, scanning)
+        .await
+        .expect("scan does not panic");
+    let entries = listed?;
+    let server = server?;
+    check_algorithm(&entries, terms.algorithm)?;
+    let client = Manifest::from_entries(entries)?;
+    shared.events.emit(Event::ListReceived {
+        peer: terms.addr,
+        entries: client.len(),
+        bytes: client.file_bytes(),
+    });
+    Ok((client, server))
+}
+
+/// Reads the client's file list up to `FileListEnd`, within the session's limits.
+async fn read_list(
+    conn: &mut ControlConnection<TcpStream>,
+    idle: Duration,
+) -> Result<Vec<Entry>, SessionError> {
+    let mut entries = Vec::new();
+    let mut bytes = 0usize;
+    loop {
+        match conn.recv_within(idle).await? {
+            ControlMessage::Ping => {}
+            ControlMessage::FileList(batch) => {
+                bytes += batch.iter().map(entry_bytes).sum::<usize>();
+                if entries.len() + batch.len() > MAX_ENTRIES || bytes > MAX_LIST_BYTES {
+                    return Err(SessionError::TooManyEntries);
+                }
+                entries.extend(batch);
+            }
+            ControlMessage::FileListEnd => return Ok(entries),
+            m => return Err(m.unexpected("filelist").into()),
+        }
+    }
+}
+
+/// Roughly what an entry costs in memory.
+fn entry_bytes(e: &Entry) -> usize {
+    let text = match &e.kind {
+        Kind::Symlink { target } => target.len(),
+        Kind::Unreadable { reason: t } | Kind::Special { what: t } => t.len(),
+        _ => 0,
+    };
+    std::mem::size_of::<Entry>() + e.path.as_str().len() + text
+}
+
+/// Refuses entries hashed in another algorithm than the session's: they could never match
+/// anything, and would be requested and rejected forever.
+fn check_algorithm(entries: &[Entry], session: HashAlgorithm) -> Result<(), SessionError> {
+    match entries.iter().find_map(|e| {
+        e.hash()
+            .filter(|h| h.algorithm() != session)
+            .map(|h| (e, h))
+    }) {
+        Some((e, h)) => Err(SessionError::WrongHash {
+            path: e.path.clone(),
+            got: h.algorithm(),
+            session,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Asks the client for the hash of the files it announced unhashed that the server might
+/// already hold, at this path or another: those whose size equals a file of the server's.
+/// Knowing the hash, the plan can leave them alone, copy or move them locally; the others are
+/// simply requested, their hash following their content.
+async fn hash_where_it_matters(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    client: Manifest,
+    server: &Manifest,
+    terms: Terms,
+) -> Result<Manifest, SessionError> {
+    let sizes: HashSet<u64> = server
+        .iter()
+        .filter_map(|e| match e.kind {
+            Kind::File { size, .. } => Some(size),
+            _ => None,
+        })
+        .collect();
+    let wanted: Vec<RelPath> = client
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Unhashed { size } if sizes.contains(&size)))
+        .map(|e| e.path.clone())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(client);
+    }
+    shared.events.emit(Event::HashesRequested {
+        count: wanted.len(),
+        hash: terms.algorithm,
+    });
+    let mut answers: HashMap<RelPath, Entry> = HashMap::with_capacity(wanted.len());
+    for batch in wanted.chunks(BATCH) {
+        conn.send_now(&ControlMessage::HashRequest(batch.to_vec()))
+            .await?;
+        let entries = loop {
+            match conn.recv_within(shared.idle).await? {
+                ControlMessage::Ping => continue, // while the client hashes
+                ControlMessage::HashAnswer(e) => break e,
+                m => return Err(m.unexpected("hash-answer").into()),
+            }
+        };
+        let fits = |(want, e): (&RelPath, &Entry)| {
+            *want == e.path && matches!(e.kind, Kind::File { .. } | Kind::Unreadable { .. })
+        };
+        if entries.len() != batch.len() || !batch.iter().zip(&entries).all(fits) {
+            return Err(ProtocolError::Malformed("hash answer").into());
+        }
+        check_algorithm(&entries, terms.algorithm)?;
+        answers.extend(entries.into_iter().map(|e| (e.path.clone(), e)));
+    }
+    let entries = client
+        .into_entries()
+        .into_iter()
+        .map(|e| answers.remove(&e.path).unwrap_or(e));
+    Ok(Manifest::from_entries(entries)?)
+}
+
+/// The plan, and its local phases carried out (copies, moves, deletes, directories, links).
+async fn plan_and_apply(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    client: Manifest,
+    server: Manifest,
+) -> (Outcome, Plan) {
+    let (root, events) = (shared.root.clone(), shared.events.clone());
+    let planning = tokio::task::spawn_blocking(move || {
+        let plan = plan::plan(&client, &server);
+        (apply::apply_local(&root, &plan, &*events), plan)
+    });
+    keepalive(shared.keepalive, conn, planning)
+        .await
+        .expect("plan and apply do not panic")
+}
+
+/// After the fetch: metadata, the hashes of what was received into the cache, one flush; the
+/// session's summary.
+async fn finish(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    (plan, mut outcome, got): (Plan, Outcome, Received),
+    requested: u64,
+    terms: Terms,
+) -> Summary {
+    let mut summary = Summary {
+        requested,
+        received: got.files,
+        copied: outcome.copied,
+        renamed: outcome.renamed,
+        deleted: outcome.deleted,
+        bytes: got.bytes,
+        ..Summary::default()
+    };
+    outcome.failed.extend(got.failed);
+    let (root, events) = (shared.root.clone(), shared.events.clone());
+    let (cache_file, learned) = (shared.cache_file.clone(), got.learned);
+    let changed = !plan.is_empty() || !outcome.refetch.is_empty();
+    let finishing = tokio::task::spawn_blocking(move || {
+        apply::apply_meta(&root, &plan, &mut outcome, &*events);
+        // What was just received and verified need not be read again next session.
+        if let Some(file) = cache_file.filter(|_| !learned.is_empty())
+            && let Err(e) = HashCache::remember(&file, terms.algorithm, learned)
+        {
+            tracing::warn!("failed to save the hash cache: {e}");
+        }
+        // An unchanged tree costs no flush: nothing of ours is dirty.
+        if changed && let Err(e) = root.sync_filesystem() {
+            tracing::warn!("failed to flush the file system: {e}");
+            outcome
+                .failed
+                .push(Failure::new("", format!("failed to flush to disk: {e}")));
+        }
+        outcome
+    });
+    let outcome = keepalive(shared.keepalive, conn, finishing)
+        .await
+        .expect("apply does not panic");
+    summary.set_failures(outcome.failed);
+    summary
+}
+
+/// Awaits `work`, pinging the client every `every` to say the server is still at it. A
+/// client that is gone does not cut the work short (a session always waits for its own
+/// work): the pings just stop, and the next real message fails.
+pub async fn keepalive<T>(
+    every: Duration,
+    conn: &mut ControlConnection<TcpStream>,
+    work: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let mut tick = ticks(every);
+    let mut alive = true;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tick.tick(), if alive => {
+                alive = conn.send_now(&ControlMessage::Ping).await.is_ok();
+            }
+        }
+    }
+}
+
+/// Ticks every `every`, the first one `every` from now.
+pub fn ticks(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}

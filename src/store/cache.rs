@@ -1,0 +1,421 @@
+//! Persistent hash cache: each file's content hash with the metadata it had when hashed, so that a file
+//! whose metadata has not changed is never read again.
+//!
+//! A record is trusted only when size, mtime, inode and ctime all still match: a file
+//! rewritten with its old mtime restored still changes ctime, and a file replaced by another
+//! (rename over it) changes inode. The cache lives outside the synced tree, is written
+//! atomically (temp file, rename), and a missing, truncated or corrupt cache is simply rebuilt.
+
+use std::cmp::Ordering;
+use std::fs::{self, Metadata};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+
+use crate::core::hash::{ContentHash, HashAlgorithm};
+use crate::core::manifest::cmp_components;
+
+pub use crate::core::stamp::Stamp;
+
+impl Stamp {
+    /// The stamp of a file as `lstat`/`fstat` reports it.
+    pub fn of(m: &Metadata) -> Stamp {
+        Stamp {
+            size: m.size(),
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec(),
+            ctime_ns: m.ctime().saturating_mul(1_000_000_000) + m.ctime_nsec(),
+            ino: m.ino(),
+            dev: m.dev(),
+        }
+    }
+}
+
+/// Now, in nanoseconds since the epoch, as stamps count.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+use crate::wire::cache_file::{self, CacheFileWriter, CacheRecord as Record};
+
+/// A hash learnt outside a scan, for [`HashCache::remember`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Learned {
+    pub path: String,
+    pub stamp: Stamp,
+    pub hash: ContentHash,
+}
+
+/// The cache of one directory tree, as loaded. Records are kept in walk order (component
+/// order), so a scan, which asks in that same order, finds each one by advancing a cursor.
+#[derive(Debug)]
+pub struct HashCache {
+    file: PathBuf,
+    algorithm: HashAlgorithm,
+    old: Vec<Record>,
+    cursor: usize,
+    pub(crate) now_ns: i64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl HashCache {
+    /// Where the cache of `dir` lives under `cache_dir`: one file per directory, named by the
+    /// MD5 of its canonical path.
+    pub fn file_for(cache_dir: &Path, dir: &Path) -> PathBuf {
+        let key = HashAlgorithm::Md5.of(resolve(dir).as_os_str().as_encoded_bytes());
+        cache_dir.join(format!("{key}.hashes"))
+    }
+
+    /// The default cache directory: `$XDG_CACHE_HOME/server-sync` or `~/.cache/server-sync`.
+    pub fn default_dir() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        Some(base.join("server-sync"))
+    }
+
+    /// The cache file to use for `dir`: under `cache_dir` if given, else under the default
+    /// directory; `None` when there is no default (no HOME). Refuses a cache inside `dir`,
+    /// where it would be synced, and on the server deleted, as part of the tree.
+    pub fn file_for_dir(cache_dir: Option<&Path>, dir: &Path) -> Result<Option<PathBuf>, String> {
+        let Some(cache_dir) = cache_dir.map(Path::to_owned).or_else(Self::default_dir) else {
+            return Ok(None);
+        };
+        // Either may not exist yet (the cache directory is created on first save, the
+        // server's DIR at start): compare where they will be, not just what exists now.
+        if resolve(&cache_dir).starts_with(resolve(dir)) {
+            return Err(format!(
+                "cache directory {} is inside the synced directory {}",
+                cache_dir.display(),
+                dir.display()
+            ));
+        }
+        Ok(Some(Self::file_for(&cache_dir, dir)))
+    }
+
+    /// Loads the cache of `algorithm`'s hashes kept beside `base` (the path `file_for` gives):
+    /// one file per algorithm, so a server serving clients of both keeps both. Anything
+    /// unreadable, or holding another algorithm's hashes, starts an empty cache.
+    pub fn load(base: &Path, algorithm: HashAlgorithm) -> HashCache {
+        let file = base.with_extension(format!("{algorithm}.hashes"));
+        let old = fs::read(&file)
+            .ok()
+            .and_then(|b| cache_file::decode(&b, algorithm))
+            .unwrap_or_default();
+        let now = now_ns();
+        HashCache {
+            file,
+            algorithm,
+            old,
+            cursor: 0,
+            now_ns: now,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    pub fn algorithm(&self) -> HashAlgorithm {
+        self.algorithm
+    }
+
+    /// The file this cache is kept in.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The hash recorded for `rel`, if its stamp is unchanged since it was hashed. Calls must
+    /// come in component order (as a walk makes them); out of order, they only miss.
+    pub fn lookup(&mut self, rel: &str, stamp: &Stamp) -> Option<ContentHash> {
+        while let Some(r) = self.old.get(self.cursor) {
+            match cmp_components(&r.path, rel) {
+                Ordering::Less => self.cursor += 1,
+                Ordering::Equal if r.stamp == *stamp => {
+                    self.hits += 1;
+                    return Some(r.hash);
+                }
+                _ => break,
+            }
+        }
+        self.misses += 1;
+        None
+    }
+
+    /// Whether a freshly hashed file may be recorded: not if it changed too recently to be
+    /// sure the stamp will change with its next write.
+    pub fn may_record(&self, stamp: &Stamp) -> bool {
+        stamp.settled_at(self.now_ns)
+    }
+
+    /// Adds hashes learnt outside a scan (files hashed while being sent or received) to the
+    /// cache beside `base`, replacing records of the same paths. Records whose stamp is not
+    /// settled, or whose hash is of another algorithm, are left out.
+    pub fn remember(
+        base: &Path,
+        algorithm: HashAlgorithm,
+        learned: Vec<Learned>,
+    ) -> io::Result<()> {
+        let cache = HashCache::load(base, algorithm);
+        // One record per path, the last learnt: a file both hashed on request and hashed while
+        // sent is learnt twice, and duplicates would make the whole cache unreadable.
+        let latest: std::collections::HashMap<String, (Stamp, ContentHash)> = learned
+            .into_iter()
+            // Callers vouch for their stamps (`settled_at`, or `settled_own_write` for files
+            // this process wrote); both imply this much.
+            .filter(|l| l.stamp.settled_own_write(cache.now_ns) && l.hash.algorithm() == algorithm)
+            .map(|l| (l.path, (l.stamp, l.hash)))
+            .collect();
+        let mut new: Vec<Record> = latest
+            .into_iter()
+            .map(|(path, (stamp, hash))| Record { path, stamp, hash })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        new.sort_by(|a, b| cmp_components(&a.path, &b.path));
+        let (mut old, mut new) = (cache.old.iter().peekable(), new.iter().peekable());
+        let mut merged = Vec::with_capacity(cache.old.len() + new.len());
+        loop {
+            let next = match (old.peek(), new.peek()) {
+                (Some(o), Some(n)) => match cmp_components(&o.path, &n.path) {
+                    Ordering::Less => old.next(),
+                    Ordering::Equal => {
+                        old.next();
+                        new.next()
+                    }
+                    Ordering::Greater => new.next(),
+                },
+                (Some(_), None) => old.next(),
+                (None, _) => new.next(),
+            };
+            let Some(r) = next else { break };
+            merged.push((r.path.as_str(), r.stamp, r.hash));
+        }
+        cache.save(merged.into_iter())
+    }
+
+    /// Replaces the cache file with `records` (in walk order), atomically; skipped when they
+    /// are exactly what was loaded.
+    pub fn save<'a>(
+        &self,
+        records: impl Iterator<Item = (&'a str, Stamp, ContentHash)>,
+    ) -> io::Result<()> {
+        let mut file = CacheFileWriter::new(self.algorithm, self.old.len());
+        let mut n = 0usize;
+        let mut same = true;
+        for (path, s, hash) in records {
+            debug_assert_eq!(hash.algorithm(), self.algorithm);
+            same &= self
+                .old
+                .get(n)
+                .is_some_and(|r| r.path == path && r.stamp == s && r.hash == hash);
+            n += 1;
+            file.push(path, &s, &hash);
+        }
+        if same && n == self.old.len() {
+            return Ok(());
+        }
+        let body = file.finish();
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        // It lists every path of the tree: private, like the files themselves may be.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let mut tmp = crate::store::root::TempFile::new_in(dir)?;
+        tmp.file().write_all(&body)?;
+        tmp.persist_to(&self.file)
+    }
+}
+
+/// Where `p` is or would be once created: its deepest existing ancestor canonicalized (so
+/// symlinks and `..` there are resolved), then the rest of `p` appended. That rest does not
+/// exist, so it holds no symlink and its `..` can be applied lexically.
+fn resolve(p: &Path) -> PathBuf {
+    let abs = match std::env::current_dir() {
+        Ok(cwd) if p.is_relative() => cwd.join(p),
+        _ => p.to_owned(),
+    };
+    for base in abs.ancestors() {
+        let Ok(mut out) = fs::canonicalize(base) else {
+            continue;
+        };
+        let rest = abs.strip_prefix(base).unwrap_or(Path::new(""));
+        for c in rest.components() {
+            match c {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::CurDir => {}
+                c => out.push(c),
+            }
+        }
+        return out;
+    }
+    abs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B3: HashAlgorithm = HashAlgorithm::Blake3;
+
+    fn stamp(size: u64) -> Stamp {
+        Stamp {
+            size,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            ino: 7,
+            dev: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip_lookup_in_walk_order_and_corruption() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("c/cache");
+        let c = HashCache::load(&file, B3);
+        let recs = [("a", 1), ("a/b", 2), ("a b", 3)];
+        c.save(
+            recs.iter()
+                .map(|(p, n)| (*p, stamp(*n), B3.of(p.as_bytes()))),
+        )
+        .unwrap();
+
+        let mut c = HashCache::load(&file, B3);
+        assert_eq!(c.lookup("a", &stamp(1)), Some(B3.of(b"a")));
+        assert_eq!(c.lookup("a/a", &stamp(2)), None, "absent");
+        assert_eq!(c.lookup("a/b", &stamp(9)), None, "stamp differs");
+        assert_eq!(c.lookup("a b", &stamp(3)), Some(B3.of(b"a b")));
+        assert_eq!((c.hits, c.misses), (2, 2));
+
+        // Any flipped byte is caught by the trailing checksum; anything short is refused.
+        let bytes = fs::read(&c.file).unwrap();
+        for bad in [
+            {
+                let mut b = bytes.clone();
+                b[20] ^= 1;
+                b
+            },
+            bytes[..10].to_vec(),
+            Vec::new(),
+            b"garbage that is long enough to hold a checksum".to_vec(),
+        ] {
+            fs::write(c.file.clone(), &bad).unwrap();
+            assert!(HashCache::load(&file, B3).old.is_empty());
+        }
+    }
+
+    #[test]
+    fn unchanged_cache_is_not_rewritten() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("cache");
+        let recs = || [("a", stamp(1), B3.of(b"a"))].into_iter();
+        HashCache::load(&base, B3).save(recs()).unwrap();
+        let file = HashCache::load(&base, B3).file().to_owned();
+        let before = fs::metadata(&file).unwrap().ino();
+        HashCache::load(&base, B3).save(recs()).unwrap();
+        assert_eq!(fs::metadata(&file).unwrap().ino(), before, "not replaced");
+        HashCache::load(&base, B3).save(std::iter::empty()).unwrap();
+        assert_ne!(
+            fs::metadata(&file).unwrap().ino(),
+            before,
+            "a file dropped out"
+        );
+    }
+
+    #[test]
+    fn learnt_hashes_merge_into_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("cache");
+        let h = |s: &str| B3.of(s.as_bytes());
+        let recs = [("a", stamp(1), h("a")), ("c", stamp(3), h("c"))];
+        HashCache::load(&file, B3).save(recs.into_iter()).unwrap();
+        let mut fresh = stamp(2);
+        fresh.mtime_ns = i64::MAX; // racy: never recorded
+        let learned = |path: &str, stamp, hash| Learned {
+            path: path.into(),
+            stamp,
+            hash,
+        };
+        HashCache::remember(
+            &file,
+            B3,
+            vec![
+                learned("b", stamp(2), h("b")),
+                learned("b", stamp(2), h("b")),
+                learned("c", stamp(4), h("c2")),
+                learned("d", fresh, h("d")),
+                learned("e", stamp(5), HashAlgorithm::Md5.of(b"e")),
+            ],
+        )
+        .unwrap();
+        let mut c = HashCache::load(&file, B3);
+        assert_eq!(c.lookup("a", &stamp(1)), Some(h("a")));
+        assert_eq!(c.lookup("b", &stamp(2)), Some(h("b")));
+        assert_eq!(c.lookup("c", &stamp(4)), Some(h("c2")));
+        assert_eq!(c.lookup("d", &fresh), None);
+        assert_eq!(c.lookup("e", &stamp(5)), None, "another algorithm's hash");
+    }
+
+    #[test]
+    fn a_cache_of_another_algorithm_is_not_used() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("cache");
+        let c = HashCache::load(&file, B3);
+        c.save([("a", stamp(1), B3.of(b"a"))].into_iter()).unwrap();
+        // Kept apart: the MD5 cache of the same tree is another file, empty here...
+        assert!(HashCache::load(&file, HashAlgorithm::Md5).old.is_empty());
+        // ...and a BLAKE3 cache put where the MD5 one belongs is refused, not misread.
+        let md5_file = HashCache::load(&file, HashAlgorithm::Md5).file;
+        fs::copy(&c.file, &md5_file).unwrap();
+        assert!(HashCache::load(&file, HashAlgorithm::Md5).old.is_empty());
+        assert_eq!(HashCache::load(&file, B3).old.len(), 1);
+    }
+
+    #[test]
+    fn a_cache_inside_the_synced_directory_is_refused_even_before_it_exists() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("tree");
+        fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&dir, d.path().join("link")).unwrap();
+        for inside in [
+            dir.join(".cache"),
+            dir.join("a/b/.cache"),
+            dir.join("a/../.cache"),
+            d.path().join("link/new/.cache"),
+            d.path().join("elsewhere/../tree/.cache"),
+        ] {
+            let got = HashCache::file_for_dir(Some(&inside), &dir);
+            assert!(got.is_err(), "{} accepted: {got:?}", inside.display());
+        }
+        // A server DIR that does not exist yet is compared where it will be.
+        let missing = d.path().join("new-tree");
+        assert!(HashCache::file_for_dir(Some(&missing.join("c")), &missing).is_err());
+        for outside in [
+            d.path().join("tree-cache"),
+            dir.join("../cache"),
+            d.path().join("c/d"),
+        ] {
+            let got = HashCache::file_for_dir(Some(&outside), &dir);
+            assert!(got.is_ok(), "{} refused: {got:?}", outside.display());
+        }
+        assert!(!dir.join(".cache").exists() && !dir.join("a").exists());
+    }
+
+    #[test]
+    fn racy_stamps_are_not_recorded() {
+        let c = HashCache::load(Path::new("/nonexistent"), B3);
+        let mut s = stamp(1);
+        s.mtime_ns = c.now_ns - 1;
+        assert!(!c.may_record(&s));
+        s.mtime_ns = c.now_ns - 3 * crate::core::stamp::RACY_NS;
+        s.ctime_ns = c.now_ns - 1;
+        assert!(!c.may_record(&s), "ctime counts too");
+        s.ctime_ns = s.mtime_ns;
+        assert!(c.may_record(&s));
+    }
+}

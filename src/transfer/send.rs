@@ -1,0 +1,165 @@
+//! The client's end of a data connection: the requested files, streamed in bounded chunks,
+//! holes sent as holes.
+
+use std::io::{BufWriter, Write};
+
+use bytes::BytesMut;
+
+use crate::core::hash::{ContentHash, HashAlgorithm};
+use crate::core::manifest::{Entry, Kind, RelPath, find_sorted};
+use crate::events::{Event, EventSink};
+use crate::store::cache::{Learned, Stamp, now_ns};
+use crate::store::read::{Segment, SparseReader};
+use crate::store::root::Root;
+use crate::transfer::hasher::{Hasher, Piece, THREAD_ABOVE};
+use crate::wire::{BlockingConnection, CHUNK_SIZE, DataMessage, Failure, ProtocolError};
+
+/// What the client sent over one data connection.
+#[derive(Debug, Default)]
+pub struct Sent {
+    pub files: u64,
+    pub bytes: u64,
+    pub failed: Vec<Failure>,
+    /// Hashes of unhashed files, computed while sending them, with the stamp they had
+    /// throughout (for the hash cache).
+    pub learned: Vec<Learned>,
+}
+
+/// Which session and request a data connection answers.
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket {
+    pub token: u64,
+    pub request: u32,
+}
+
+/// Sends the requested files over a data connection, then closes it. Only regular files of
+/// `listed` (the entries this client announced, in component order) are sent: a server cannot
+/// use a request to read anything else, such as a path through a client-side symlink.
+/// Files announced unhashed are hashed in `algorithm` while they are sent.
+pub fn send<S: Write>(
+    stream: S,
+    root: &Root,
+    ticket: Ticket,
+    (paths, listed): (&[RelPath], &[Entry]),
+    algorithm: HashAlgorithm,
+    events: &dyn EventSink,
+) -> Result<Sent, ProtocolError> {
+    let mut conn = BlockingConnection::new(BufWriter::with_capacity(64 << 10, stream));
+    conn.send(&DataMessage::DataHello {
+        token: ticket.token,
+        request: ticket.request,
+    })?;
+    let mut out = Sent::default();
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    for path in paths {
+        conn.send(&DataMessage::FileBegin { path: path.clone() })?;
+        events.emit(Event::FileSending { path: path.clone() });
+        let res = match find_sorted(listed, path) {
+            Some(e) if e.is_file() => {
+                let hash = matches!(e.kind, Kind::Unhashed { .. }).then_some(algorithm);
+                send_one(&mut conn, root, path, &mut buf, hash)?
+            }
+            _ => Err("not a file this client offered".to_string()),
+        };
+        match res {
+            Ok(done) => {
+                let hash = done.hashed.map(|(hash, _)| hash);
+                conn.send(&DataMessage::FileEnd { hash })?;
+                if let Some((hash, Some(stamp))) = done.hashed {
+                    out.learned.push(Learned {
+                        path: path.as_str().to_owned(),
+                        stamp,
+                        hash,
+                    });
+                }
+                out.files += 1;
+                out.bytes += done.sent;
+            }
+            Err(reason) => {
+                conn.send(&DataMessage::FileAbort {
+                    reason: reason.clone(),
+                })?;
+                out.failed.push(Failure::new(path.as_str(), reason.clone()));
+                events.emit(Event::SendFailed {
+                    path: path.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    conn.flush()?;
+    Ok(out)
+}
+
+/// One file sent: the bytes that crossed the network and, when it was hashed on the way, its
+/// hash and (when it may be cached) its stamp.
+struct SentFile {
+    sent: u64,
+    hashed: Option<(ContentHash, Option<Stamp>)>,
+}
+
+/// Streams one file, hashing it too when `hash` names an algorithm. The outer error is the
+/// connection's; the inner one the file's. A file being hashed must not change while it is
+/// read (its stamp is compared before and after): one written to meanwhile is aborted, to be
+/// sent whole next cycle.
+fn send_one<W: Write>(
+    conn: &mut BlockingConnection<W>,
+    root: &Root,
+    path: &RelPath,
+    buf: &mut [u8],
+    hash: Option<HashAlgorithm>,
+) -> Result<Result<SentFile, String>, ProtocolError> {
+    let file = match root.open_read(path) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(format!("failed to open: {e}"))),
+    };
+    let opened = now_ns();
+    let before = match file.metadata() {
+        Ok(m) => Stamp::of(&m),
+        Err(e) => return Ok(Err(format!("failed to stat: {e}"))),
+    };
+    let mut reader = match SparseReader::new(file) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("failed to stat: {e}"))),
+    };
+    let mut hasher = hash.map(|alg| Hasher::new(alg, before.size().max(THREAD_ABOVE)));
+    let mut sent = 0u64;
+    loop {
+        // Hashed chunks are handed to the hashing thread: read those into a buffer of their
+        // own. The others reuse one buffer.
+        let mut owned = hasher.as_ref().map(|_| BytesMut::zeroed(CHUNK_SIZE));
+        let chunk: &mut [u8] = owned.as_deref_mut().unwrap_or(&mut *buf);
+        match reader.next(chunk) {
+            Ok(Segment::End) => break,
+            Ok(Segment::Data(n)) => {
+                conn.send_chunk(&chunk[..n])?;
+                if let (Some(h), Some(mut b)) = (hasher.as_mut(), owned) {
+                    b.truncate(n);
+                    h.update(Piece::Data(b.freeze()));
+                }
+                sent += n as u64;
+            }
+            Ok(Segment::Hole(n)) => {
+                conn.send(&DataMessage::Hole { len: n })?;
+                if let Some(h) = hasher.as_mut() {
+                    h.update(Piece::Zeros(n));
+                }
+            }
+            Err(e) => return Ok(Err(format!("failed to read: {e}"))),
+        }
+    }
+    let Some(hasher) = hasher else {
+        return Ok(Ok(SentFile { sent, hashed: None }));
+    };
+    match reader.file().metadata() {
+        Ok(m) if Stamp::of(&m) == before => {
+            let cacheable = before.settled_at(opened).then_some(before);
+            Ok(Ok(SentFile {
+                sent,
+                hashed: Some((hasher.finish(), cacheable)),
+            }))
+        }
+        Ok(_) => Ok(Err("changed while being sent".into())),
+        Err(e) => Ok(Err(format!("failed to stat: {e}"))),
+    }
+}
