@@ -162,8 +162,8 @@ fn directories_side_by_side_on_one_machine_still_sync() {
     assert_same_tree(&beside, &w.server_dir);
 }
 
-fn tempdir() -> assert_fs::TempDir {
-    assert_fs::TempDir::new().unwrap()
+fn tempdir() -> tempfile::TempDir {
+    tempfile::TempDir::new().unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -42,6 +42,19 @@ fn main() {
             })
         })
         .collect();
+    // The seven seed scenarios again with `--hash md5`, the seed's own hash.
+    for sc in scenarios
+        .iter()
+        .filter(|sc| (1..=7).contains(&sc.number))
+        .cloned()
+    {
+        let (bin_dir, out_dir) = (bin_dir.clone(), out_dir.join("md5"));
+        let snapshots = root.join("scenarios").join("snapshots");
+        let profile = root.join("scenarios/profiles/server-sync-md5.toml");
+        trials.push(Trial::test(format!("scenario-md5::{}", sc.id), move || {
+            run_md5_scenario(&sc, &profile, &bin_dir, &out_dir, &snapshots)
+        }));
+    }
     let (bin_dir2, out_dir2) = (bin_dir.clone(), out_dir.clone());
     trials.push(Trial::test(
         "harness::true-client-fails-001-and-004",
@@ -72,6 +85,34 @@ fn run_scenario(
         None => Ok(()),
         Some(report) => Err(report.into()),
     }
+}
+
+/// A seed scenario through the `--hash md5` profile: it must pass, with the same snapshot, and
+/// every session must have used MD5.
+fn run_md5_scenario(
+    sc: &Scenario,
+    profile: &Path,
+    bin_dir: &Path,
+    out_dir: &Path,
+    snapshots: &Path,
+) -> Result<(), Failed> {
+    let cfg = Config {
+        profile: Profile::load(profile, bin_dir).map_err(|e| format!("{e:#}"))?,
+        out_dir: out_dir.to_path_buf(),
+        keep: false,
+        snapshot_dir: Some(snapshots.to_path_buf()),
+    };
+    let outcome = engine::run(sc, &cfg);
+    if let Some(report) = outcome.failure {
+        return Err(report.into());
+    }
+    let log = out_dir.join(format!("test_{}_server.log", sc.number_text()));
+    let log = std::fs::read_to_string(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let sessions = log.matches(" connected (").count();
+    if sessions == 0 || log.matches(" connected (md5)").count() != sessions {
+        return Err(format!("{}: not every session used md5:\n{log}", sc.id).into());
+    }
+    Ok(())
 }
 
 /// The harness must catch an implementation that does nothing: with a client whose command is

@@ -290,41 +290,16 @@ pub fn run(args: &[String]) -> Result<bool> {
             format!("shared with the rest of the machine ({e:#}): other traffic is counted too")
         }
     };
-
-    let bench_dir = target.join("bench");
-    let work_parent = bench_dir.join("work");
-    fs::create_dir_all(&work_parent)
-        .with_context(|| format!("create {}", work_parent.display()))?;
-    let stamp = bench_dir.join(".last-cleanup");
-    let last_cleanup = since_stamp(&stamp);
-    if let Some(ago) = last_cleanup.filter(|a| *a < RECENT_CLEANUP) {
-        println!(
-            "note: the last bench deleted its trees {} s ago; on ext4, creating files for some \
-             minutes after deleting many is slower, which may inflate both tools' initial syncs",
-            ago.as_secs()
-        );
-    }
-    // Trees of an interrupted earlier bench are left alone until the end: deleting them now
-    // would slow file creation during the measurements (see RECENT_CLEANUP).
-    let stale: Vec<PathBuf> = fs::read_dir(&work_parent)?
-        .filter_map(|e| Some(e.ok()?.path()))
-        .collect();
-    let work = tempfile::Builder::new()
-        .prefix("run-")
-        .tempdir_in(&work_parent)
-        .context("create the bench's work directory")?;
-    let logs = bench_dir.join("logs");
-    let _ = fs::remove_dir_all(&logs);
-    fs::create_dir_all(&logs)?;
+    let dirs = Dirs::prepare(&target.join("bench"))?;
 
     let started = Instant::now();
-    let bench = Bench::new(&target.join("release"), work.path(), &logs)?;
-    let floor = Supervised::start(&["true".to_string()], &logs.join("floor.log"))
+    let bench = Bench::new(&target.join("release"), dirs.work.path(), &dirs.logs)?;
+    let floor = Supervised::start(&["true".to_string()], &dirs.logs.join("floor.log"))
         .and_then(|s| s.finish(Duration::from_secs(10)))
         .ok()
         .map(|m| m.exit.maxrss_kib);
-    let mut machine = Machine::read(work.path(), &root, loopback, floor);
-    machine.last_cleanup = match last_cleanup {
+    let mut machine = Machine::read(dirs.work.path(), &root, loopback, floor);
+    machine.last_cleanup = match dirs.last_cleanup {
         Some(ago) => format!(
             "{} min before this bench (mass deletion slows ext4 file creation for minutes)",
             ago.as_secs() / 60
@@ -337,13 +312,36 @@ pub fn run(args: &[String]) -> Result<bool> {
         if opts.quick { " --quick" } else { "" },
         opts.pairs,
         rsync_version,
-        work.path().display(),
-        logs.display()
+        dirs.work.path().display(),
+        dirs.logs.display()
     );
+    let rows = measure(&bench, &selected, &opts);
+    let report = Report {
+        quick: opts.quick,
+        pairs: opts.pairs,
+        machine,
+        rows,
+        wall_s: started.elapsed().as_secs_f64(),
+    };
+    fs::write(dirs.bench.join("report.md"), report.markdown())?;
+    fs::write(dirs.bench.join("report.json"), report.json())?;
+    println!("\n{}\n{}", report.table(), report.verdicts());
+    println!(
+        "report: {} and report.json ({:.0} s)",
+        dirs.bench.join("report.md").display(),
+        report.wall_s
+    );
+    // Every tree goes only now, in one go (never between timed runs).
+    dirs.remove_trees(bench)?;
+    Ok(report.rows.iter().all(|r| r.outcome.is_ok()))
+}
+
+/// Runs every selected workload, one report row each (a failed workload is a row too).
+fn measure(bench: &Bench, selected: &[&Workload], opts: &Options) -> Vec<Row> {
     let sets = datasets(opts.quick);
     let mut state = State::default();
     let mut rows = Vec::new();
-    for w in &selected {
+    for w in selected {
         let ds = sets[w.tree as usize];
         let title = title(w, &ds);
         println!("{} {title} (target ours/rsync ≤ {})", w.id, w.target);
@@ -360,45 +358,83 @@ pub fn run(args: &[String]) -> Result<bool> {
             outcome,
         });
     }
-    let report = Report {
-        quick: opts.quick,
-        pairs: opts.pairs,
-        machine,
-        rows,
-        wall_s: started.elapsed().as_secs_f64(),
-    };
-    fs::write(bench_dir.join("report.md"), report.markdown())?;
-    fs::write(bench_dir.join("report.json"), report.json())?;
-    println!("\n{}\n{}", report.table(), report.verdicts());
-    println!(
-        "report: {} and report.json ({:.0} s)",
-        bench_dir.join("report.md").display(),
-        report.wall_s
-    );
-
-    // Every tree goes only now, in one go (never between timed runs).
-    let t = Instant::now();
-    print!("removing the bench's trees… ");
-    let _ = std::io::Write::flush(&mut std::io::stdout());
-    drop(bench);
-    let mut removed = data::remove_tree_parallel(&work.keep());
-    for dir in stale {
-        removed += data::remove_tree_parallel(&dir);
-    }
-    // Only a mass deletion can slow the next bench down; a few files cannot.
-    if removed >= 10_000 {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        let _ = fs::write(&stamp, format!("{now}\n"));
-    }
-    println!(
-        "{} entries in {:.1} s",
-        thousands(removed),
-        t.elapsed().as_secs_f64()
-    );
-    Ok(report.rows.iter().all(|r| r.outcome.is_ok()))
+    rows
 }
 
-/// Time since the Unix time written in `stamp`, if any.
+/// The bench's directories under `target/bench/`.
+struct Dirs {
+    /// `target/bench/`: reports and the cleanup stamp.
+    bench: PathBuf,
+    /// This run's trees, under `work/`.
+    work: tempfile::TempDir,
+    /// Trees an interrupted earlier bench left in `work/`.
+    stale: Vec<PathBuf>,
+    logs: PathBuf,
+    /// When the last bench deleted its trees (from the stamp file).
+    last_cleanup: Option<Duration>,
+}
+
+impl Dirs {
+    /// Creates the work and log directories (logs emptied), and warns when the last bench's
+    /// mass deletion is recent enough to slow this one down.
+    fn prepare(bench: &Path) -> Result<Dirs> {
+        let work_parent = bench.join("work");
+        fs::create_dir_all(&work_parent)
+            .with_context(|| format!("create {}", work_parent.display()))?;
+        let last_cleanup = since_stamp(&bench.join(".last-cleanup"));
+        if let Some(ago) = last_cleanup.filter(|a| *a < RECENT_CLEANUP) {
+            println!(
+                "note: the last bench deleted its trees {} s ago; on ext4, creating files for some \
+                 minutes after deleting many is slower, which may inflate both tools' initial syncs",
+                ago.as_secs()
+            );
+        }
+        // Trees of an interrupted earlier bench are left alone until the end: deleting them now
+        // would slow file creation during the measurements (see RECENT_CLEANUP).
+        let stale: Vec<PathBuf> = fs::read_dir(&work_parent)?
+            .filter_map(|e| Some(e.ok()?.path()))
+            .collect();
+        let work = tempfile::Builder::new()
+            .prefix("run-")
+            .tempdir_in(&work_parent)
+            .context("create the bench's work directory")?;
+        let logs = bench.join("logs");
+        let _ = fs::remove_dir_all(&logs);
+        fs::create_dir_all(&logs)?;
+        Ok(Dirs {
+            bench: bench.to_path_buf(),
+            work,
+            stale,
+            logs,
+            last_cleanup,
+        })
+    }
+
+    /// Ends the bench (its servers), deletes this run's trees and any stale ones, and stamps the
+    /// time of a mass deletion.
+    fn remove_trees(self, bench: Bench) -> Result<()> {
+        let t = Instant::now();
+        print!("removing the bench's trees… ");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        drop(bench);
+        let mut removed = data::remove_tree_parallel(&self.work.keep());
+        for dir in self.stale {
+            removed += data::remove_tree_parallel(&dir);
+        }
+        // Only a mass deletion can slow the next bench down; a few files cannot.
+        if removed >= 10_000 {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            let _ = fs::write(self.bench.join(".last-cleanup"), format!("{now}\n"));
+        }
+        println!(
+            "{} entries in {:.1} s",
+            thousands(removed),
+            t.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+}
+
 fn since_stamp(stamp: &Path) -> Option<Duration> {
     let secs: u64 = fs::read_to_string(stamp).ok()?.trim().parse().ok()?;
     SystemTime::now()

@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 
 use crate::fsops;
-use crate::process::{ExitInfo, Hub, Line, WaitError, log_path, port_open, refusing_port};
+use crate::netstat;
+use crate::process::{DeadPort, ExitInfo, Hub, Line, WaitError, log_path, signal_name};
 use crate::profile::{Profile, Ready, SyncDone, Vars};
 use crate::scenario::{Action, Exit, Loc, Scenario, Since, SnapshotMode, Step, is_client};
 use crate::tree::{self, Tree, entry_at, format_time};
+use rustix::process::Signal;
 
 const SERVER_HOST: &str = "127.0.0.1";
 /// How long teardown lets processes exit on SIGTERM before SIGKILL.
@@ -27,6 +29,12 @@ const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 const LOG_SETTLE: Duration = Duration::from_secs(2);
 /// Entries of a tree shown in a failure report before it is cut short.
 const REPORT_TREE_LIMIT: usize = 60;
+/// How long a fixed-port server may wait for its ports to leave TIME_WAIT (60 s on Linux), on top
+/// of the step's own timeout.
+const PORT_RELEASE_LIMIT: Duration = Duration::from_secs(90);
+/// How often kernel state (socket table, thread states) is looked at while waiting on it: it
+/// offers no event to wait for.
+const POLL: Duration = Duration::from_millis(10);
 
 /// How to run scenarios.
 #[derive(Clone, Debug)]
@@ -102,8 +110,8 @@ struct Run<'a> {
     background: BTreeMap<String, usize>,
     last_sync_mark: usize,
     skipped: usize,
-    /// The port clients get while no server has started (see `refusing_port`).
-    no_server_port: Option<(u16, std::os::fd::OwnedFd)>,
+    /// The port clients get while no server has started.
+    no_server_port: Option<DeadPort>,
 }
 
 /// Runs `sc` with `cfg`. Never panics on a scenario failure: everything ends up in the outcome.
@@ -115,17 +123,7 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
         log_path(&cfg.out_dir, &sc.number_text(), "server"),
         log_path(&cfg.out_dir, &sc.number_text(), "client"),
     ];
-    let setup = (|| -> Result<(tempfile::TempDir, Arc<Hub>)> {
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("scenario-{}-", sc.number_text()))
-            .tempdir()?;
-        let hub = Hub::new(&BTreeMap::from([
-            ("server".to_string(), logs[0].clone()),
-            ("client".to_string(), logs[1].clone()),
-        ]))?;
-        Ok((tmp, hub))
-    })();
-    let (tmp, hub) = match setup {
+    let (tmp, hub) = match set_up(sc, cfg, &logs) {
         Ok(x) => x,
         Err(e) => {
             return Outcome {
@@ -160,72 +158,14 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
         no_server_port: None,
     };
     let _ = writeln!(log, "    directory: {}", root.display());
-    let mut failure = None;
-    for side in sc.sides() {
-        let dir = root.join(&side);
-        if let Err(e) = fsops::mkdir_p(&dir, 0o755) {
-            failure = Some((0, fail("scenario directories", format!("{e:#}"))));
-        }
-        run.dirs.insert(side, dir);
-    }
+    let mut failure = run.make_side_dirs();
     if failure.is_none() {
-        for step in &sc.steps {
-            let t = Instant::now();
-            let offset = started.elapsed();
-            let result = run.step(step);
-            let took = t.elapsed();
-            match result {
-                Ok(detail) => {
-                    let _ = writeln!(
-                        log,
-                        "  {:>3} +{:>7.3}s {:>8}  ok    {}{}",
-                        step.number,
-                        offset.as_secs_f64(),
-                        fmt_ms(took),
-                        step.source,
-                        if detail.is_empty() {
-                            String::new()
-                        } else {
-                            format!("  ({detail})")
-                        }
-                    );
-                }
-                Err(f) => {
-                    let _ = writeln!(
-                        log,
-                        "  {:>3} +{:>7.3}s {:>8}  FAIL  {}\n        expected: {}\n        actual:   {}",
-                        step.number,
-                        offset.as_secs_f64(),
-                        fmt_ms(took),
-                        step.source,
-                        f.expected,
-                        indent_tail(&f.actual, 18)
-                    );
-                    failure = Some((step.number, f));
-                    break;
-                }
-            }
-        }
+        failure = run.run_steps(started, &mut log);
     }
     for line in run.hub.stop_all(TEARDOWN_GRACE) {
         let _ = writeln!(log, "      teardown: {line}");
     }
-
-    let mut report = failure.map(|(n, f)| run.failure_report(n, &f, &logs));
-    if let Some(r) = &report {
-        log.push_str(&indent_block(r, 6));
-    }
-    if report.is_none() {
-        if let Err(msg) = run.check_snapshot() {
-            let r = run.report_header(&format!(
-                "final trees differ from the snapshot\n  {}",
-                indent_tail(&msg, 2)
-            )) + &run.report_trees_and_logs(&logs, true);
-            let _ = writeln!(log, "      snapshot: FAIL");
-            log.push_str(&indent_block(&r, 6));
-            report = Some(r);
-        }
-    }
+    let report = run.final_report(failure, &logs, &mut log);
     let kept = if cfg.keep {
         let p = tmp.keep();
         let _ = writeln!(log, "    kept: {}", p.display());
@@ -259,6 +199,19 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
     }
 }
 
+/// The scenario's temporary directory and a hub writing the server and client logs.
+fn set_up(sc: &Scenario, cfg: &Config, logs: &[PathBuf]) -> Result<(tempfile::TempDir, Arc<Hub>)> {
+    cfg.profile.check_needs()?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("scenario-{}-", sc.number_text()))
+        .tempdir()?;
+    let hub = Hub::new(&BTreeMap::from([
+        ("server".to_string(), logs[0].clone()),
+        ("client".to_string(), logs[1].clone()),
+    ]))?;
+    Ok((tmp, hub))
+}
+
 fn fmt_ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
     if ms < 10.0 {
@@ -287,8 +240,97 @@ fn exit_ok(expect: Exit, got: ExitInfo) -> bool {
 }
 
 impl Run<'_> {
+    /// One directory per side the scenario uses. A failure is reported as step 0.
+    fn make_side_dirs(&mut self) -> Option<(usize, Failure)> {
+        let mut failure = None;
+        for side in self.sc.sides() {
+            let dir = self.root.join(&side);
+            if let Err(e) = fsops::mkdir_p(&dir, 0o755) {
+                failure = Some((0, fail("scenario directories", format!("{e:#}"))));
+            }
+            self.dirs.insert(side, dir);
+        }
+        failure
+    }
+
+    /// Runs the steps in order until one fails, recording each in the run log.
+    fn run_steps(&mut self, started: Instant, log: &mut String) -> Option<(usize, Failure)> {
+        for step in &self.sc.steps {
+            let t = Instant::now();
+            let offset = started.elapsed();
+            let result = self.step(step);
+            let took = t.elapsed();
+            match result {
+                Ok(detail) => {
+                    let _ = writeln!(
+                        log,
+                        "  {:>3} +{:>7.3}s {:>8}  ok    {}{}",
+                        step.number,
+                        offset.as_secs_f64(),
+                        fmt_ms(took),
+                        step.source,
+                        if detail.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  ({detail})")
+                        }
+                    );
+                }
+                Err(f) => {
+                    let _ = writeln!(
+                        log,
+                        "  {:>3} +{:>7.3}s {:>8}  FAIL  {}\n        expected: {}\n        actual:   {}",
+                        step.number,
+                        offset.as_secs_f64(),
+                        fmt_ms(took),
+                        step.source,
+                        f.expected,
+                        indent_tail(&f.actual, 18)
+                    );
+                    return Some((step.number, f));
+                }
+            }
+        }
+        None
+    }
+
+    /// The failure report of the failed step, or else of a snapshot mismatch; `None` when the
+    /// scenario passed. Also appended to the run log.
+    fn final_report(
+        &self,
+        failure: Option<(usize, Failure)>,
+        logs: &[PathBuf],
+        log: &mut String,
+    ) -> Option<String> {
+        if let Some((n, f)) = failure {
+            let r = self.failure_report(n, &f, logs);
+            log.push_str(&indent_block(&r, 6));
+            return Some(r);
+        }
+        let msg = self.check_snapshot().err()?;
+        let r = self.report_header(&format!(
+            "final trees differ from the snapshot\n  {}",
+            indent_tail(&msg, 2)
+        )) + &self.report_trees_and_logs(logs, true);
+        let _ = writeln!(log, "      snapshot: FAIL");
+        log.push_str(&indent_block(&r, 6));
+        Some(r)
+    }
+
     fn deadline(&self, step: &Step) -> Instant {
         Instant::now() + step.timeout.unwrap_or(self.sc.timeout)
+    }
+
+    /// A process's environment: the profile's, plus a cache and state directory of this
+    /// scenario's own (unless the profile sets them), so that runs never share a hash cache or
+    /// a server's record of its client with each other or with the user's.
+    fn isolated(&self, env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut env = env.clone();
+        for (var, sub) in [("XDG_CACHE_HOME", "cache"), ("XDG_STATE_HOME", "state")] {
+            env.entry(var.to_owned())
+                .or_insert_with(|| self.root.join("home").join(sub).display().to_string());
+        }
+        env
     }
 
     fn dir(&self, side: &str) -> &Path {
@@ -308,9 +350,9 @@ impl Run<'_> {
             // No server yet: a port that refuses connections, so the client finds no server.
             None => {
                 if self.no_server_port.is_none() {
-                    self.no_server_port = Some(refusing_port()?);
+                    self.no_server_port = Some(DeadPort::bind()?);
                 }
-                (self.no_server_port.as_ref().map_or(0, |p| p.0), 0)
+                (self.no_server_port.as_ref().map_or(0, |p| p.port), 0)
             }
         };
         Ok(Vars {
@@ -328,6 +370,83 @@ impl Run<'_> {
             return self.check(step);
         }
         match &step.action {
+            Action::Start { side, .. } if side == "server" => self.start_server(step),
+            Action::Start { side, interval } => self.start_daemon(side, *interval),
+            Action::Stop { side, exit } => self.stop(step, side, Signal::TERM, Some(*exit)),
+            Action::Kill { side } => self.stop(step, side, Signal::KILL, None),
+            Action::Sync {
+                sides,
+                exit,
+                background,
+            } => self.sync(step, sides, *exit, *background),
+            Action::WaitExit { side, exit } => {
+                let id = self
+                    .background
+                    .remove(side)
+                    .or_else(|| self.daemons.remove(side))
+                    .ok_or_else(|| anyhow!("no background process of {side} to wait for"))?;
+                let got = self.hub.wait_exit(id, self.deadline(step));
+                match got {
+                    Some(e) if exit_ok(*exit, e) => Ok(e.to_string()),
+                    Some(e) => Err(self.with_output(fail(exit.to_string(), e.to_string()), id)),
+                    None => Err(fail(exit.to_string(), "still running at the timeout")),
+                }
+            }
+            Action::Wait {
+                side,
+                pattern,
+                count,
+                since,
+            } => {
+                let from = self.mark(*since);
+                let watch = self.live_procs_of(side);
+                let side2 = side.clone();
+                let which = move |l: &Line| l.side == side2;
+                match self
+                    .hub
+                    .wait_line(&which, pattern, from, *count, &watch, self.deadline(step))
+                {
+                    Ok(_) => Ok(String::new()),
+                    Err(e) => Err(fail(
+                        format!(
+                            "{count} line(s) matching {:?} from {side}",
+                            pattern.source()
+                        ),
+                        e.to_string(),
+                    )),
+                }
+            }
+            Action::WaitSync { side, count } => {
+                let pattern = self.cfg.profile.cycle_done()?.ok_or_else(|| {
+                    anyhow!("the profile has no client.cycle_done pattern for wait_sync")
+                })?;
+                let id = *self
+                    .daemons
+                    .get(side)
+                    .ok_or_else(|| anyhow!("no client daemon running for {side}"))?;
+                let from = self.hub.line_count();
+                let which = move |l: &Line| l.proc == id;
+                match self
+                    .hub
+                    .wait_line(&which, &pattern, from, *count, &[id], self.deadline(step))
+                {
+                    Ok(_) => Ok(String::new()),
+                    Err(e) => Err(fail(
+                        format!(
+                            "{count} more completed sync cycle(s) of {side} ({:?})",
+                            pattern.source()
+                        ),
+                        e.to_string(),
+                    )),
+                }
+            }
+            _ => self.change_files(&step.action),
+        }
+    }
+
+    /// The steps that change files of a side.
+    fn change_files(&mut self, action: &Action) -> StepResult {
+        match action {
             Action::Write { at, content, mode } => {
                 let p = self.path(at);
                 fsops::write(&p, content, *mode)?;
@@ -398,77 +517,7 @@ impl Run<'_> {
                 fsops::clone_tree(self.dir(from), self.dir(to))?;
                 Ok(String::new())
             }
-            Action::Start { side, .. } if side == "server" => self.start_server(step),
-            Action::Start { side, interval } => self.start_daemon(side, *interval),
-            Action::Stop { side, exit } => self.stop(step, side, libc::SIGTERM, Some(*exit)),
-            Action::Kill { side } => self.stop(step, side, libc::SIGKILL, None),
-            Action::Sync {
-                sides,
-                exit,
-                background,
-            } => self.sync(step, sides, *exit, *background),
-            Action::WaitExit { side, exit } => {
-                let id = self
-                    .background
-                    .remove(side)
-                    .or_else(|| self.daemons.remove(side))
-                    .ok_or_else(|| anyhow!("no background process of {side} to wait for"))?;
-                let got = self.hub.wait_exit(id, self.deadline(step));
-                match got {
-                    Some(e) if exit_ok(*exit, e) => Ok(e.to_string()),
-                    Some(e) => Err(self.with_output(fail(exit.to_string(), e.to_string()), id)),
-                    None => Err(fail(exit.to_string(), "still running at the timeout")),
-                }
-            }
-            Action::Wait {
-                side,
-                pattern,
-                count,
-                since,
-            } => {
-                let from = self.mark(*since);
-                let watch = self.live_procs_of(side);
-                let side2 = side.clone();
-                let which = move |l: &Line| l.side == side2;
-                match self
-                    .hub
-                    .wait_line(&which, pattern, from, *count, &watch, self.deadline(step))
-                {
-                    Ok(_) => Ok(String::new()),
-                    Err(e) => Err(fail(
-                        format!(
-                            "{count} line(s) matching {:?} from {side}",
-                            pattern.source()
-                        ),
-                        e.to_string(),
-                    )),
-                }
-            }
-            Action::WaitSync { side, count } => {
-                let pattern = self.cfg.profile.cycle_done()?.ok_or_else(|| {
-                    anyhow!("the profile has no client.cycle_done pattern for wait_sync")
-                })?;
-                let id = *self
-                    .daemons
-                    .get(side)
-                    .ok_or_else(|| anyhow!("no client daemon running for {side}"))?;
-                let from = self.hub.line_count();
-                let which = move |l: &Line| l.proc == id;
-                match self
-                    .hub
-                    .wait_line(&which, &pattern, from, *count, &[id], self.deadline(step))
-                {
-                    Ok(_) => Ok(String::new()),
-                    Err(e) => Err(fail(
-                        format!(
-                            "{count} more completed sync cycle(s) of {side} ({:?})",
-                            pattern.source()
-                        ),
-                        e.to_string(),
-                    )),
-                }
-            }
-            _ => unreachable!("checks are handled above"),
+            other => unreachable!("not a file change: {other:?}"),
         }
     }
 
@@ -523,6 +572,10 @@ impl Run<'_> {
             }
         }
         let p = &self.cfg.profile;
+        let mut notes = Vec::new();
+        if p.fixed_ports() {
+            notes.extend(self.wait_ports_free()?);
+        }
         let vars = Vars {
             dir: self.dir("server").to_path_buf(),
             port: p.server.port,
@@ -533,7 +586,8 @@ impl Run<'_> {
         };
         let argv = p.expand(&p.server.command, &vars);
         let from = self.hub.line_count();
-        let id = self.hub.spawn("server", "server", &argv, &p.server.env)?;
+        let env = self.isolated(&p.server.env);
+        let id = self.hub.spawn("server", "server", &argv, &env)?;
         self.server = Some(id);
         let deadline = self.deadline(step);
         let (port, data_port) = match p.ready()? {
@@ -561,34 +615,119 @@ impl Run<'_> {
                     }
                 }
             }
-            Ready::Tcp => {
-                // Nothing to wait on but the port itself: retry connecting until the deadline.
-                loop {
-                    if port_open(SERVER_HOST, p.server.port) {
-                        break;
-                    }
-                    if let Some(e) = self.hub.exit_of(id) {
-                        return Err(self.with_output(
-                            fail(
-                                format!("port {} to accept connections", p.server.port),
-                                format!("server ended ({e})"),
-                            ),
-                            id,
-                        ));
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(fail(
-                            format!("port {} to accept connections", p.server.port),
-                            "still refused at the timeout",
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+            Ready::Listen => {
+                self.wait_listening(id, p.server.port, deadline)?;
                 (p.server.port, p.server.data_port)
             }
         };
+        if p.server.wait_idle {
+            self.wait_server_idle(id, deadline)?;
+        }
         self.ports = Some((port, data_port));
-        Ok(format!("control port {port}, data port {data_port}"))
+        notes.insert(0, format!("control port {port}, data port {data_port}"));
+        Ok(notes.join("; "))
+    }
+
+    /// Waits until the kernel lists the server's fixed control port as listening. Nothing
+    /// connects to it: a single-threaded server would take the probe for its client.
+    fn wait_listening(&self, id: usize, port: u16, deadline: Instant) -> Result<(), Failure> {
+        let expected = || format!("port {port} listening (in /proc/net/tcp or tcp6)");
+        loop {
+            if netstat::is_listening(port).map_err(anyhow::Error::from)? {
+                return Ok(());
+            }
+            if let Some(e) = self.hub.exit_of(id) {
+                let f = fail(expected(), format!("server ended ({e})"));
+                return Err(self.with_output(f, id));
+            }
+            if Instant::now() >= deadline {
+                let f = fail(expected(), "not listening at the timeout");
+                return Err(self.with_output(f, id));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// With fixed ports, the previous scenario's server may have left its control port in
+    /// TIME_WAIT (it closed a connection first), and a server that does not set SO_REUSEADDR
+    /// cannot bind it for 60 s. Waits, within [`PORT_RELEASE_LIMIT`], until no socket is bound to
+    /// either fixed port; a listener there is another server, reported at once.
+    fn wait_ports_free(&self) -> Result<Option<String>, Failure> {
+        let p = &self.cfg.profile;
+        let mut ports = vec![p.server.port];
+        if p.server.data_port != 0 && p.server.data_port != p.server.port {
+            ports.push(p.server.data_port);
+        }
+        let started = Instant::now();
+        loop {
+            let mut busy = Vec::new();
+            for &port in &ports {
+                let states = netstat::states_on_port(port).map_err(anyhow::Error::from)?;
+                if states.contains(&netstat::LISTEN) {
+                    return Err(fail(
+                        format!("port {port} free before the server starts"),
+                        format!(
+                            "something else listens on it ({}); is another server running?",
+                            netstat::describe(&states)
+                        ),
+                    ));
+                }
+                if !states.is_empty() {
+                    busy.push(format!("{port}: {}", netstat::describe(&states)));
+                }
+            }
+            let waited = started.elapsed();
+            if busy.is_empty() {
+                return Ok((waited >= POLL).then(|| {
+                    let text = format!(
+                        "waited {} for ports {} to be released",
+                        fmt_ms(waited),
+                        ports
+                            .iter()
+                            .map(u16::to_string)
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    );
+                    self.hub.note("server", &text);
+                    text
+                }));
+            }
+            if waited >= PORT_RELEASE_LIMIT {
+                return Err(fail(
+                    format!("ports free before the server starts (waited {PORT_RELEASE_LIMIT:?})"),
+                    format!("still in use: {}", busy.join("; ")),
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits until every thread of the server is asleep (profile `wait_idle`): it has finished
+    /// what it does between sessions and waits for the next client.
+    fn wait_server_idle(&self, id: usize, deadline: Instant) -> Result<(), Failure> {
+        let pid = self.hub.pid(id);
+        loop {
+            match netstat::tree_asleep(pid).map_err(anyhow::Error::from)? {
+                Some(true) => return Ok(()),
+                None => {
+                    let e = self.hub.wait_exit(id, deadline);
+                    let e = e.map(|e| e.to_string()).unwrap_or_default();
+                    let f = fail(
+                        "the server idle, waiting for a client",
+                        format!("ended ({e})"),
+                    );
+                    return Err(self.with_output(f, id));
+                }
+                Some(false) if Instant::now() >= deadline => {
+                    let f = fail(
+                        "the server idle, waiting for a client (all threads asleep)",
+                        "still busy at the timeout",
+                    );
+                    return Err(self.with_output(f, id));
+                }
+                Some(false) => std::thread::sleep(POLL),
+            }
+        }
     }
 
     fn start_daemon(&mut self, side: &str, interval: u64) -> StepResult {
@@ -604,12 +743,13 @@ impl Run<'_> {
         }
         let vars = self.vars(side, interval)?;
         let argv = p.expand(cmd, &vars);
-        let id = self.hub.spawn(side, "client", &argv, &p.client.env)?;
+        let env = self.isolated(&p.client.env);
+        let id = self.hub.spawn(side, "client", &argv, &env)?;
         self.daemons.insert(side.to_string(), id);
         Ok(format!("pid {}", self.hub.pid(id)))
     }
 
-    fn stop(&mut self, step: &Step, side: &str, sig: i32, expect: Option<Exit>) -> StepResult {
+    fn stop(&mut self, step: &Step, side: &str, sig: Signal, expect: Option<Exit>) -> StepResult {
         let id = if side == "server" {
             self.server.take()
         } else {
@@ -634,7 +774,7 @@ impl Run<'_> {
         }
         match (self.hub.wait_exit(id, self.deadline(step)), expect) {
             (None, _) => Err(fail(
-                format!("{side} to exit after signal {sig}"),
+                format!("{side} to exit after {}", signal_name(sig)),
                 "still running at the timeout",
             )),
             (Some(e), Some(x)) if !exit_ok(x, e) => {
@@ -655,7 +795,8 @@ impl Run<'_> {
             let argv = p.expand(&p.client.once, &vars);
             ids.push((
                 side.clone(),
-                self.hub.spawn(side, "client", &argv, &p.client.env)?,
+                self.hub
+                    .spawn(side, "client", &argv, &self.isolated(&p.client.env))?,
             ));
         }
         if background {
@@ -667,71 +808,86 @@ impl Run<'_> {
         let deadline = self.deadline(step);
         let mut outcomes = Vec::new();
         for (side, id) in &ids {
-            let got = match p.sync_done()? {
-                SyncDone::Exit => self.hub.wait_exit(*id, deadline),
-                SyncDone::Line(pattern) => {
-                    let which = move |l: &Line| l.proc == *id;
-                    match self
-                        .hub
-                        .wait_line(&which, &pattern, mark, 1, &[*id], deadline)
-                    {
-                        // A client that never exits by itself: the line says it is done.
-                        Ok(_) => {
-                            self.hub.signal(*id, libc::SIGTERM);
-                            self.hub.wait_exit(*id, deadline);
-                            Some(ExitInfo::Code(0))
-                        }
-                        Err(WaitError::Exited(_)) => self.hub.exit_of(*id),
-                        Err(WaitError::Timeout(_)) => None,
-                    }
-                }
-            };
-            match got {
-                None => {
-                    return Err(self.with_output(
-                        fail(
-                            format!("{side}'s sync to finish with {exit}"),
-                            "still running at the timeout",
-                        ),
-                        *id,
-                    ));
-                }
-                Some(e) if !exit_ok(exit, e) => {
-                    return Err(self.with_output(
-                        fail(
-                            format!("{side}'s sync to finish with {exit}"),
-                            e.to_string(),
-                        ),
-                        *id,
-                    ));
-                }
-                Some(e) => outcomes.push(format!("{side}: {e}")),
-            }
+            let e = self.wait_sync_end(side, *id, mark, exit, deadline)?;
+            outcomes.push(format!("{side}: {e}"));
         }
         // The client may exit a moment before the server logs the end of its session; wait for
         // that line so later log checks see the whole session.
         if exit == Exit::Code(0) {
-            if let (Some(pattern), Some(server)) = (p.session_done()?, self.server) {
-                let which = move |l: &Line| l.proc == server;
-                if let Err(e) =
-                    self.hub
-                        .wait_line(&which, &pattern, mark, ids.len(), &[server], deadline)
-                {
-                    return Err(self.with_output(
-                        fail(
-                            format!(
-                                "the server to log {:?} for {} session(s)",
-                                pattern.source(),
-                                ids.len()
-                            ),
-                            e.to_string(),
-                        ),
-                        server,
-                    ));
-                }
-            }
+            self.wait_sessions_done(mark, ids.len(), deadline)?;
         }
         Ok(outcomes.join(", "))
+    }
+
+    /// Waits until one client's sync has ended as the profile tells (its exit, or its done line
+    /// and then SIGTERM), and checks that it ended with `exit`.
+    fn wait_sync_end(
+        &self,
+        side: &str,
+        id: usize,
+        mark: usize,
+        exit: Exit,
+        deadline: Instant,
+    ) -> Result<ExitInfo, Failure> {
+        let got = match self.cfg.profile.sync_done()? {
+            SyncDone::Exit => self.hub.wait_exit(id, deadline),
+            SyncDone::Line(pattern) => {
+                let which = move |l: &Line| l.proc == id;
+                match self
+                    .hub
+                    .wait_line(&which, &pattern, mark, 1, &[id], deadline)
+                {
+                    // A client that never exits by itself: the line says it is done.
+                    Ok(_) => {
+                        self.hub.signal(id, Signal::TERM);
+                        self.hub.wait_exit(id, deadline);
+                        Some(ExitInfo::Code(0))
+                    }
+                    Err(WaitError::Exited(_)) => self.hub.exit_of(id),
+                    Err(WaitError::Timeout(_)) => None,
+                }
+            }
+        };
+        let expected = || format!("{side}'s sync to finish with {exit}");
+        match got {
+            None => Err(self.with_output(fail(expected(), "still running at the timeout"), id)),
+            Some(e) if !exit_ok(exit, e) => {
+                Err(self.with_output(fail(expected(), e.to_string()), id))
+            }
+            Some(e) => Ok(e),
+        }
+    }
+
+    /// Waits for the server's `session_done` line of `sessions` sessions since `mark` (when the
+    /// profile has one and a server runs), then, with `wait_idle`, until the server is idle.
+    fn wait_sessions_done(
+        &self,
+        mark: usize,
+        sessions: usize,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let p = &self.cfg.profile;
+        let (Some(pattern), Some(server)) = (p.session_done()?, self.server) else {
+            return Ok(());
+        };
+        let which = move |l: &Line| l.proc == server;
+        if let Err(e) = self
+            .hub
+            .wait_line(&which, &pattern, mark, sessions, &[server], deadline)
+        {
+            let f = fail(
+                format!(
+                    "the server to log {:?} for {sessions} session(s)",
+                    pattern.source(),
+                ),
+                e.to_string(),
+            );
+            return Err(self.with_output(f, server));
+        }
+        if p.server.wait_idle {
+            self.wait_server_idle(server, deadline)?;
+        }
+        Ok(())
     }
 }
 

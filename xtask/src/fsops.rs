@@ -3,10 +3,8 @@
 //! Everything here sets permission bits explicitly instead of trusting the umask, so that trees,
 //! snapshots and the product's view of them are the same on every machine.
 
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 
@@ -171,52 +169,28 @@ pub fn make_symlink(path: &Path, target: &str) -> Result<()> {
 
 pub fn mkfifo(path: &Path) -> Result<()> {
     ensure_parent(path)?;
-    let c = cstring(path)?;
-    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    if unsafe { libc::mkfifo(c.as_ptr(), DEFAULT_FILE_MODE as libc::mode_t) } != 0 {
-        bail!(
-            "mkfifo {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    let mode = rustix::fs::Mode::from_raw_mode(DEFAULT_FILE_MODE);
+    rustix::fs::mkfifoat(rustix::fs::CWD, path, mode)
+        .with_context(|| format!("mkfifo {}", path.display()))?;
+    // The umask may have taken bits off.
     set_mode(path, DEFAULT_FILE_MODE)
 }
 
 /// Sets the modification time of `path` itself (a symlink is not followed); atime is left alone.
 pub fn set_mtime(path: &Path, secs: i64, nanos: u32) -> Result<()> {
-    let c = cstring(path)?;
-    let times = [
-        libc::timespec {
+    use rustix::fs::{AtFlags, CWD, Timespec, Timestamps, UTIME_OMIT, utimensat};
+    let times = Timestamps {
+        last_access: Timespec {
             tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
+            tv_nsec: UTIME_OMIT,
         },
-        libc::timespec {
-            tv_sec: secs as libc::time_t,
-            tv_nsec: nanos as _,
+        last_modification: Timespec {
+            tv_sec: secs,
+            tv_nsec: nanos.into(),
         },
-    ];
-    // SAFETY: valid path pointer and a two-element timespec array, as utimensat requires.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
     };
-    if rc != 0 {
-        bail!(
-            "set mtime of {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
-
-fn cstring(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).context("path contains NUL")
+    utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW)
+        .with_context(|| format!("set mtime of {}", path.display()))
 }
 
 /// Copies the tree under `from` into the (empty or missing) directory `to`, keeping content, modes,

@@ -7,15 +7,19 @@
 //! * [`profile`] says how to start and recognise a given implementation (ours is built in).
 //! * [`engine`] runs one scenario: temp directories, processes, checks, snapshot, failure report.
 //! * [`suite`] runs many (parallel jobs, repeats, summary) for the xtask front end.
-//! * [`process`], [`tree`], [`fsops`] and [`pattern`] are the building blocks.
+//! * [`process`], [`tree`], [`fsops`], [`netstat`] and [`pattern`] are the building blocks.
+//! * [`testkit`] holds the fixtures of the product's integration tests (`tests/support`), built on
+//!   the same blocks.
 
 pub mod engine;
 pub mod fsops;
+pub mod netstat;
 pub mod pattern;
 pub mod process;
 pub mod profile;
 pub mod scenario;
 pub mod suite;
+pub mod testkit;
 pub mod tree;
 
 use std::path::{Path, PathBuf};

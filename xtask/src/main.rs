@@ -1,10 +1,12 @@
-//! `cargo xtask`: developer tasks of this workspace: `scenarios` (the conformance harness) and
-//! `bench` (server-sync against rsync, see `bench.rs`).
+//! `cargo xtask`: developer tasks of this workspace: `scenarios` (the conformance harness),
+//! `bench` (server-sync against rsync, see `bench.rs`) and `original-suite` (the original
+//! project's test suite against our binaries, see `original_suite.rs`).
 //!
 //! Arguments are parsed by hand: a handful of flags does not justify another dependency, and new
 //! subcommands slot into `main`'s match.
 
 mod bench;
+mod original_suite;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -23,6 +25,9 @@ commands:
   bench [--quick] [--pairs N] [FILTER...]
                                     build release binaries and time them against rsync on
                                     generated trees; writes target/bench/report.md and .json
+  original-suite [--release] [TEST...]
+                                    run the original project's test-sync.py (found through
+                                    SERVER_SYNC_ORIGINAL) against our binaries; about 12 minutes
 
 options of `scenarios`:
   --keep          keep each scenario's temporary directories and print where they are
@@ -40,10 +45,12 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("scenarios") => scenarios(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        // Exits with the suite's own status, so it handles its errors itself.
+        Some("original-suite") => return original_suite::run(&args[1..]),
         // Internal: the process supervisor of `bench` (see bench/supervise.rs).
         Some(bench::SUPERVISE) => bench::supervise(&args[1..]),
         Some("-h" | "--help" | "help") => {
-            print!("{USAGE}\n{}", bench::USAGE);
+            print!("{USAGE}\n{}\n{}", bench::USAGE, original_suite::USAGE);
             Ok(true)
         }
         Some(other) => {
@@ -149,6 +156,8 @@ fn scenarios(args: &[String]) -> Result<bool> {
         Some(p) => (Profile::load(p, &bin_dir)?, false),
         None => (Profile::builtin(&bin_dir)?, true),
     };
+    // Before building: a profile missing its environment says so in one line, at once.
+    profile.check_needs()?;
     if builtin || profile.uses_bin_dir() {
         build(&root)?;
     }

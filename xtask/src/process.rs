@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -16,6 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use rustix::process::{Pid, Signal, WaitId, WaitIdOptions, kill_process};
 
 use crate::pattern::{Captures, Pattern};
 
@@ -164,19 +167,16 @@ impl Hub {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe. It makes the kernel kill the child if the thread
-        // that spawned it dies (e.g. the harness is interrupted), so no server outlives a run.
+        // SAFETY: prctl is async-signal-safe (a bare system call, no allocation). It makes the
+        // kernel kill the child if the thread that spawned it dies (e.g. the harness is
+        // interrupted), so no server outlives a run.
         unsafe {
             cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
                 Ok(())
             });
         }
-        let shown = argv
-            .iter()
-            .map(|a| shell_quote(a))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let shown = describe_command(&cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -257,22 +257,9 @@ impl Hub {
     /// Waits for the child's exit without reaping it (WNOWAIT), then reaps it under the lock: the
     /// pid stays valid for `signal` until `exit` is set, so a signal never hits a recycled pid.
     fn reap(&self, id: usize, mut child: Child) {
-        let pid = child.id();
-        loop {
-            // SAFETY: `info` is a properly sized, zeroed siginfo_t owned by this frame.
-            let rc = unsafe {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                libc::waitid(
-                    libc::P_PID,
-                    pid as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::WNOWAIT,
-                )
-            };
-            if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                break;
-            }
-        }
+        let pid = Pid::from_child(&child);
+        let how = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT;
+        while let Err(rustix::io::Errno::INTR) = rustix::process::waitid(WaitId::Pid(pid), how) {}
         let mut st = self.lock();
         let exit = match child.wait() {
             Ok(s) => ExitInfo::from_status(s),
@@ -322,23 +309,22 @@ impl Hub {
     }
 
     /// Sends `sig` unless the process has already been reaped. Returns whether it was sent.
-    pub fn signal(&self, id: usize, sig: i32) -> bool {
+    pub fn signal(&self, id: usize, sig: Signal) -> bool {
         let stamp = self.elapsed();
         let mut st = self.lock();
         let p = &st.procs[id];
         if p.exit.is_some() {
             return false;
         }
-        // SAFETY: plain kill(2); the pid is not reaped yet (see `reap`), so it is still our child.
-        let sent = unsafe { libc::kill(p.pid, sig) == 0 };
+        // The pid is not reaped yet (see `reap`), so it is still our child, never a recycled pid.
+        let sent = Pid::from_raw(p.pid).is_some_and(|pid| kill_process(pid, sig).is_ok());
         let (log, name) = (p.log.clone(), p.name.clone());
         if let Some(f) = st.files.get_mut(&log) {
-            let what = match sig {
-                libc::SIGTERM => "SIGTERM".to_string(),
-                libc::SIGKILL => "SIGKILL".to_string(),
-                n => format!("signal {n}"),
-            };
-            let _ = writeln!(f, "==== {stamp} harness sends {what} to {name}");
+            let _ = writeln!(
+                f,
+                "==== {stamp} harness sends {} to {name}",
+                signal_name(sig)
+            );
         }
         sent
     }
@@ -447,7 +433,7 @@ impl Hub {
     pub fn stop_all(&self, grace: Duration) -> Vec<String> {
         let ids = self.running();
         for &id in &ids {
-            self.signal(id, libc::SIGTERM);
+            self.signal(id, Signal::TERM);
         }
         let deadline = Instant::now() + grace;
         let mut out = Vec::new();
@@ -455,7 +441,7 @@ impl Hub {
             let exit = match self.wait_exit(id, deadline) {
                 Some(e) => e,
                 None => {
-                    self.signal(id, libc::SIGKILL);
+                    self.signal(id, Signal::KILL);
                     self.wait_exit(id, Instant::now() + Duration::from_secs(5))
                         .unwrap_or(ExitInfo::Code(-1))
                 }
@@ -464,6 +450,35 @@ impl Hub {
         }
         out
     }
+}
+
+/// `SIGTERM`, `SIGKILL`, or `signal N`.
+pub fn signal_name(sig: Signal) -> String {
+    if sig == Signal::TERM {
+        "SIGTERM".into()
+    } else if sig == Signal::KILL {
+        "SIGKILL".into()
+    } else if sig == Signal::INT {
+        "SIGINT".into()
+    } else {
+        format!("signal {}", sig.as_raw())
+    }
+}
+
+/// A command line a person can paste into a shell: its environment settings, program and
+/// arguments, each quoted when needed.
+pub fn describe_command(cmd: &Command) -> String {
+    let env = cmd.get_envs().filter_map(|(k, v)| {
+        Some(format!(
+            "{}={}",
+            k.to_string_lossy(),
+            shell_quote(&v?.to_string_lossy())
+        ))
+    });
+    let argv = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| shell_quote(&a.to_string_lossy()));
+    env.chain(argv).collect::<Vec<_>>().join(" ")
 }
 
 /// Quotes an argument for display when it has spaces or shell-special characters.
@@ -493,31 +508,44 @@ pub fn unused_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// A loopback port that refuses connections for as long as the returned socket lives: bound but
-/// never listening. A client sent there finds no server, and no other process (a server of a
-/// scenario running in parallel, say) can take the port in the meantime.
-pub fn refusing_port() -> Result<(u16, std::os::fd::OwnedFd)> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    // SAFETY: plain socket(2); the descriptor is owned (and closed) by the OwnedFd at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
+/// A loopback port that refuses connections for as long as this lives: a socket bound to it
+/// that never listens. A client sent there finds no server, and no other process (a server of a
+/// scenario or test running in parallel, say) can take the port in the meantime.
+#[derive(Debug)]
+pub struct DeadPort {
+    pub port: u16,
+    _socket: OwnedFd,
+}
+
+impl DeadPort {
+    /// Binds a fresh socket to a free port of 127.0.0.1.
+    pub fn bind() -> std::io::Result<DeadPort> {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let socket = rustix::net::socket_with(
+            AddressFamily::INET,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        rustix::net::bind(&socket, &SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))?;
+        let addr = SocketAddr::try_from(rustix::net::getsockname(&socket)?)
+            .map_err(|_| std::io::Error::other("getsockname returned no IP address"))?;
+        Ok(DeadPort {
+            port: addr.port(),
+            _socket: socket,
+        })
     }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: zeroed sockaddr_in is a valid value; fields are set below.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    addr.sin_family = libc::AF_INET as libc::sa_family_t;
-    addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let ptr = (&raw mut addr).cast::<libc::sockaddr>();
-    // SAFETY: `ptr` points to a sockaddr_in of `len` bytes, valid for both calls.
-    unsafe {
-        if libc::bind(fd, ptr, len) != 0 || libc::getsockname(fd, ptr, &mut len) != 0 {
-            bail!("bind: {}", std::io::Error::last_os_error());
-        }
+
+    /// [`DeadPort::bind`] for tests: panics when no socket can be bound.
+    pub fn new() -> DeadPort {
+        DeadPort::bind().unwrap_or_else(|e| panic!("cannot bind a loopback socket: {e}"))
     }
-    Ok((u16::from_be(addr.sin_port), owned))
+}
+
+impl Default for DeadPort {
+    fn default() -> Self {
+        DeadPort::new()
+    }
 }
 
 /// Log file path for `kind` (`server`, `client`) of scenario number `nnn` in `out`.
@@ -571,11 +599,24 @@ mod tests {
     }
 
     #[test]
-    fn refusing_port_refuses() {
-        let (port, _socket) = refusing_port().unwrap();
+    fn dead_port_refuses() {
+        let dead = DeadPort::bind().unwrap();
+        let port = dead.port;
         assert!(port != 0);
         assert!(!port_open("127.0.0.1", port));
         assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+        drop(dead);
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+    }
+
+    #[test]
+    fn describes_commands_for_a_shell() {
+        let mut cmd = Command::new("/bin/prog");
+        cmd.args(["plain", "two words", "it's"]).env("K", "v v");
+        assert_eq!(
+            describe_command(&cmd),
+            r"K='v v' /bin/prog plain 'two words' 'it'\''s'"
+        );
     }
 
     #[test]
@@ -590,9 +631,9 @@ mod tests {
             hub.wait_line(&|_| true, &Pattern::new("x").unwrap(), 0, 1, &[id], soon),
             Err(WaitError::Timeout(0))
         ));
-        assert!(hub.signal(id, libc::SIGKILL));
+        assert!(hub.signal(id, Signal::KILL));
         let exit = hub.wait_exit(id, Instant::now() + Duration::from_secs(10));
         assert_eq!(exit, Some(ExitInfo::Signal(9)));
-        assert!(!hub.signal(id, libc::SIGKILL), "no signal after reaping");
+        assert!(!hub.signal(id, Signal::KILL), "no signal after reaping");
     }
 }

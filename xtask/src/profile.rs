@@ -28,6 +28,20 @@ pub struct Profile {
     pub profile_dir: PathBuf,
     /// Where the profile came from (for messages).
     pub origin: String,
+    /// Environment variables the profile needs (`[needs.NAME]`), checked by [`Profile::check_needs`].
+    pub needs: BTreeMap<String, Need>,
+}
+
+/// An environment variable a profile needs, such as where another implementation is installed.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Need {
+    /// What the variable must name, for the error message ("a directory holding …").
+    #[serde(default)]
+    pub what: String,
+    /// Files that must exist in the directory it names.
+    #[serde(default)]
+    pub files: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -35,8 +49,9 @@ pub struct Profile {
 pub struct ServerSpec {
     /// Program and arguments, with placeholders.
     pub command: Vec<String>,
-    /// `"tcp"` (poll the control port until it accepts), or a line pattern on the server's output;
-    /// `{port}` / `{data_port}` in it capture the ports the server chose.
+    /// `"listen"` (wait until the kernel lists the fixed control port as listening; `"tcp"` is an
+    /// old name for it), or a line pattern on the server's output; `{port}` / `{data_port}` in it
+    /// capture the ports the server chose.
     pub ready: String,
     /// Control port passed as `{port}`; 0 lets the server choose (the ready line must capture it).
     /// Anything else is a fixed port, and then scenarios run one at a time.
@@ -47,6 +62,12 @@ pub struct ServerSpec {
     /// A line pattern the server prints at the end of every client session. When set, a `sync`
     /// also waits for it, so that log checks after a sync see the whole session.
     pub session_done: Option<String>,
+    /// Also wait, once the server is ready and after each `session_done` line, until every thread
+    /// of the server is asleep. For a server that prepares the next session (rereads its tree,
+    /// say) after its last line about this one: without the wait, a scenario's next change would
+    /// race that preparation.
+    #[serde(default)]
+    pub wait_idle: bool,
     /// Extra environment variables.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -113,12 +134,15 @@ struct RawProfile {
     client: ClientSpec,
     #[serde(default)]
     checks: Checks,
+    #[serde(default)]
+    needs: BTreeMap<String, Need>,
 }
 
 /// How the harness learns that the server is ready.
 #[derive(Clone, Debug)]
 pub enum Ready {
-    Tcp,
+    /// The fixed control port is in the kernel's LISTEN state (observed without connecting).
+    Listen,
     Line(Pattern),
 }
 
@@ -180,6 +204,7 @@ impl Profile {
             server: raw.server,
             client: raw.client,
             checks: raw.checks,
+            needs: raw.needs,
             bin_dir: bin_dir.to_path_buf(),
             profile_dir: profile_dir.to_path_buf(),
             origin: origin.to_string(),
@@ -190,14 +215,7 @@ impl Profile {
     }
 
     fn validate(&self) -> Result<()> {
-        let mut commands = vec![
-            ("server.command", &self.server.command),
-            ("client.once", &self.client.once),
-        ];
-        if let Some(d) = &self.client.daemon {
-            commands.push(("client.daemon", d));
-        }
-        for (what, cmd) in commands {
+        for (what, cmd) in self.commands() {
             if cmd.is_empty() {
                 bail!("{what} is empty");
             }
@@ -206,9 +224,9 @@ impl Profile {
             }
         }
         match self.ready()? {
-            Ready::Tcp if self.server.port == 0 => {
+            Ready::Listen if self.server.port == 0 => {
                 bail!(
-                    "ready = \"tcp\" needs a fixed server.port (with port 0 only a ready line can say which port was chosen)"
+                    "ready = \"listen\" needs a fixed server.port (with port 0 only a ready line can say which port was chosen)"
                 )
             }
             Ready::Line(p) if self.server.port == 0 && !p.capture_names().contains(&"port") => {
@@ -228,8 +246,8 @@ impl Profile {
     }
 
     pub fn ready(&self) -> Result<Ready> {
-        if self.server.ready == "tcp" {
-            Ok(Ready::Tcp)
+        if matches!(self.server.ready.as_str(), "listen" | "tcp") {
+            Ok(Ready::Listen)
         } else {
             Ok(Ready::Line(Pattern::new(&self.server.ready)?))
         }
@@ -261,9 +279,9 @@ impl Profile {
 
     /// Whether any command uses `{bin_dir}` (then our binaries must be built first).
     pub fn uses_bin_dir(&self) -> bool {
-        let mut all = self.server.command.iter().chain(&self.client.once);
-        let daemon = self.client.daemon.iter().flatten();
-        all.any(|a| a.contains("{bin_dir}")) || daemon.clone().any(|a| a.contains("{bin_dir}"))
+        self.commands()
+            .flat_map(|(_, cmd)| cmd)
+            .any(|a| a.contains("{bin_dir}"))
     }
 
     /// Substitutes placeholders in a command line.
@@ -279,8 +297,79 @@ impl Profile {
                     .replace("{profile_dir}", &self.profile_dir.to_string_lossy())
                     .replace("{server_dir}", &vars.server_dir.to_string_lossy())
             })
+            .map(|arg| expand_env(&arg))
             .collect()
     }
+
+    /// Checks every environment variable the profile needs (declared in `[needs.NAME]` or used as
+    /// `{env:NAME}`): set, not empty, and naming a directory that holds the declared files.
+    /// The error is one line saying which variable is missing or wrong and what it must name.
+    pub fn check_needs(&self) -> Result<()> {
+        let mut names: BTreeMap<String, Need> = self.needs.clone();
+        for arg in self.commands().flat_map(|(_, cmd)| cmd) {
+            for name in env_placeholders(arg) {
+                names.entry(name.to_string()).or_default();
+            }
+        }
+        for (name, need) in &names {
+            need_dir(name, &need.what, &need.files)
+                .with_context(|| format!("profile {} cannot run", self.origin))?;
+        }
+        Ok(())
+    }
+
+    fn commands(&self) -> impl Iterator<Item = (&'static str, &Vec<String>)> {
+        [
+            ("server.command", Some(&self.server.command)),
+            ("client.once", Some(&self.client.once)),
+            ("client.daemon", self.client.daemon.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(what, cmd)| cmd.map(|c| (what, c)))
+    }
+}
+
+/// The directory named by environment variable `name`, which must hold `files`. Shared by profiles
+/// (`[needs.NAME]`) and `cargo xtask original-suite`, so both explain a missing setting alike.
+pub fn need_dir(name: &str, what: &str, files: &[String]) -> Result<PathBuf> {
+    let what = if what.is_empty() {
+        String::new()
+    } else {
+        format!(" to {what}")
+    };
+    let dir = match std::env::var_os(name) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => bail!("{name} is not set; set it{what}"),
+    };
+    for f in files {
+        let path = dir.join(f);
+        if !path.is_file() {
+            bail!(
+                "{name}={} has no {f} ({} is not a file); set it{what}",
+                dir.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Names `NAME` of the `{env:NAME}` placeholders in `arg`.
+fn env_placeholders(arg: &str) -> impl Iterator<Item = &str> {
+    arg.split("{env:")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
+}
+
+/// Replaces each `{env:NAME}` with the variable's value (empty when unset: [`Profile::check_needs`]
+/// reports that before anything runs).
+fn expand_env(arg: &str) -> String {
+    let mut out = arg.to_string();
+    for name in env_placeholders(arg) {
+        let value = std::env::var(name).unwrap_or_default();
+        out = out.replace(&format!("{{env:{name}}}"), &value);
+    }
+    out
 }
 
 /// Rejects `{name}` placeholders that do not exist (typos). Braces around anything that is not a
@@ -294,7 +383,15 @@ fn check_placeholders(arg: &str) -> Result<()> {
         };
         let name = &after[..close];
         let is_name = !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_');
-        if is_name && !PLACEHOLDERS.contains(&name) {
+        if let Some(var) = name.strip_prefix("env:") {
+            let valid = !var.is_empty()
+                && var
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            if !valid {
+                bail!("{{env:{var}}}: an environment variable name is A-Z, 0-9 and _");
+            }
+        } else if is_name && !PLACEHOLDERS.contains(&name) {
             bail!(
                 "unknown placeholder {{{name}}} (known: {})",
                 PLACEHOLDERS
@@ -302,6 +399,7 @@ fn check_placeholders(arg: &str) -> Result<()> {
                     .map(|p| format!("{{{p}}}"))
                     .collect::<Vec<_>>()
                     .join(", ")
+                    + ", {env:NAME}"
             );
         }
         rest = after;
@@ -350,22 +448,51 @@ mod tests {
         };
         let cases = [
             (
-                base("command = [\"s\", \"{dri}\"]\nready = \"tcp\"\nport = 1"),
+                base("command = [\"s\", \"{dri}\"]\nready = \"listen\"\nport = 1"),
                 "unknown placeholder",
             ),
             (
-                base("command = [\"s\"]\nready = \"tcp\""),
+                base("command = [\"s\"]\nready = \"listen\""),
                 "fixed server.port",
             ),
             (
                 base("command = [\"s\"]\nready = \"listening\""),
                 "capture {port}",
             ),
-            (base("command = []\nready = \"tcp\"\nport = 7"), "empty"),
+            (base("command = []\nready = \"listen\"\nport = 7"), "empty"),
+            (
+                base("command = [\"{env:lower}/s\"]\nready = \"listen\"\nport = 7"),
+                "environment variable name",
+            ),
         ];
         for (text, want) in cases {
             let err = Profile::parse(&text, "t", Path::new("/"), Path::new("/")).unwrap_err();
             assert!(format!("{err:#}").contains(want), "{err:#}");
         }
+    }
+
+    #[test]
+    fn env_placeholders_expand_and_are_checked() {
+        assert_eq!(
+            env_placeholders("{env:A}/x{env:B_2}").collect::<Vec<_>>(),
+            ["A", "B_2"]
+        );
+        // PATH is set in any test environment; its value replaces the placeholder.
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(expand_env("[{env:PATH}]"), format!("[{path}]"));
+        let home = need_dir("PATH", "", &[]).unwrap();
+        assert_eq!(home, PathBuf::from(&path));
+        let err = need_dir(
+            "CARGO_MANIFEST_DIR",
+            "a directory with it",
+            &["no-such.py".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("CARGO_MANIFEST_DIR=") && err.contains("has no no-such.py"),
+            "{err}"
+        );
+        assert!(err.ends_with("; set it to a directory with it"), "{err}");
     }
 }

@@ -1,13 +1,14 @@
 //! Directory listings: scan a tree (kind, mode, size, MD5, mtime, symlink target), compare two, render.
 //!
 //! The listing is the harness's notion of "what a mirror must reproduce": it ignores nothing under
-//! the root (temporary files included), so a stray file fails the comparison.
+//! the root (temporary files included), so a stray file fails the comparison. The integration
+//! tests use the same scan (leniently, through [`Tree::scan_lenient`] and [`Tree::listing`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -72,6 +73,8 @@ pub struct Entry {
     /// Target of symlinks, as stored (never followed).
     pub target: Option<String>,
     pub mtime: (i64, u32),
+    /// Which kind of special file: `"fifo"`, `"socket"` or `"device"`; `None` for other kinds.
+    pub special: Option<&'static str>,
 }
 
 /// A scanned tree, sorted by path.
@@ -79,6 +82,10 @@ pub struct Entry {
 pub struct Tree {
     pub root: PathBuf,
     pub entries: BTreeMap<String, Entry>,
+    /// What a lenient scan could not read, by path (`.` for the root): `cannot list: …`,
+    /// `cannot stat: …` or `unreadable: …` (a file's content, whose entry then has no MD5).
+    /// Always empty after a strict [`Tree::scan`], which fails instead.
+    pub problems: BTreeMap<String, String>,
 }
 
 /// Hex MD5 of a file's content, streamed.
@@ -110,48 +117,97 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Reads one entry (not following symlinks); `rel` is its listing path.
 pub fn entry_at(path: &Path, rel: &str) -> Result<Entry> {
+    let mut e = stat_entry(path, rel)?;
+    if e.kind == Kind::File {
+        e.md5 = Some(md5_file(path)?);
+    }
+    Ok(e)
+}
+
+/// Everything about one entry but the MD5 of a file's content.
+fn stat_entry(path: &Path, rel: &str) -> Result<Entry> {
     let meta = fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
     let ft = meta.file_type();
-    let kind = if ft.is_symlink() {
-        Kind::Symlink
+    let (kind, special) = if ft.is_symlink() {
+        (Kind::Symlink, None)
     } else if ft.is_dir() {
-        Kind::Dir
+        (Kind::Dir, None)
     } else if ft.is_file() {
-        Kind::File
+        (Kind::File, None)
+    } else if ft.is_fifo() {
+        (Kind::Special, Some("fifo"))
+    } else if ft.is_socket() {
+        (Kind::Special, Some("socket"))
     } else {
-        // FIFOs, sockets, block and character devices.
-        Kind::Special
+        (Kind::Special, Some("device"))
     };
     Ok(Entry {
         path: rel.to_string(),
         kind,
         mode: meta.mode() & 0o7777,
         size: if kind == Kind::File { meta.len() } else { 0 },
-        md5: if kind == Kind::File {
-            Some(md5_file(path)?)
-        } else {
-            None
-        },
+        md5: None,
         target: if kind == Kind::Symlink {
-            Some(fs::read_link(path)?.to_string_lossy().into_owned())
+            let t = fs::read_link(path).with_context(|| format!("readlink {}", path.display()))?;
+            Some(t.to_string_lossy().into_owned())
         } else {
             None
         },
         mtime: (meta.mtime(), meta.mtime_nsec() as u32),
+        special,
     })
 }
 
 impl Tree {
     /// Scans everything under `root` (the root itself is not an entry). A missing root is empty.
+    /// Anything that cannot be read fails the scan.
     pub fn scan(root: &Path) -> Result<Tree> {
-        let mut entries = BTreeMap::new();
+        let mut w = Walk::new(root, false);
         if root.exists() {
-            walk(root, "", &mut entries)?;
+            w.dir(root, "")?;
         }
-        Ok(Tree {
-            root: root.to_path_buf(),
-            entries,
-        })
+        Ok(w.into_tree())
+    }
+
+    /// Scans everything under `root`, recording what cannot be read in [`Tree::problems`]
+    /// instead of failing (for tests that make entries unreadable on purpose).
+    pub fn scan_lenient(root: &Path) -> Tree {
+        let mut w = Walk::new(root, true);
+        w.dir(root, "")
+            .expect("a lenient walk records problems instead of failing");
+        w.into_tree()
+    }
+
+    /// The tree as sorted text lines, one per entry, for tests that compare two trees as text:
+    /// `path file SIZE MD5 MODE MTIME`, `path dir MODE MTIME`, `path -> TARGET MTIME`,
+    /// `path fifo|socket|device MODE`, and `path <problem>` for what could not be read (a file
+    /// whose content cannot be read shows `<unreadable: …>` in place of its MD5). MTIME is
+    /// `SECONDS.NANOSECONDS`.
+    pub fn listing(&self) -> String {
+        let mut lines = Vec::with_capacity(self.entries.len() + self.problems.len());
+        for e in self.entries.values() {
+            let p = &e.path;
+            let (mode, mtime) = (e.mode, format!("{}.{:09}", e.mtime.0, e.mtime.1));
+            lines.push(match e.kind {
+                Kind::File => {
+                    let md5 = match (&e.md5, self.problems.get(p)) {
+                        (Some(m), _) => m.clone(),
+                        (None, problem) => format!("<{}>", problem.map_or("no md5", |s| s)),
+                    };
+                    format!("{p} file {} {md5} {mode:04o} {mtime}", e.size)
+                }
+                Kind::Dir => format!("{p} dir {mode:04o} {mtime}"),
+                Kind::Symlink => format!("{p} -> {} {mtime}", e.target.as_deref().unwrap_or("")),
+                Kind::Special => format!("{p} {} {mode:04o}", e.special.unwrap_or("special")),
+            });
+        }
+        for (p, problem) in &self.problems {
+            if self.entries.get(p).is_none_or(|e| e.kind != Kind::File) {
+                lines.push(format!("{p} <{problem}>"));
+            }
+        }
+        lines.sort();
+        lines.into_iter().map(|l| l + "\n").collect()
     }
 
     pub fn len(&self) -> usize {
@@ -189,25 +245,81 @@ impl Tree {
     }
 }
 
-fn walk(dir: &Path, prefix: &str, out: &mut BTreeMap<String, Entry>) -> Result<()> {
-    let rd = fs::read_dir(dir).with_context(|| format!("read dir {}", dir.display()))?;
-    for item in rd {
-        let item = item?;
-        let name = item.file_name().to_string_lossy().into_owned();
-        let rel = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}/{name}")
-        };
-        let path = item.path();
-        let entry = entry_at(&path, &rel)?;
-        let is_dir = entry.kind == Kind::Dir;
-        out.insert(rel.clone(), entry);
-        if is_dir {
-            walk(&path, &rel, out)?;
+/// One scan in progress: strict (the first problem is the error) or lenient (problems recorded).
+struct Walk {
+    root: PathBuf,
+    lenient: bool,
+    entries: BTreeMap<String, Entry>,
+    problems: BTreeMap<String, String>,
+}
+
+impl Walk {
+    fn new(root: &Path, lenient: bool) -> Walk {
+        Walk {
+            root: root.to_path_buf(),
+            lenient,
+            entries: BTreeMap::new(),
+            problems: BTreeMap::new(),
         }
     }
-    Ok(())
+
+    fn into_tree(self) -> Tree {
+        Tree {
+            root: self.root,
+            entries: self.entries,
+            problems: self.problems,
+        }
+    }
+
+    /// Strict: fails with `e`. Lenient: notes `what: cause` for `rel` and carries on.
+    fn problem(&mut self, rel: &str, what: &str, e: anyhow::Error) -> Result<()> {
+        if !self.lenient {
+            return Err(e);
+        }
+        let rel = if rel.is_empty() { "." } else { rel };
+        self.problems
+            .insert(rel.to_string(), format!("{what}: {}", e.root_cause()));
+        Ok(())
+    }
+
+    fn dir(&mut self, dir: &Path, prefix: &str) -> Result<()> {
+        let rd = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) => {
+                let e = anyhow::Error::new(e).context(format!("read dir {}", dir.display()));
+                return self.problem(prefix, "cannot list", e);
+            }
+        };
+        for item in rd {
+            let item = item.with_context(|| format!("read dir {}", dir.display()))?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let path = item.path();
+            let mut entry = match stat_entry(&path, &rel) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.problem(&rel, "cannot stat", e)?;
+                    continue;
+                }
+            };
+            if entry.kind == Kind::File {
+                match md5_file(&path) {
+                    Ok(m) => entry.md5 = Some(m),
+                    Err(e) => self.problem(&rel, "unreadable", e)?,
+                }
+            }
+            let is_dir = entry.kind == Kind::Dir;
+            self.entries.insert(rel.clone(), entry);
+            if is_dir {
+                self.dir(&path, &rel)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Shows a path as is, unless it holds control characters (then quoted and escaped).
@@ -416,5 +528,39 @@ mod tests {
         );
         assert_eq!(d[1], "- only-a.txt: file only in client");
         assert_eq!(d[2], "+ only-b.txt: file only in server");
+    }
+
+    #[test]
+    fn lenient_listing_shows_every_kind_and_what_it_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Through fsops, which sets modes exactly (whatever the umask).
+        let hello = crate::fsops::Content::Text("hello".into());
+        crate::fsops::write(&root.join("a.txt"), &hello, None).unwrap();
+        crate::fsops::mkdir_p(&root.join("d"), 0o755).unwrap();
+        std::os::unix::fs::symlink("a.txt", root.join("l")).unwrap();
+        crate::fsops::mkfifo(&root.join("p")).unwrap();
+        crate::fsops::set_mtime(&root.join("a.txt"), 86_400, 5).unwrap();
+        let t = Tree::scan_lenient(root);
+        let listing = t.listing();
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines.len(), 4, "{listing}");
+        assert_eq!(
+            lines[0],
+            "a.txt file 5 5d41402abc4b2a76b9719d911017c592 0644 86400.000000005"
+        );
+        assert!(lines[1].starts_with("d dir 0755 "), "{listing}");
+        assert!(lines[2].starts_with("l -> a.txt "), "{listing}");
+        assert_eq!(lines[3], "p fifo 0644");
+        assert!(t.problems.is_empty());
+
+        // A missing root is a problem of ".", not a failure; the strict scan calls it empty.
+        let gone = root.join("gone");
+        assert!(
+            Tree::scan_lenient(&gone)
+                .listing()
+                .starts_with(". <cannot list: ")
+        );
+        assert!(Tree::scan(&gone).unwrap().is_empty());
     }
 }

@@ -196,20 +196,23 @@ fn checks_fail_with_a_useful_message() {
     let _ = std::fs::remove_dir_all(&cfg.out_dir);
 }
 
-/// The profile features for implementations unlike ours: a fixed port with TCP readiness (no ready
-/// line), and a client that never exits by itself (a sync ends at its `sync:done` line, then the
-/// harness stops it). Exercised with a Python listener and the `cp -a` stand-in.
+/// The profile features for implementations unlike ours: a fixed port with readiness read from the
+/// kernel's socket table (no ready line), a server that must be idle before the scenario goes on,
+/// and a client that never exits by itself (a sync ends at its `sync:done` line, then the harness
+/// stops it). Exercised with a single-threaded Python listener that, like the original server,
+/// takes the first connection for its client: a readiness probe would show in its log.
 #[test]
-fn fixed_port_tcp_ready_and_line_terminated_client() {
+fn fixed_port_listen_ready_and_line_terminated_client() {
     let port = xtask::process::unused_port().unwrap();
     let text = format!(
         r#"
-name = "fixed port, tcp readiness, client stopped after its line"
+name = "fixed port, listen readiness, idle server, client stopped after its line"
 [server]
-command = ["python3", "-c", "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',{port}))\ns.listen()\ntime.sleep(3600)"]
+command = ["python3", "-u", "-c", "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',{port}))\ns.listen()\nc,a=s.accept()\nprint('connection from',a)\nc.recv(1)"]
 port = {port}
 data_port = {port}
-ready = "tcp"
+ready = "listen"
+wait_idle = true
 [client]
 once = ["sh", "-c", "find \"$1\" -mindepth 1 -delete && cp -a \"$2\"/. \"$1\"/ || exit 1; echo sync:done; exec sleep 3600 >/dev/null", "sh", "{{server_dir}}", "{{dir}}"]
 sync_done = "sync:done"
@@ -223,6 +226,42 @@ logs = false
     let cfg = config(profile, "fixed");
     for o in run_all(&scenarios(&[1, 4]), &cfg) {
         assert!(o.passed, "{}", o.failure.unwrap_or_default());
+        let server_log = std::fs::read_to_string(&o.logs[0]).unwrap();
+        assert!(server_log.contains("started"), "{server_log}");
+        assert!(
+            !server_log.contains("connection from ('127.0.0.1'"),
+            "the harness connected to the server to learn it was ready:\n{server_log}"
+        );
     }
     let _ = std::fs::remove_dir_all(&cfg.out_dir);
+}
+
+/// A profile that needs an environment variable says which, and what it must name, in one line.
+#[test]
+fn missing_or_wrong_environment_is_one_clear_line() {
+    let text = r#"
+name = "needs a variable"
+[needs.XTASK_SELFTEST_NEVER_SET]
+what = "a directory holding prog.sh"
+files = ["prog.sh"]
+[server]
+command = ["{env:XTASK_SELFTEST_NEVER_SET}/prog.sh", "{dir}"]
+port = 7
+ready = "listen"
+[client]
+once = ["true"]
+"#;
+    let profile = Profile::parse(text, "t.toml", Path::new("/"), Path::new("/")).unwrap();
+    let err = format!("{:#}", profile.check_needs().unwrap_err());
+    assert_eq!(
+        err,
+        "profile t.toml cannot run: XTASK_SELFTEST_NEVER_SET is not set; set it to a directory holding prog.sh"
+    );
+    // The engine refuses to run it too, with the same words, instead of starting "/prog.sh".
+    let o = engine::run(&scenarios(&[1])[0], &config(profile, "needs"));
+    assert!(
+        o.failure
+            .unwrap()
+            .contains("XTASK_SELFTEST_NEVER_SET is not set")
+    );
 }

@@ -53,38 +53,8 @@ impl Run<'_> {
                     format!("it exists: {}", render_entry(&e, false)),
                 )),
             },
-            Action::Empty { side } => {
-                let t = Tree::scan(self.dir(side))?;
-                if t.is_empty() {
-                    Ok(String::new())
-                } else {
-                    Err(fail(
-                        format!("{side} directory empty"),
-                        format!(
-                            "{}:\n{}",
-                            plural(t.len(), "entry"),
-                            t.render(true, REPORT_TREE_LIMIT)
-                        ),
-                    ))
-                }
-            }
-            Action::Identical { a, b } => {
-                let (ta, tb) = (Tree::scan(self.dir(a))?, Tree::scan(self.dir(b))?);
-                let d = tree::diff(&ta, &tb, a, b, self.cfg.profile.checks.mtime);
-                if d.is_empty() {
-                    return Ok(plural(ta.len(), "entry"));
-                }
-                let lines: Vec<String> = d.iter().map(|l| format!("  {l}")).collect();
-                Err(Failure {
-                    expected: format!("{a} and {b} trees identical"),
-                    actual: plural(d.len(), "difference"),
-                    detail: Some(format!(
-                        "diff {a} → {b} (- only in {a}, + only in {b}, ~ differs):\n{}",
-                        lines.join("\n")
-                    )),
-                    has_diff: a == "client" && b == "server",
-                })
-            }
+            Action::Empty { side } => self.check_empty(side),
+            Action::Identical { a, b } => self.check_identical(a, b),
             Action::Log {
                 side,
                 pattern,
@@ -102,22 +72,60 @@ impl Run<'_> {
                     self.check_log_lacks(side, pattern, *since)
                 }
             }
-            Action::NoTemp { side } => {
-                let Some(marker) = self.cfg.profile.checks.temp_marker.clone() else {
-                    self.skipped += 1;
-                    return Ok("skipped: the profile names no temp_marker".into());
-                };
-                let found = Tree::scan(self.dir(side))?.temp_files(&marker);
-                if found.is_empty() {
-                    Ok(String::new())
-                } else {
-                    Err(fail(
-                        format!("no {marker}* files under {side}"),
-                        found.join(", "),
-                    ))
-                }
-            }
+            Action::NoTemp { side } => self.check_no_temp(side),
             other => unreachable!("not a check: {other:?}"),
+        }
+    }
+
+    fn check_empty(&self, side: &str) -> StepResult {
+        let t = Tree::scan(self.dir(side))?;
+        if t.is_empty() {
+            Ok(String::new())
+        } else {
+            Err(fail(
+                format!("{side} directory empty"),
+                format!(
+                    "{}:\n{}",
+                    plural(t.len(), "entry"),
+                    t.render(true, REPORT_TREE_LIMIT)
+                ),
+            ))
+        }
+    }
+
+    /// Two sides' trees compared entry by entry (mtimes as precisely as the profile says).
+    fn check_identical(&self, a: &str, b: &str) -> StepResult {
+        let (ta, tb) = (Tree::scan(self.dir(a))?, Tree::scan(self.dir(b))?);
+        let d = tree::diff(&ta, &tb, a, b, self.cfg.profile.checks.mtime);
+        if d.is_empty() {
+            return Ok(plural(ta.len(), "entry"));
+        }
+        let lines: Vec<String> = d.iter().map(|l| format!("  {l}")).collect();
+        Err(Failure {
+            expected: format!("{a} and {b} trees identical"),
+            actual: plural(d.len(), "difference"),
+            detail: Some(format!(
+                "diff {a} → {b} (- only in {a}, + only in {b}, ~ differs):\n{}",
+                lines.join("\n")
+            )),
+            has_diff: a == "client" && b == "server",
+        })
+    }
+
+    /// No file named with the profile's temporary marker (skipped when it names none).
+    fn check_no_temp(&mut self, side: &str) -> StepResult {
+        let Some(marker) = self.cfg.profile.checks.temp_marker.clone() else {
+            self.skipped += 1;
+            return Ok("skipped: the profile names no temp_marker".into());
+        };
+        let found = Tree::scan(self.dir(side))?.temp_files(&marker);
+        if found.is_empty() {
+            Ok(String::new())
+        } else {
+            Err(fail(
+                format!("no {marker}* files under {side}"),
+                found.join(", "),
+            ))
         }
     }
 
