@@ -7,8 +7,8 @@
 //! atomically (temp file, rename), and a missing, truncated or corrupt cache is simply rebuilt.
 
 use std::cmp::Ordering;
-use std::fs::{self, Metadata};
-use std::io::{self, Write};
+use std::fs::{self, File, Metadata};
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -37,7 +37,7 @@ pub fn now_ns() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
-use crate::wire::cache_file::{self, CacheFileWriter, CacheRecord as Record};
+use crate::wire::cache_file::{self, CacheFileReader, CacheFileWriter, CacheRecord as Record, Sum};
 
 /// A hash learnt outside a scan, for [`HashCache::remember`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,17 +47,79 @@ pub struct Learned {
     pub hash: ContentHash,
 }
 
-/// The cache of one directory tree, as loaded. Records are kept in walk order (component
-/// order), so a scan, which asks in that same order, finds each one by advancing a cursor.
+/// The cache of one directory tree, as loaded. Its file is verified whole when loaded, then
+/// its records are read one at a time as lookups advance: they are in walk (component) order,
+/// and a scan asks in that same order. So a cache costs a read buffer, not a copy of itself.
 #[derive(Debug)]
 pub struct HashCache {
     file: PathBuf,
     algorithm: HashAlgorithm,
-    old: Vec<Record>,
-    cursor: usize,
+    /// The file as loaded, `None` when there was none (or none that could be trusted).
+    old: Option<Old>,
     pub(crate) now_ns: i64,
     pub hits: u64,
     pub misses: u64,
+}
+
+/// A verified cache file being read.
+#[derive(Debug)]
+struct Old {
+    /// Its checksum: a save whose records give the same one would rewrite the same file.
+    sum: Sum,
+    records: CacheFileReader<File>,
+    /// The next record not yet passed, once read.
+    next: Record,
+    state: Cursor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cursor {
+    /// `next` must be read before it is looked at.
+    Unread,
+    /// `next` holds the record the cursor is at.
+    At,
+    /// No record left.
+    End,
+    /// Reading failed after the file was verified (an I/O error): no record left either.
+    Failed,
+}
+
+impl Old {
+    /// Verifies the cache file at `path` and opens it for reading its records.
+    fn open(path: &Path, algorithm: HashAlgorithm) -> Option<Old> {
+        let mut f = File::open(path).ok()?;
+        let len = f.metadata().ok()?.len();
+        let sum = cache_file::check(&mut f, len, algorithm)?;
+        f.seek(SeekFrom::Start(0)).ok()?;
+        Some(Old {
+            sum,
+            records: CacheFileReader::open(f, len, algorithm).ok()??,
+            next: Record::empty(algorithm),
+            state: Cursor::Unread,
+        })
+    }
+
+    /// The record at the cursor, if any is left.
+    fn peek(&mut self) -> Option<&Record> {
+        if self.state == Cursor::Unread {
+            self.state = match self.records.next_into(&mut self.next) {
+                Ok(true) => Cursor::At,
+                Ok(false) => Cursor::End,
+                Err(e) => {
+                    tracing::debug!("hash cache: {e}");
+                    Cursor::Failed
+                }
+            };
+        }
+        (self.state == Cursor::At).then_some(&self.next)
+    }
+
+    /// Moves the cursor past the record it is at.
+    fn advance(&mut self) {
+        if self.state == Cursor::At {
+            self.state = Cursor::Unread;
+        }
+    }
 }
 
 impl HashCache {
@@ -98,19 +160,16 @@ impl HashCache {
 
     /// Loads the cache of `algorithm`'s hashes kept beside `base` (the path `file_for` gives):
     /// one file per algorithm, so a server serving clients of both keeps both. Anything
-    /// unreadable, or holding another algorithm's hashes, starts an empty cache.
+    /// unreadable, or holding another algorithm's hashes, starts an empty cache. The file is
+    /// read through once here to verify it; its records are read again as lookups need them.
     pub fn load(base: &Path, algorithm: HashAlgorithm) -> HashCache {
         let file = base.with_extension(format!("{algorithm}.hashes"));
-        let old = fs::read(&file)
-            .ok()
-            .and_then(|b| cache_file::decode(&b, algorithm))
-            .unwrap_or_default();
+        let old = Old::open(&file, algorithm);
         let now = now_ns();
         HashCache {
             file,
             algorithm,
             old,
-            cursor: 0,
             now_ns: now,
             hits: 0,
             misses: 0,
@@ -129,14 +188,16 @@ impl HashCache {
     /// The hash recorded for `rel`, if its stamp is unchanged since it was hashed. Calls must
     /// come in component order (as a walk makes them); out of order, they only miss.
     pub fn lookup(&mut self, rel: &str, stamp: &Stamp) -> Option<ContentHash> {
-        while let Some(r) = self.old.get(self.cursor) {
-            match cmp_components(&r.path, rel) {
-                Ordering::Less => self.cursor += 1,
-                Ordering::Equal if r.stamp == *stamp => {
-                    self.hits += 1;
-                    return Some(r.hash);
+        if let Some(old) = &mut self.old {
+            while let Some(r) = old.peek() {
+                match cmp_components(&r.path, rel) {
+                    Ordering::Less => old.advance(),
+                    Ordering::Equal if r.stamp == *stamp => {
+                        self.hits += 1;
+                        return Some(r.hash);
+                    }
+                    _ => break,
                 }
-                _ => break,
             }
         }
         self.misses += 1;
@@ -151,73 +212,116 @@ impl HashCache {
 
     /// Adds hashes learnt outside a scan (files hashed while being sent or received) to the
     /// cache beside `base`, replacing records of the same paths. Records whose stamp is not
-    /// settled, or whose hash is of another algorithm, are left out.
+    /// settled, or whose hash is of another algorithm, are left out. The old records are
+    /// streamed from the file into the new one, merged with the learnt ones on the way.
     pub fn remember(
         base: &Path,
         algorithm: HashAlgorithm,
-        learned: Vec<Learned>,
+        mut learned: Vec<Learned>,
     ) -> io::Result<()> {
-        let cache = HashCache::load(base, algorithm);
-        // One record per path, the last learnt: a file both hashed on request and hashed while
-        // sent is learnt twice, and duplicates would make the whole cache unreadable.
-        let latest: std::collections::HashMap<String, (Stamp, ContentHash)> = learned
-            .into_iter()
-            // Callers vouch for their stamps (`settled_at`, or `settled_own_write` for files
-            // this process wrote); both imply this much.
-            .filter(|l| l.stamp.settled_own_write(cache.now_ns) && l.hash.algorithm() == algorithm)
-            .map(|l| (l.path, (l.stamp, l.hash)))
-            .collect();
-        let mut new: Vec<Record> = latest
-            .into_iter()
-            .map(|(path, (stamp, hash))| Record { path, stamp, hash })
-            .collect();
-        if new.is_empty() {
+        let mut cache = HashCache::load(base, algorithm);
+        // Callers vouch for their stamps (`settled_at`, or `settled_own_write` for files
+        // this process wrote); both imply this much.
+        learned
+            .retain(|l| l.stamp.settled_own_write(cache.now_ns) && l.hash.algorithm() == algorithm);
+        if learned.is_empty() {
             return Ok(());
         }
-        new.sort_by(|a, b| cmp_components(&a.path, &b.path));
-        let (mut old, mut new) = (cache.old.iter().peekable(), new.iter().peekable());
-        let mut merged = Vec::with_capacity(cache.old.len() + new.len());
-        loop {
-            let next = match (old.peek(), new.peek()) {
-                (Some(o), Some(n)) => match cmp_components(&o.path, &n.path) {
-                    Ordering::Less => old.next(),
-                    Ordering::Equal => {
-                        old.next();
-                        new.next()
+        // In walk order, one record per path, the last learnt: a file both hashed on request
+        // and hashed while sent is learnt twice, and duplicates would make the whole cache
+        // unreadable. Sorted as indices, which the stable sort keeps in learning order among
+        // equal paths, so as not to move (or copy) the records themselves.
+        let mut order: Vec<usize> = (0..learned.len()).collect();
+        order.sort_by(|&a, &b| cmp_components(&learned[a].path, &learned[b].path));
+        order.dedup_by(|later, kept| {
+            let same = learned[*later].path == learned[*kept].path;
+            if same {
+                *kept = *later;
+            }
+            same
+        });
+        let mut new = order.iter().map(|&i| &learned[i]).peekable();
+        let mut old = cache.old.take();
+        let old_sum = old.as_ref().map(|o| o.sum);
+        let written = cache.write(old_sum, |file| {
+            loop {
+                let o = old.as_mut().and_then(Old::peek);
+                let (path, stamp, hash) = match (o, new.peek()) {
+                    (Some(o), Some(n)) if cmp_components(&o.path, &n.path) == Ordering::Less => {
+                        (o.path.as_str(), o.stamp, o.hash)
                     }
-                    Ordering::Greater => new.next(),
-                },
-                (Some(_), None) => old.next(),
-                (None, _) => new.next(),
-            };
-            let Some(r) = next else { break };
-            merged.push((r.path.as_str(), r.stamp, r.hash));
-        }
-        cache.save(merged.into_iter())
+                    (Some(o), Some(n)) => {
+                        if o.path == n.path {
+                            // Replaced by what was learnt.
+                            old.as_mut().map(Old::advance);
+                        }
+                        let n = new.next().expect("peeked");
+                        file.push(&n.path, &n.stamp, &n.hash)?;
+                        continue;
+                    }
+                    (Some(o), None) => (o.path.as_str(), o.stamp, o.hash),
+                    (None, Some(_)) => {
+                        let n = new.next().expect("peeked");
+                        file.push(&n.path, &n.stamp, &n.hash)?;
+                        continue;
+                    }
+                    (None, None) => break,
+                };
+                file.push(path, &stamp, &hash)?;
+                old.as_mut().map(Old::advance);
+            }
+            match old {
+                Some(Old {
+                    state: Cursor::Failed,
+                    ..
+                }) => Err(io::Error::other(
+                    "the old hash cache could not be read again",
+                )),
+                _ => Ok(()),
+            }
+        });
+        written.map(drop)
     }
 
     /// Replaces the cache file with `records` (in walk order), atomically; skipped when they
-    /// are exactly what was loaded.
+    /// are exactly what was loaded. `records` is gone through twice when there is a cache to
+    /// compare with: once to compute the checksum the new file would have, once to write it
+    /// if that differs.
     pub fn save<'a>(
         &self,
-        records: impl Iterator<Item = (&'a str, Stamp, ContentHash)>,
+        records: impl Iterator<Item = (&'a str, Stamp, ContentHash)> + Clone,
     ) -> io::Result<()> {
-        let mut file = CacheFileWriter::new(self.algorithm, self.old.len());
-        let mut n = 0usize;
-        let mut same = true;
-        for (path, s, hash) in records {
-            debug_assert_eq!(hash.algorithm(), self.algorithm);
-            same &= self
-                .old
-                .get(n)
-                .is_some_and(|r| r.path == path && r.stamp == s && r.hash == hash);
-            n += 1;
-            file.push(path, &s, &hash);
+        fn push_all<'a, W: io::Write>(
+            file: &mut CacheFileWriter<W>,
+            records: impl Iterator<Item = (&'a str, Stamp, ContentHash)>,
+        ) -> io::Result<()> {
+            records
+                .into_iter()
+                .try_for_each(|(path, s, hash)| file.push(path, &s, &hash))
         }
-        if same && n == self.old.len() {
+        debug_assert!(records.clone().all(|r| r.2.algorithm() == self.algorithm));
+        let same = match &self.old {
+            Some(old) => {
+                let mut probe = CacheFileWriter::new(io::sink(), self.algorithm);
+                push_all(&mut probe, records.clone())?;
+                probe.finish()?.1 == old.sum
+            }
+            None => records.clone().next().is_none(),
+        };
+        if same {
             return Ok(());
         }
-        let body = file.finish();
+        self.write(None, |file| push_all(file, records)).map(drop)
+    }
+
+    /// Writes a new cache file with what `fill` pushes, and puts it in place, atomically,
+    /// unless its checksum is `unchanged` (the same file as the one there). Whether it was put
+    /// in place.
+    fn write(
+        &self,
+        unchanged: Option<Sum>,
+        fill: impl FnOnce(&mut CacheFileWriter<&mut File>) -> io::Result<()>,
+    ) -> io::Result<bool> {
         let dir = self.file.parent().unwrap_or(Path::new("."));
         // It lists every path of the tree: private, like the files themselves may be.
         std::fs::DirBuilder::new()
@@ -225,8 +329,28 @@ impl HashCache {
             .mode(0o700)
             .create(dir)?;
         let mut tmp = crate::store::root::TempFile::new_in(dir)?;
-        tmp.file().write_all(&body)?;
-        tmp.persist_to(&self.file)
+        let mut file = CacheFileWriter::new(tmp.file(), self.algorithm);
+        fill(&mut file)?;
+        let (_, sum) = file.finish()?;
+        if unchanged == Some(sum) {
+            // Dropping the temporary file deletes it.
+            return Ok(false);
+        }
+        tmp.persist_to(&self.file)?;
+        Ok(true)
+    }
+
+    /// Every record of the file as loaded (tests look at what a cache holds).
+    #[cfg(test)]
+    fn records(mut self) -> Vec<Record> {
+        let mut out = Vec::new();
+        if let Some(old) = &mut self.old {
+            while let Some(r) = old.peek() {
+                out.push(r.clone());
+                old.advance();
+            }
+        }
+        out
     }
 }
 
@@ -305,7 +429,7 @@ mod tests {
             b"garbage that is long enough to hold a checksum".to_vec(),
         ] {
             fs::write(c.file.clone(), &bad).unwrap();
-            assert!(HashCache::load(&file, B3).old.is_empty());
+            assert!(HashCache::load(&file, B3).records().is_empty());
         }
     }
 
@@ -368,12 +492,20 @@ mod tests {
         let c = HashCache::load(&file, B3);
         c.save([("a", stamp(1), B3.of(b"a"))].into_iter()).unwrap();
         // Kept apart: the MD5 cache of the same tree is another file, empty here...
-        assert!(HashCache::load(&file, HashAlgorithm::Md5).old.is_empty());
+        assert!(
+            HashCache::load(&file, HashAlgorithm::Md5)
+                .records()
+                .is_empty()
+        );
         // ...and a BLAKE3 cache put where the MD5 one belongs is refused, not misread.
         let md5_file = HashCache::load(&file, HashAlgorithm::Md5).file;
         fs::copy(&c.file, &md5_file).unwrap();
-        assert!(HashCache::load(&file, HashAlgorithm::Md5).old.is_empty());
-        assert_eq!(HashCache::load(&file, B3).old.len(), 1);
+        assert!(
+            HashCache::load(&file, HashAlgorithm::Md5)
+                .records()
+                .is_empty()
+        );
+        assert_eq!(HashCache::load(&file, B3).records().len(), 1);
     }
 
     #[test]
