@@ -20,18 +20,23 @@ const BATCH_BYTES: u64 = 64 << 20;
 
 /// Splits requests into batches: at most `BATCH` files or `BATCH_BYTES` each, and, when
 /// there are few, into as many batches as there are transfers, so that all connections work.
-/// Batches are made as they are asked for: only those in flight are held apart.
-pub fn batches(requests: Vec<Wanted>, transfers: usize) -> impl Iterator<Item = Vec<Wanted>> {
+/// Batches are made as they are asked for, and the list gives its memory back as it empties:
+/// the hashes learnt from the files received grow meanwhile, and need not come on top of it.
+pub fn batches(mut requests: Vec<Wanted>, transfers: usize) -> impl Iterator<Item = Vec<Wanted>> {
     let per = requests.len().div_ceil(transfers).clamp(1, BATCH);
-    let mut requests = requests.into_iter();
+    // Taken from the end, in their order.
+    requests.reverse();
     std::iter::from_fn(move || {
-        let first = requests.next()?;
+        let first = requests.pop()?;
         let mut bytes = first.size;
         let mut batch = vec![first];
         while batch.len() < per && bytes < BATCH_BYTES {
-            let Some(r) = requests.next() else { break };
+            let Some(r) = requests.pop() else { break };
             bytes = bytes.saturating_add(r.size);
             batch.push(r);
+        }
+        if requests.capacity() > 2 * requests.len() + BATCH {
+            requests.shrink_to_fit();
         }
         Some(batch)
     })
