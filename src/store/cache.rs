@@ -8,7 +8,8 @@
 
 use std::cmp::Ordering;
 use std::fs::{self, File, Metadata};
-use std::io::{self, Seek, SeekFrom};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -66,7 +67,13 @@ pub struct HashCache {
 struct Old {
     /// Its checksum: a save whose records give the same one would rewrite the same file.
     sum: Sum,
-    records: CacheFileReader<File>,
+    /// How many records it holds.
+    count: u64,
+    /// The file, for reading it again from the start (see [`Old::reread`]).
+    file: File,
+    len: u64,
+    algorithm: HashAlgorithm,
+    records: CacheFileReader<At>,
     /// The next record not yet passed, once read.
     next: Record,
     state: Cursor,
@@ -87,15 +94,28 @@ enum Cursor {
 impl Old {
     /// Verifies the cache file at `path` and opens it for reading its records.
     fn open(path: &Path, algorithm: HashAlgorithm) -> Option<Old> {
-        let mut f = File::open(path).ok()?;
-        let len = f.metadata().ok()?.len();
-        let sum = cache_file::check(&mut f, len, algorithm)?;
-        f.seek(SeekFrom::Start(0)).ok()?;
+        let file = File::open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let (sum, count) = cache_file::check(At::start(&file).ok()?, len, algorithm)?;
         Some(Old {
             sum,
-            records: CacheFileReader::open(f, len, algorithm).ok()??,
+            count,
+            records: CacheFileReader::open(At::start(&file).ok()?, len, algorithm).ok()??,
+            file,
+            len,
+            algorithm,
             next: Record::empty(algorithm),
             state: Cursor::Unread,
+        })
+    }
+
+    /// The file's records again, from the first, whatever lookups have read so far.
+    fn reread(&self) -> io::Result<Rereading> {
+        let records = CacheFileReader::open(At::start(&self.file)?, self.len, self.algorithm)?
+            .ok_or_else(|| io::Error::other("the hash cache changed since it was loaded"))?;
+        Ok(Rereading {
+            records,
+            rec: Record::empty(self.algorithm),
         })
     }
 
@@ -118,6 +138,52 @@ impl Old {
     fn advance(&mut self) {
         if self.state == Cursor::At {
             self.state = Cursor::Unread;
+        }
+    }
+}
+
+/// Reads a file from its own position, so that readers of one file do not move each other.
+#[derive(Debug)]
+struct At {
+    file: File,
+    pos: u64,
+}
+
+impl At {
+    fn start(file: &File) -> io::Result<At> {
+        Ok(At {
+            file: file.try_clone()?,
+            pos: 0,
+        })
+    }
+}
+
+impl io::Read for At {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// The loaded cache file read again, for the stamps of records a scan found unchanged.
+struct Rereading {
+    records: CacheFileReader<At>,
+    rec: Record,
+}
+
+impl Rereading {
+    /// The stamp of the record of `path`, which must come after those asked for before.
+    fn stamp_of(&mut self, path: &str) -> io::Result<Stamp> {
+        loop {
+            if self.rec.path == path {
+                return Ok(self.rec.stamp);
+            }
+            if !self.records.next_into(&mut self.rec)? {
+                return Err(io::Error::other(
+                    "the hash cache changed since it was loaded",
+                ));
+            }
         }
     }
 }
@@ -284,34 +350,50 @@ impl HashCache {
     }
 
     /// Replaces the cache file with `records` (in walk order), atomically; skipped when they
-    /// are exactly what was loaded. `records` is gone through twice when there is a cache to
-    /// compare with: once to compute the checksum the new file would have, once to write it
-    /// if that differs.
+    /// are exactly what was loaded.
     pub fn save<'a>(
         &self,
         records: impl Iterator<Item = (&'a str, Stamp, ContentHash)> + Clone,
     ) -> io::Result<()> {
-        fn push_all<'a, W: io::Write>(
-            file: &mut CacheFileWriter<W>,
-            records: impl Iterator<Item = (&'a str, Stamp, ContentHash)>,
-        ) -> io::Result<()> {
-            records
-                .into_iter()
-                .try_for_each(|(path, s, hash)| file.push(path, &s, &hash))
+        self.save_scan(records.map(|(path, stamp, hash)| (path, Some(stamp), hash)))
+    }
+
+    /// [`HashCache::save`] for a scan through this cache: a record without a stamp is one
+    /// that [`HashCache::lookup`] found unchanged, whose stamp is read back from the file as
+    /// loaded rather than kept by the scan in the meantime. `records` is gone through twice.
+    pub fn save_scan<'a>(
+        &self,
+        records: impl Iterator<Item = (&'a str, Option<Stamp>, ContentHash)> + Clone,
+    ) -> io::Result<()> {
+        let (mut n, mut all_hits) = (0u64, true);
+        for (_, stamp, hash) in records.clone() {
+            debug_assert_eq!(hash.algorithm(), self.algorithm);
+            n += 1;
+            all_hits &= stamp.is_none();
         }
-        debug_assert!(records.clone().all(|r| r.2.algorithm() == self.algorithm));
+        // Hits come in file order, each equal to its record: as many as there were, they are
+        // the file.
         let same = match &self.old {
-            Some(old) => {
-                let mut probe = CacheFileWriter::new(io::sink(), self.algorithm);
-                push_all(&mut probe, records.clone())?;
-                probe.finish()?.1 == old.sum
-            }
-            None => records.clone().next().is_none(),
+            Some(old) => all_hits && n == old.count,
+            None => n == 0,
         };
         if same {
             return Ok(());
         }
-        self.write(None, |file| push_all(file, records)).map(drop)
+        let mut loaded = self.old.as_ref().map(Old::reread).transpose()?;
+        let unchanged = self.old.as_ref().map(|o| o.sum);
+        let written = self.write(unchanged, |file| {
+            for (path, stamp, hash) in records {
+                let stamp = match (stamp, &mut loaded) {
+                    (Some(s), _) => s,
+                    (None, Some(loaded)) => loaded.stamp_of(path)?,
+                    (None, None) => return Err(io::Error::other("a hit without a cache")),
+                };
+                file.push(path, &stamp, &hash)?;
+            }
+            Ok(())
+        });
+        written.map(drop)
     }
 
     /// Writes a new cache file with what `fill` pushes, and puts it in place, atomically,

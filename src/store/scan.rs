@@ -21,7 +21,10 @@ pub struct Scan {
     /// The scanned directory's own mode and mtime (no entry names it).
     pub root: Meta,
     pub warnings: Vec<String>,
-    /// Files whose hash may go into the hash cache: (index in `entries`, stamp), in order.
+    /// Files whose hash goes into the hash cache, in two ascending lists of their index in
+    /// `entries`: those the cache vouched for (their stamp is the one the cache holds), and
+    /// those hashed now, with their stamp.
+    hits: Vec<u32>,
     cacheable: Vec<(usize, Stamp)>,
 }
 
@@ -36,14 +39,27 @@ impl Scan {
 
     /// Saves what this scan learnt into `cache`'s file.
     pub fn save_cache(&self, cache: &HashCache) -> io::Result<()> {
-        cache.save(self.cacheable.iter().map(|&(i, stamp)| {
+        let (mut hits, mut hashed) = (
+            self.hits.iter().peekable(),
+            self.cacheable.iter().peekable(),
+        );
+        // Both lists merged, in walk order.
+        let records = std::iter::from_fn(move || {
+            let (i, stamp) = match (hits.peek(), hashed.peek()) {
+                (Some(&&h), Some(&&(c, _))) if (h as usize) > c => {
+                    hashed.next().map(|&(c, s)| (c, Some(s)))?
+                }
+                (Some(_), _) => (*hits.next()? as usize, None),
+                (None, _) => hashed.next().map(|&(c, s)| (c, Some(s)))?,
+            };
             let e = &self.entries[i];
-            (
+            Some((
                 e.path.as_str(),
                 stamp,
                 e.hash().expect("only files are cacheable"),
-            )
-        }))
+            ))
+        });
+        cache.save_scan(records)
     }
 }
 
@@ -182,6 +198,9 @@ fn hash_pending(
     for (idx, _) in &mut scan.cacheable {
         *idx -= vanished.partition_point(|g| g < idx);
     }
+    for idx in &mut scan.hits {
+        *idx -= vanished.partition_point(|&g| g < *idx as usize) as u32;
+    }
 }
 
 /// One thread's share of [`hash_pending`]: the files at `pending` (indices into the whole
@@ -304,7 +323,8 @@ fn walk(
             let size = md.len();
             let kind = match cached {
                 Some(hash) => {
-                    scan.cacheable.push((index, stamp));
+                    // Beyond 4 billion entries, simply not cached.
+                    scan.hits.extend(u32::try_from(index).ok());
                     Kind::File { size, hash }
                 }
                 None if opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
@@ -494,6 +514,35 @@ mod tests {
         let (s, _) = scan_through(&dir, &cache);
         let a = s.entries.iter().find(|e| e.path.as_str() == "a").unwrap();
         assert_eq!(a.hash(), Some(HashAlgorithm::Md5.of(want)));
+    }
+
+    /// Records the cache vouched for are written back with the stamps the file held, beside
+    /// those hashed anew; a scan that finds everything unchanged leaves the file alone.
+    #[test]
+    fn a_changed_file_does_not_cost_the_others_their_records() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, cache) = (d.path().join("t"), d.path().join("cache"));
+        fs::create_dir_all(dir.join("c")).unwrap();
+        for f in ["a", "b", "c/d", "e"] {
+            fs::write(dir.join(f), f).unwrap();
+        }
+        assert_eq!(scan_through(&dir, &cache).1, 0);
+        assert_eq!(scan_through(&dir, &cache).1, 4);
+        let file = HashCache::load(&cache, HashAlgorithm::Md5)
+            .file()
+            .to_owned();
+        let ino = || fs::metadata(&file).unwrap().ino();
+        let before = ino();
+        assert_eq!(scan_through(&dir, &cache).1, 4);
+        assert_eq!(ino(), before, "an unchanged cache is not rewritten");
+        fs::write(dir.join("b"), "new b").unwrap();
+        fs::remove_file(dir.join("e")).unwrap();
+        assert_eq!(scan_through(&dir, &cache).1, 2, "a and c/d");
+        assert_ne!(ino(), before);
+        let (s, hits) = scan_through(&dir, &cache);
+        assert_eq!(hits, 3, "a, b and c/d");
+        let b = s.entries.iter().find(|e| e.path.as_str() == "b").unwrap();
+        assert_eq!(b.hash(), Some(HashAlgorithm::Md5.of(b"new b")));
     }
 
     #[test]

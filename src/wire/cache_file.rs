@@ -207,20 +207,23 @@ impl<R: Read> Read for Summing<R> {
 
 /// Reads a whole cache file of `len` bytes from `r` and checks it: a cache of `algorithm`'s
 /// hashes, every record well formed and in order, the trailing checksum right. Its checksum
-/// when it is sound; `None` when it is damaged, out of order, another algorithm's or
-/// unreadable.
-pub fn check<R: Read>(r: R, len: u64, algorithm: HashAlgorithm) -> Option<Sum> {
+/// and number of records when it is sound; `None` when it is damaged, out of order, another
+/// algorithm's or unreadable.
+pub fn check<R: Read>(r: R, len: u64, algorithm: HashAlgorithm) -> Option<(Sum, u64)> {
     let summing = Summing {
         r,
         sum: blake3::Hasher::new(),
     };
     let mut records = CacheFileReader::open(summing, len, algorithm).ok()??;
     let mut rec = CacheRecord::empty(algorithm);
-    while records.next_into(&mut rec).ok()? {}
+    let mut count = 0;
+    while records.next_into(&mut rec).ok()? {
+        count += 1;
+    }
     let Summing { mut r, sum } = records.into_inner();
     let mut stored = [0u8; SUM_LEN];
     r.read_exact(&mut stored).ok()?;
-    (*sum.finalize().as_bytes() == stored).then_some(stored)
+    (*sum.finalize().as_bytes() == stored).then_some((stored, count))
 }
 
 #[cfg(test)]
@@ -270,7 +273,11 @@ mod tests {
             let (bytes, sum) = encode(alg, &paths);
             assert!(bytes.len() > 2 * BUF_SIZE);
             assert_eq!(bytes[bytes.len() - SUM_LEN..], sum);
-            assert_eq!(check(&bytes[..], bytes.len() as u64, alg), Some(sum));
+            let count = paths.len() as u64;
+            assert_eq!(
+                check(&bytes[..], bytes.len() as u64, alg),
+                Some((sum, count))
+            );
             let got = decode(&bytes, alg).unwrap();
             assert_eq!(got.len(), paths.len());
             for (i, (r, p)) in got.iter().zip(&paths).enumerate() {
