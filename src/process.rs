@@ -32,6 +32,17 @@ pub fn limit_malloc_arenas() {
     }
 }
 
+/// Hands memory freed since the last call back to the operating system. glibc returns the
+/// top of a heap by itself, but not free pages between chunks still in use: after a session
+/// that held a large tree, those would stay resident until the next one reuses them.
+pub fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Turns on TCP keepalive (first probe after 30 s idle, then every 10 s, 3 tries): a peer
 /// host that vanished is noticed within about a minute, even by a data connection blocked in
 /// a write, which no read timeout covers.

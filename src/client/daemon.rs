@@ -35,6 +35,8 @@ pub async fn run(cfg: &Config, interval: Duration, shutdown: impl Future<Output 
                 }
             },
         };
+        // The sync's lists are free by now: do not keep them resident until the next one.
+        crate::process::release_freed_memory();
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep(wait) => {}

@@ -140,8 +140,12 @@ pub async fn run(
             let _held = (permit, slot);
             if is_data {
                 route::route_data(&shared, stream, addr).await;
-            } else if let Err(e) = session(&shared, stream, addr).await {
-                warn!("session with {addr} ended: {e}");
+            } else {
+                if let Err(e) = session(&shared, stream, addr).await {
+                    warn!("session with {addr} ended: {e}");
+                }
+                // What the session held (its lists, plan and hashes) is free by now.
+                crate::process::release_freed_memory();
             }
         });
     }

@@ -20,23 +20,26 @@ const BATCH_BYTES: u64 = 64 << 20;
 
 /// Splits requests into batches: at most `BATCH` files or `BATCH_BYTES` each, and, when
 /// there are few, into as many batches as there are transfers, so that all connections work.
-pub fn batches(requests: Vec<Wanted>, transfers: usize) -> Vec<Vec<Wanted>> {
+/// Batches are made as they are asked for, and the list gives its memory back as it empties:
+/// the hashes learnt from the files received grow meanwhile, and need not come on top of it.
+pub fn batches(mut requests: Vec<Wanted>, transfers: usize) -> impl Iterator<Item = Vec<Wanted>> {
     let per = requests.len().div_ceil(transfers).clamp(1, BATCH);
-    let mut out: Vec<Vec<Wanted>> = Vec::new();
-    let mut bytes = 0;
-    for r in requests {
-        match out.last_mut() {
-            Some(b) if b.len() < per && bytes < BATCH_BYTES => {
-                bytes = bytes.saturating_add(r.size);
-                b.push(r);
-            }
-            _ => {
-                bytes = r.size;
-                out.push(vec![r]);
-            }
+    // Taken from the end, in their order.
+    requests.reverse();
+    std::iter::from_fn(move || {
+        let first = requests.pop()?;
+        let mut bytes = first.size;
+        let mut batch = vec![first];
+        while batch.len() < per && bytes < BATCH_BYTES {
+            let Some(r) = requests.pop() else { break };
+            bytes = bytes.saturating_add(r.size);
+            batch.push(r);
         }
-    }
-    out
+        if requests.capacity() > 2 * requests.len() + BATCH {
+            requests.shrink_to_fit();
+        }
+        Some(batch)
+    })
 }
 
 /// Requests the batches, keeping up to `transfers` of them in flight, each received on its
@@ -45,12 +48,12 @@ pub async fn fetch(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
-    batches: Vec<Vec<Wanted>>,
+    batches: impl Iterator<Item = Vec<Wanted>>,
     (transfers, algorithm): (usize, HashAlgorithm),
 ) -> Result<transfer::Received, SessionError> {
     let idle = shared.idle;
     let mut total = transfer::Received::default();
-    let mut batches = batches.into_iter().enumerate();
+    let mut batches = batches.enumerate();
     // Requested, connection not there yet; and being received.
     let mut asked: HashMap<u32, Vec<Wanted>> = HashMap::new();
     let mut running = JoinSet::new();
@@ -163,7 +166,7 @@ mod tests {
                 meta: Meta::default(),
             })
             .collect();
-        let got: Vec<usize> = batches(requests, transfers).iter().map(Vec::len).collect();
+        let got: Vec<usize> = batches(requests, transfers).map(|b| b.len()).collect();
         assert_eq!(got, expected, "sizes {sizes:?}, {transfers} transfers");
     }
 

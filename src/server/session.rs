@@ -315,8 +315,9 @@ async fn sync(
 ) -> Result<(), SessionError> {
     let (client, server, root_meta) = lists(shared, conn, terms).await?;
     let client = hash_where_it_matters(shared, conn, client, &server, terms).await?;
-    let (outcome, plan) = plan_and_apply(shared, conn, client, server).await;
-    let mut requests = plan.requests.clone();
+    let (outcome, mut plan) = plan_and_apply(shared, conn, client, server).await;
+    // Moved, not copied: the plan has no other use for them.
+    let mut requests = std::mem::take(&mut plan.requests);
     requests.extend(outcome.refetch.iter().cloned());
     let requested = requests.len() as u64;
     let batches = batches(requests, terms.transfers);
@@ -532,7 +533,7 @@ async fn finish(
     outcome.failed.extend(got.failed);
     let (root, events) = (shared.root.clone(), shared.events.clone());
     let (cache_file, learned) = (shared.cache_file.clone(), got.learned);
-    let changed = !plan.is_empty() || !outcome.refetch.is_empty();
+    let changed = requested > 0 || !plan.is_empty() || !outcome.refetch.is_empty();
     let finishing = tokio::task::spawn_blocking(move || {
         apply::apply_meta(&root, &plan, &mut outcome, &*events);
         // Last: every change at the top moved the root's mtime.

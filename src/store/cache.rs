@@ -7,8 +7,9 @@
 //! atomically (temp file, rename), and a missing, truncated or corrupt cache is simply rebuilt.
 
 use std::cmp::Ordering;
-use std::fs::{self, Metadata};
-use std::io::{self, Write};
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -37,7 +38,7 @@ pub fn now_ns() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
-use crate::wire::cache_file::{self, CacheFileWriter, CacheRecord as Record};
+use crate::wire::cache_file::{self, CacheFileReader, CacheFileWriter, CacheRecord as Record, Sum};
 
 /// A hash learnt outside a scan, for [`HashCache::remember`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,17 +48,144 @@ pub struct Learned {
     pub hash: ContentHash,
 }
 
-/// The cache of one directory tree, as loaded. Records are kept in walk order (component
-/// order), so a scan, which asks in that same order, finds each one by advancing a cursor.
+/// The cache of one directory tree, as loaded. Its file is verified whole when loaded, then
+/// its records are read one at a time as lookups advance: they are in walk (component) order,
+/// and a scan asks in that same order. So a cache costs a read buffer, not a copy of itself.
 #[derive(Debug)]
 pub struct HashCache {
     file: PathBuf,
     algorithm: HashAlgorithm,
-    old: Vec<Record>,
-    cursor: usize,
+    /// The file as loaded, `None` when there was none (or none that could be trusted).
+    old: Option<Old>,
     pub(crate) now_ns: i64,
     pub hits: u64,
     pub misses: u64,
+}
+
+/// A verified cache file being read.
+#[derive(Debug)]
+struct Old {
+    /// Its checksum: a save whose records give the same one would rewrite the same file.
+    sum: Sum,
+    /// How many records it holds.
+    count: u64,
+    /// The file, for reading it again from the start (see [`Old::reread`]).
+    file: File,
+    len: u64,
+    algorithm: HashAlgorithm,
+    records: CacheFileReader<At>,
+    /// The next record not yet passed, once read.
+    next: Record,
+    state: Cursor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cursor {
+    /// `next` must be read before it is looked at.
+    Unread,
+    /// `next` holds the record the cursor is at.
+    At,
+    /// No record left.
+    End,
+    /// Reading failed after the file was verified (an I/O error): no record left either.
+    Failed,
+}
+
+impl Old {
+    /// Verifies the cache file at `path` and opens it for reading its records.
+    fn open(path: &Path, algorithm: HashAlgorithm) -> Option<Old> {
+        let file = File::open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let (sum, count) = cache_file::check(At::start(&file).ok()?, len, algorithm)?;
+        Some(Old {
+            sum,
+            count,
+            records: CacheFileReader::open(At::start(&file).ok()?, len, algorithm).ok()??,
+            file,
+            len,
+            algorithm,
+            next: Record::empty(algorithm),
+            state: Cursor::Unread,
+        })
+    }
+
+    /// The file's records again, from the first, whatever lookups have read so far.
+    fn reread(&self) -> io::Result<Rereading> {
+        let records = CacheFileReader::open(At::start(&self.file)?, self.len, self.algorithm)?
+            .ok_or_else(|| io::Error::other("the hash cache changed since it was loaded"))?;
+        Ok(Rereading {
+            records,
+            rec: Record::empty(self.algorithm),
+        })
+    }
+
+    /// The record at the cursor, if any is left.
+    fn peek(&mut self) -> Option<&Record> {
+        if self.state == Cursor::Unread {
+            self.state = match self.records.next_into(&mut self.next) {
+                Ok(true) => Cursor::At,
+                Ok(false) => Cursor::End,
+                Err(e) => {
+                    tracing::debug!("hash cache: {e}");
+                    Cursor::Failed
+                }
+            };
+        }
+        (self.state == Cursor::At).then_some(&self.next)
+    }
+
+    /// Moves the cursor past the record it is at.
+    fn advance(&mut self) {
+        if self.state == Cursor::At {
+            self.state = Cursor::Unread;
+        }
+    }
+}
+
+/// Reads a file from its own position, so that readers of one file do not move each other.
+#[derive(Debug)]
+struct At {
+    file: File,
+    pos: u64,
+}
+
+impl At {
+    fn start(file: &File) -> io::Result<At> {
+        Ok(At {
+            file: file.try_clone()?,
+            pos: 0,
+        })
+    }
+}
+
+impl io::Read for At {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// The loaded cache file read again, for the stamps of records a scan found unchanged.
+struct Rereading {
+    records: CacheFileReader<At>,
+    rec: Record,
+}
+
+impl Rereading {
+    /// The stamp of the record of `path`, which must come after those asked for before.
+    fn stamp_of(&mut self, path: &str) -> io::Result<Stamp> {
+        loop {
+            if self.rec.path == path {
+                return Ok(self.rec.stamp);
+            }
+            if !self.records.next_into(&mut self.rec)? {
+                return Err(io::Error::other(
+                    "the hash cache changed since it was loaded",
+                ));
+            }
+        }
+    }
 }
 
 impl HashCache {
@@ -89,19 +217,16 @@ impl HashCache {
 
     /// Loads the cache of `algorithm`'s hashes kept beside `base` (the path `file_for` gives):
     /// one file per algorithm, so a server serving clients of both keeps both. Anything
-    /// unreadable, or holding another algorithm's hashes, starts an empty cache.
+    /// unreadable, or holding another algorithm's hashes, starts an empty cache. The file is
+    /// read through once here to verify it; its records are read again as lookups need them.
     pub fn load(base: &Path, algorithm: HashAlgorithm) -> HashCache {
         let file = base.with_extension(format!("{algorithm}.hashes"));
-        let old = fs::read(&file)
-            .ok()
-            .and_then(|b| cache_file::decode(&b, algorithm))
-            .unwrap_or_default();
+        let old = Old::open(&file, algorithm);
         let now = now_ns();
         HashCache {
             file,
             algorithm,
             old,
-            cursor: 0,
             now_ns: now,
             hits: 0,
             misses: 0,
@@ -120,14 +245,16 @@ impl HashCache {
     /// The hash recorded for `rel`, if its stamp is unchanged since it was hashed. Calls must
     /// come in component order (as a walk makes them); out of order, they only miss.
     pub fn lookup(&mut self, rel: &str, stamp: &Stamp) -> Option<ContentHash> {
-        while let Some(r) = self.old.get(self.cursor) {
-            match cmp_components(&r.path, rel) {
-                Ordering::Less => self.cursor += 1,
-                Ordering::Equal if r.stamp == *stamp => {
-                    self.hits += 1;
-                    return Some(r.hash);
+        if let Some(old) = &mut self.old {
+            while let Some(r) = old.peek() {
+                match cmp_components(&r.path, rel) {
+                    Ordering::Less => old.advance(),
+                    Ordering::Equal if r.stamp == *stamp => {
+                        self.hits += 1;
+                        return Some(r.hash);
+                    }
+                    _ => break,
                 }
-                _ => break,
             }
         }
         self.misses += 1;
@@ -142,73 +269,132 @@ impl HashCache {
 
     /// Adds hashes learnt outside a scan (files hashed while being sent or received) to the
     /// cache beside `base`, replacing records of the same paths. Records whose stamp is not
-    /// settled, or whose hash is of another algorithm, are left out.
+    /// settled, or whose hash is of another algorithm, are left out. The old records are
+    /// streamed from the file into the new one, merged with the learnt ones on the way.
     pub fn remember(
         base: &Path,
         algorithm: HashAlgorithm,
-        learned: Vec<Learned>,
+        mut learned: Vec<Learned>,
     ) -> io::Result<()> {
-        let cache = HashCache::load(base, algorithm);
-        // One record per path, the last learnt: a file both hashed on request and hashed while
-        // sent is learnt twice, and duplicates would make the whole cache unreadable.
-        let latest: std::collections::HashMap<String, (Stamp, ContentHash)> = learned
-            .into_iter()
-            // Callers vouch for their stamps (`settled_at`, or `settled_own_write` for files
-            // this process wrote); both imply this much.
-            .filter(|l| l.stamp.settled_own_write(cache.now_ns) && l.hash.algorithm() == algorithm)
-            .map(|l| (l.path, (l.stamp, l.hash)))
-            .collect();
-        let mut new: Vec<Record> = latest
-            .into_iter()
-            .map(|(path, (stamp, hash))| Record { path, stamp, hash })
-            .collect();
-        if new.is_empty() {
+        let mut cache = HashCache::load(base, algorithm);
+        // Callers vouch for their stamps (`settled_at`, or `settled_own_write` for files
+        // this process wrote); both imply this much.
+        learned
+            .retain(|l| l.stamp.settled_own_write(cache.now_ns) && l.hash.algorithm() == algorithm);
+        if learned.is_empty() {
             return Ok(());
         }
-        new.sort_by(|a, b| cmp_components(&a.path, &b.path));
-        let (mut old, mut new) = (cache.old.iter().peekable(), new.iter().peekable());
-        let mut merged = Vec::with_capacity(cache.old.len() + new.len());
-        loop {
-            let next = match (old.peek(), new.peek()) {
-                (Some(o), Some(n)) => match cmp_components(&o.path, &n.path) {
-                    Ordering::Less => old.next(),
-                    Ordering::Equal => {
-                        old.next();
-                        new.next()
+        // In walk order, one record per path, the last learnt: a file both hashed on request
+        // and hashed while sent is learnt twice, and duplicates would make the whole cache
+        // unreadable. Sorted as indices, which the stable sort keeps in learning order among
+        // equal paths, so as not to move (or copy) the records themselves.
+        let mut order: Vec<usize> = (0..learned.len()).collect();
+        order.sort_by(|&a, &b| cmp_components(&learned[a].path, &learned[b].path));
+        order.dedup_by(|later, kept| {
+            let same = learned[*later].path == learned[*kept].path;
+            if same {
+                *kept = *later;
+            }
+            same
+        });
+        let mut new = order.iter().map(|&i| &learned[i]).peekable();
+        let mut old = cache.old.take();
+        let old_sum = old.as_ref().map(|o| o.sum);
+        let written = cache.write(old_sum, |file| {
+            loop {
+                let o = old.as_mut().and_then(Old::peek);
+                let (path, stamp, hash) = match (o, new.peek()) {
+                    (Some(o), Some(n)) if cmp_components(&o.path, &n.path) == Ordering::Less => {
+                        (o.path.as_str(), o.stamp, o.hash)
                     }
-                    Ordering::Greater => new.next(),
-                },
-                (Some(_), None) => old.next(),
-                (None, _) => new.next(),
-            };
-            let Some(r) = next else { break };
-            merged.push((r.path.as_str(), r.stamp, r.hash));
-        }
-        cache.save(merged.into_iter())
+                    (Some(o), Some(n)) => {
+                        if o.path == n.path {
+                            // Replaced by what was learnt.
+                            old.as_mut().map(Old::advance);
+                        }
+                        let n = new.next().expect("peeked");
+                        file.push(&n.path, &n.stamp, &n.hash)?;
+                        continue;
+                    }
+                    (Some(o), None) => (o.path.as_str(), o.stamp, o.hash),
+                    (None, Some(_)) => {
+                        let n = new.next().expect("peeked");
+                        file.push(&n.path, &n.stamp, &n.hash)?;
+                        continue;
+                    }
+                    (None, None) => break,
+                };
+                file.push(path, &stamp, &hash)?;
+                old.as_mut().map(Old::advance);
+            }
+            match old {
+                Some(Old {
+                    state: Cursor::Failed,
+                    ..
+                }) => Err(io::Error::other(
+                    "the old hash cache could not be read again",
+                )),
+                _ => Ok(()),
+            }
+        });
+        written.map(drop)
     }
 
     /// Replaces the cache file with `records` (in walk order), atomically; skipped when they
     /// are exactly what was loaded.
     pub fn save<'a>(
         &self,
-        records: impl Iterator<Item = (&'a str, Stamp, ContentHash)>,
+        records: impl Iterator<Item = (&'a str, Stamp, ContentHash)> + Clone,
     ) -> io::Result<()> {
-        let mut file = CacheFileWriter::new(self.algorithm, self.old.len());
-        let mut n = 0usize;
-        let mut same = true;
-        for (path, s, hash) in records {
+        self.save_scan(records.map(|(path, stamp, hash)| (path, Some(stamp), hash)))
+    }
+
+    /// [`HashCache::save`] for a scan through this cache: a record without a stamp is one
+    /// that [`HashCache::lookup`] found unchanged, whose stamp is read back from the file as
+    /// loaded rather than kept by the scan in the meantime. `records` is gone through twice.
+    pub fn save_scan<'a>(
+        &self,
+        records: impl Iterator<Item = (&'a str, Option<Stamp>, ContentHash)> + Clone,
+    ) -> io::Result<()> {
+        let (mut n, mut all_hits) = (0u64, true);
+        for (_, stamp, hash) in records.clone() {
             debug_assert_eq!(hash.algorithm(), self.algorithm);
-            same &= self
-                .old
-                .get(n)
-                .is_some_and(|r| r.path == path && r.stamp == s && r.hash == hash);
             n += 1;
-            file.push(path, &s, &hash);
+            all_hits &= stamp.is_none();
         }
-        if same && n == self.old.len() {
+        // Hits come in file order, each equal to its record: as many as there were, they are
+        // the file.
+        let same = match &self.old {
+            Some(old) => all_hits && n == old.count,
+            None => n == 0,
+        };
+        if same {
             return Ok(());
         }
-        let body = file.finish();
+        let mut loaded = self.old.as_ref().map(Old::reread).transpose()?;
+        let unchanged = self.old.as_ref().map(|o| o.sum);
+        let written = self.write(unchanged, |file| {
+            for (path, stamp, hash) in records {
+                let stamp = match (stamp, &mut loaded) {
+                    (Some(s), _) => s,
+                    (None, Some(loaded)) => loaded.stamp_of(path)?,
+                    (None, None) => return Err(io::Error::other("a hit without a cache")),
+                };
+                file.push(path, &stamp, &hash)?;
+            }
+            Ok(())
+        });
+        written.map(drop)
+    }
+
+    /// Writes a new cache file with what `fill` pushes, and puts it in place, atomically,
+    /// unless its checksum is `unchanged` (the same file as the one there). Whether it was put
+    /// in place.
+    fn write(
+        &self,
+        unchanged: Option<Sum>,
+        fill: impl FnOnce(&mut CacheFileWriter<&mut File>) -> io::Result<()>,
+    ) -> io::Result<bool> {
         let dir = self.file.parent().unwrap_or(Path::new("."));
         // It lists every path of the tree: private, like the files themselves may be.
         std::fs::DirBuilder::new()
@@ -216,8 +402,28 @@ impl HashCache {
             .mode(0o700)
             .create(dir)?;
         let mut tmp = crate::store::root::TempFile::new_in(dir)?;
-        tmp.file().write_all(&body)?;
-        tmp.persist_to(&self.file)
+        let mut file = CacheFileWriter::new(tmp.file(), self.algorithm);
+        fill(&mut file)?;
+        let (_, sum) = file.finish()?;
+        if unchanged == Some(sum) {
+            // Dropping the temporary file deletes it.
+            return Ok(false);
+        }
+        tmp.persist_to(&self.file)?;
+        Ok(true)
+    }
+
+    /// Every record of the file as loaded (tests look at what a cache holds).
+    #[cfg(test)]
+    fn records(mut self) -> Vec<Record> {
+        let mut out = Vec::new();
+        if let Some(old) = &mut self.old {
+            while let Some(r) = old.peek() {
+                out.push(r.clone());
+                old.advance();
+            }
+        }
+        out
     }
 }
 
@@ -319,7 +525,7 @@ mod tests {
             b"garbage that is long enough to hold a checksum".to_vec(),
         ] {
             fs::write(c.file.clone(), &bad).unwrap();
-            assert!(HashCache::load(&file, B3).old.is_empty());
+            assert!(HashCache::load(&file, B3).records().is_empty());
         }
     }
 
@@ -382,12 +588,20 @@ mod tests {
         let c = HashCache::load(&file, B3);
         c.save([("a", stamp(1), B3.of(b"a"))].into_iter()).unwrap();
         // Kept apart: the MD5 cache of the same tree is another file, empty here...
-        assert!(HashCache::load(&file, HashAlgorithm::Md5).old.is_empty());
+        assert!(
+            HashCache::load(&file, HashAlgorithm::Md5)
+                .records()
+                .is_empty()
+        );
         // ...and a BLAKE3 cache put where the MD5 one belongs is refused, not misread.
         let md5_file = HashCache::load(&file, HashAlgorithm::Md5).file;
         fs::copy(&c.file, &md5_file).unwrap();
-        assert!(HashCache::load(&file, HashAlgorithm::Md5).old.is_empty());
-        assert_eq!(HashCache::load(&file, B3).old.len(), 1);
+        assert!(
+            HashCache::load(&file, HashAlgorithm::Md5)
+                .records()
+                .is_empty()
+        );
+        assert_eq!(HashCache::load(&file, B3).records().len(), 1);
     }
 
     #[test]

@@ -21,7 +21,10 @@ pub struct Scan {
     /// The scanned directory's own mode and mtime (no entry names it).
     pub root: Meta,
     pub warnings: Vec<String>,
-    /// Files whose hash may go into the hash cache: (index in `entries`, stamp), in order.
+    /// Files whose hash goes into the hash cache, in two ascending lists of their index in
+    /// `entries`: those the cache vouched for (their stamp is the one the cache holds), and
+    /// those hashed now, with their stamp.
+    hits: Vec<u32>,
     cacheable: Vec<(usize, Stamp)>,
 }
 
@@ -36,14 +39,27 @@ impl Scan {
 
     /// Saves what this scan learnt into `cache`'s file.
     pub fn save_cache(&self, cache: &HashCache) -> io::Result<()> {
-        cache.save(self.cacheable.iter().map(|&(i, stamp)| {
+        let (mut hits, mut hashed) = (
+            self.hits.iter().peekable(),
+            self.cacheable.iter().peekable(),
+        );
+        // Both lists merged, in walk order.
+        let records = std::iter::from_fn(move || {
+            let (i, stamp) = match (hits.peek(), hashed.peek()) {
+                (Some(&&h), Some(&&(c, _))) if (h as usize) > c => {
+                    hashed.next().map(|&(c, s)| (c, Some(s)))?
+                }
+                (Some(_), _) => (*hits.next()? as usize, None),
+                (None, _) => hashed.next().map(|&(c, s)| (c, Some(s)))?,
+            };
             let e = &self.entries[i];
-            (
+            Some((
                 e.path.as_str(),
                 stamp,
                 e.hash().expect("only files are cacheable"),
-            )
-        }))
+            ))
+        });
+        cache.save_scan(records)
     }
 }
 
@@ -106,12 +122,7 @@ pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, opts: Options) -> io
         &opts,
         own.as_ref(),
     );
-    hash_pending(
-        &mut scan,
-        pending,
-        cache.as_deref(),
-        (opts.algorithm, own.as_ref()),
-    );
+    hash_pending(&mut scan, &pending, root, (opts.algorithm, own.as_ref()));
     Ok(scan)
 }
 
@@ -129,63 +140,56 @@ pub fn scan_cached(dir: &Path, cache_file: Option<PathBuf>, opts: Options) -> io
     Ok(found)
 }
 
-/// A file the walk found that the cache could not vouch for.
-struct Pending {
-    index: usize,
-    path: PathBuf,
-    stamp: Stamp,
-}
-
+/// Hashes the files at `pending` (indices into `scan.entries`, ascending) on every core, each
+/// thread writing into its own stretch of the entries. A file that vanished since the walk is
+/// dropped; one that could not be read becomes `Unreadable`. Neither, nor a file whose size
+/// changed since the walk, stays cacheable.
 fn hash_pending(
     scan: &mut Scan,
-    pending: Vec<Pending>,
-    cache: Option<&HashCache>,
+    pending: &[usize],
+    root: &Path,
     (alg, own): (HashAlgorithm, Option<&Root>),
 ) {
-    let hash = |p: &Pending| match (hash_file(&p.path, alg), own) {
-        (Err(e), Some(own)) if e.kind() == io::ErrorKind::PermissionDenied => {
-            hash_own_unreadable(own, &p.path, alg).unwrap_or(Err(e))
-        }
-        (r, _) => r,
-    };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = pending.len().div_ceil(threads).max(1);
-    let results: Vec<io::Result<(u64, ContentHash)>> = std::thread::scope(|s| {
-        let workers: Vec<_> = pending
-            .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(hash).collect::<Vec<_>>()))
-            .collect();
+    // Per thread: the files no longer cacheable, and those that vanished.
+    let outcomes: Vec<(Vec<usize>, Vec<usize>)> = std::thread::scope(|s| {
+        let mut rest: &mut [Entry] = &mut scan.entries;
+        let mut base = 0;
+        let mut workers = Vec::new();
+        for part in pending.chunks(chunk) {
+            let end = part.last().expect("chunks are not empty") + 1;
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(end - base);
+            let first = base;
+            (rest, base) = (tail, end);
+            workers.push(s.spawn(move || hash_part(mine, first, part, root, (alg, own))));
+        }
         workers
             .into_iter()
-            .flat_map(|w| w.join().expect("hashing does not panic"))
+            .map(|w| w.join().expect("hashing does not panic"))
             .collect()
     });
+    let mut uncacheable = Vec::new();
     let mut vanished = Vec::new();
-    for (res, p) in results.into_iter().zip(&pending) {
-        let e = &mut scan.entries[p.index];
-        match res {
-            Ok((size, hash)) => {
-                // A file that changed size while read is hashed again next time, not cached.
-                if cache.is_some_and(|c| size == p.stamp.size() && c.may_record(&p.stamp)) {
-                    scan.cacheable.push((p.index, p.stamp));
-                }
-                e.kind = Kind::File { size, hash };
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => vanished.push(p.index),
-            Err(err) => {
-                e.kind = Kind::Unreadable {
-                    reason: err.to_string(),
-                };
-                e.meta = Meta::default();
-            }
-        }
+    for (u, v) in outcomes {
+        uncacheable.extend(u);
+        vanished.extend(v);
     }
-    scan.cacheable.sort_unstable_by_key(|&(i, _)| i);
+    if !uncacheable.is_empty() || !vanished.is_empty() {
+        // Both ascending, as `cacheable` is.
+        let (mut u, mut v) = (uncacheable.iter().peekable(), vanished.iter().peekable());
+        scan.cacheable.retain(|&(i, _)| {
+            let skip = |it: &mut std::iter::Peekable<std::slice::Iter<usize>>| {
+                while it.next_if(|&&x| x < i).is_some() {}
+                it.peek() == Some(&&i)
+            };
+            !skip(&mut u) & !skip(&mut v)
+        });
+    }
     if vanished.is_empty() {
         return;
     }
     // Drop what disappeared since the walk, and shift the cacheable indices to match.
-    vanished.sort_unstable();
     let mut i = 0;
     scan.entries.retain(|_| {
         i += 1;
@@ -194,6 +198,51 @@ fn hash_pending(
     for (idx, _) in &mut scan.cacheable {
         *idx -= vanished.partition_point(|g| g < idx);
     }
+    for idx in &mut scan.hits {
+        *idx -= vanished.partition_point(|&g| g < *idx as usize) as u32;
+    }
+}
+
+/// One thread's share of [`hash_pending`]: the files at `pending` (indices into the whole
+/// list), of which `entries` is the stretch from index `first`. Returns the indices of the
+/// files that may not be cached after all, and of those that vanished.
+fn hash_part(
+    entries: &mut [Entry],
+    first: usize,
+    pending: &[usize],
+    root: &Path,
+    (alg, own): (HashAlgorithm, Option<&Root>),
+) -> (Vec<usize>, Vec<usize>) {
+    let (mut uncacheable, mut vanished) = (Vec::new(), Vec::new());
+    for &index in pending {
+        let e = &mut entries[index - first];
+        let res = match (hash_file(&root.join(e.path.as_str()), alg), own) {
+            // A file this process owns but may not read: `own` opens it beneath its handle
+            // by granting owner-read for the moment of opening.
+            (Err(err), Some(own)) if err.kind() == io::ErrorKind::PermissionDenied => own
+                .open_read_own(&e.path)
+                .and_then(|mut f| hash_reader(&mut f, alg)),
+            (r, _) => r,
+        };
+        match res {
+            Ok((size, hash)) => {
+                // A file that changed size while read is hashed again next time, not cached.
+                if !matches!(e.kind, Kind::File { size: walked, .. } if walked == size) {
+                    uncacheable.push(index);
+                }
+                e.kind = Kind::File { size, hash };
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => vanished.push(index),
+            Err(err) => {
+                uncacheable.push(index);
+                e.kind = Kind::Unreadable {
+                    reason: err.to_string(),
+                };
+                e.meta = Meta::default();
+            }
+        }
+    }
+    (uncacheable, vanished)
 }
 
 fn read_dir_sorted(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
@@ -206,7 +255,7 @@ fn walk(
     parent: Option<&RelPath>,
     children: Vec<fs::DirEntry>,
     scan: &mut Scan,
-    pending: &mut Vec<Pending>,
+    pending: &mut Vec<usize>,
     cache: &mut Option<&mut HashCache>,
     opts: &Options,
     own: Option<&Root>,
@@ -274,12 +323,17 @@ fn walk(
             let size = md.len();
             let kind = match cached {
                 Some(hash) => {
-                    scan.cacheable.push((index, stamp));
+                    // Beyond 4 billion entries, simply not cached.
+                    scan.hits.extend(u32::try_from(index).ok());
                     Kind::File { size, hash }
                 }
                 None if opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
                 None => {
-                    pending.push(Pending { index, path, stamp });
+                    pending.push(index);
+                    // Cached once hashed, unless it changes meanwhile (see `hash_pending`).
+                    if cache.as_deref().is_some_and(|c| c.may_record(&stamp)) {
+                        scan.cacheable.push((index, stamp));
+                    }
                     // Filled in by `hash_pending`.
                     Kind::File {
                         size,
@@ -340,20 +394,6 @@ fn read_own_dir(
         }
     }
     read_dir_sorted(path)
-}
-
-/// Hashes a file this process owns but may not read, which `own` opens beneath its handle by
-/// granting owner-read for the moment of opening. `None` when `path` is not in `own`'s tree.
-fn hash_own_unreadable(
-    own: &Root,
-    path: &Path,
-    alg: HashAlgorithm,
-) -> Option<io::Result<(u64, ContentHash)>> {
-    let rel = RelPath::new(path.strip_prefix(own.path()).ok()?.to_str()?).ok()?;
-    Some(
-        own.open_read_own(&rel)
-            .and_then(|mut f| hash_reader(&mut f, alg)),
-    )
 }
 
 /// Size and hash of a file just opened that must not change while it is read: its stamp is
@@ -474,6 +514,35 @@ mod tests {
         let (s, _) = scan_through(&dir, &cache);
         let a = s.entries.iter().find(|e| e.path.as_str() == "a").unwrap();
         assert_eq!(a.hash(), Some(HashAlgorithm::Md5.of(want)));
+    }
+
+    /// Records the cache vouched for are written back with the stamps the file held, beside
+    /// those hashed anew; a scan that finds everything unchanged leaves the file alone.
+    #[test]
+    fn a_changed_file_does_not_cost_the_others_their_records() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, cache) = (d.path().join("t"), d.path().join("cache"));
+        fs::create_dir_all(dir.join("c")).unwrap();
+        for f in ["a", "b", "c/d", "e"] {
+            fs::write(dir.join(f), f).unwrap();
+        }
+        assert_eq!(scan_through(&dir, &cache).1, 0);
+        assert_eq!(scan_through(&dir, &cache).1, 4);
+        let file = HashCache::load(&cache, HashAlgorithm::Md5)
+            .file()
+            .to_owned();
+        let ino = || fs::metadata(&file).unwrap().ino();
+        let before = ino();
+        assert_eq!(scan_through(&dir, &cache).1, 4);
+        assert_eq!(ino(), before, "an unchanged cache is not rewritten");
+        fs::write(dir.join("b"), "new b").unwrap();
+        fs::remove_file(dir.join("e")).unwrap();
+        assert_eq!(scan_through(&dir, &cache).1, 2, "a and c/d");
+        assert_ne!(ino(), before);
+        let (s, hits) = scan_through(&dir, &cache);
+        assert_eq!(hits, 3, "a, b and c/d");
+        let b = s.entries.iter().find(|e| e.path.as_str() == "b").unwrap();
+        assert_eq!(b.hash(), Some(HashAlgorithm::Md5.of(b"new b")));
     }
 
     #[test]
