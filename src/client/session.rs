@@ -13,6 +13,7 @@ use crate::core::hash::HashAlgorithm;
 use crate::core::identity::FileId;
 use crate::core::manifest::{Entry, Kind, Meta, RelPath, find_sorted};
 use crate::events::Event;
+use crate::store::Store;
 use crate::store::cache::{HashCache, Learned};
 use crate::store::root::Root;
 use crate::store::scan;
@@ -153,7 +154,8 @@ async fn scan_tree(
         defer_above: Some(cfg.defer_above),
         ..scan::Options::new(algorithm)
     };
-    let scanning = tokio::task::spawn_blocking(move || scan::scan_cached(&dir, cache_file, opts));
+    let store = Root::new(&dir);
+    let scanning = tokio::task::spawn_blocking(move || store.list(cache_file, opts));
     let mut scan = pinging(conn, cfg.keepalive, scanning)
         .await?
         .expect("scan does not panic")

@@ -20,7 +20,8 @@ use crate::events::{Counts, Event, Events};
 use crate::server::fetch::{batches, fetch};
 use crate::server::route::Registration;
 use crate::server::{MAX_ENTRIES, MAX_LIST_BYTES, MAX_TRANSFERS};
-use crate::store::apply::{self, Outcome};
+use crate::store::Store;
+use crate::store::apply::Outcome;
 use crate::store::cache::HashCache;
 use crate::store::root::Root;
 use crate::store::scan;
@@ -363,7 +364,7 @@ async fn lists(
         ..scan::Options::new(terms.algorithm)
     };
     let scanning = tokio::task::spawn_blocking(move || {
-        let scan = scan::scan_cached(root.path(), cache_file, opts).map_err(SessionError::Scan)?;
+        let scan = root.list(cache_file, opts).map_err(SessionError::Scan)?;
         for w in &scan.warnings {
             tracing::warn!("{w}");
         }
@@ -505,7 +506,7 @@ async fn plan_and_apply(
     let (root, events) = (shared.root.clone(), shared.events.clone());
     let planning = tokio::task::spawn_blocking(move || {
         let plan = plan::plan(&client, &server);
-        (apply::apply_local(&root, &plan, &*events), plan)
+        (root.apply(&plan, &*events), plan)
     });
     keepalive(shared.keepalive, conn, planning)
         .await
@@ -535,10 +536,10 @@ async fn finish(
     let (cache_file, learned) = (shared.cache_file.clone(), got.learned);
     let changed = requested > 0 || !plan.is_empty() || !outcome.refetch.is_empty();
     let finishing = tokio::task::spawn_blocking(move || {
-        apply::apply_meta(&root, &plan, &mut outcome, &*events);
+        root.finish(&plan, &mut outcome, &*events);
         // Last: every change at the top moved the root's mtime.
         if let Some(m) = root_meta
-            && let Err(e) = root.set_root_mtime(m.mtime_secs, m.mtime_nanos)
+            && let Err(e) = Store::set_root_mtime(&root, &m)
         {
             tracing::warn!("failed to set the mtime of the synced directory: {e}");
             outcome
@@ -552,7 +553,7 @@ async fn finish(
             tracing::warn!("failed to save the hash cache: {e}");
         }
         // An unchanged tree costs no flush: nothing of ours is dirty.
-        if changed && let Err(e) = root.sync_filesystem() {
+        if changed && let Err(e) = root.flush() {
             tracing::warn!("failed to flush the file system: {e}");
             outcome
                 .failed

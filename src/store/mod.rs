@@ -3,14 +3,64 @@
 
 pub mod apply;
 pub mod cache;
+mod local;
 pub mod read;
 pub mod root;
 pub mod scan;
 pub mod state;
 
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
-use root::Root;
+use crate::core::manifest::{Meta, RelPath};
+use crate::core::plan::Plan;
+use crate::core::stamp::Stamp;
+use crate::events::EventSink;
+use apply::Outcome;
+use root::{Root, RootError};
+use scan::Scan;
+
+/// The synced tree as the rest of the program sees it: listed, read, written through staged
+/// files that become visible only when committed, changed entry by entry, flushed. [`Root`] is
+/// the local-disk implementation; the server and the transfers are written against this
+/// trait, so a tree elsewhere (or a test double) fits in without touching them.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// A file being written for an entry: not part of the tree until committed, gone if
+    /// dropped uncommitted.
+    type Staged: Staged + Send;
+
+    /// Lists the tree (its hash cache, if any, in `cache_file`).
+    fn list(&self, cache_file: Option<PathBuf>, opts: scan::Options) -> io::Result<Scan>;
+    /// Opens the regular file `rel` for reading, never through a symlink.
+    fn read(&self, rel: &RelPath) -> io::Result<File>;
+    /// A new, empty, private file that will become `rel`.
+    fn stage(&self, rel: &RelPath) -> Result<Self::Staged, RootError>;
+    /// Makes a staged file `rel`, atomically replacing what was there. Returns the stamp it
+    /// has in place when the hash cache may trust it at once.
+    fn commit(&self, staged: Self::Staged, rel: &RelPath) -> Result<Option<Stamp>, RootError>;
+    /// The local phases of a plan: copies and moves (staged before anything is destroyed),
+    /// deletes, new directories, symlinks.
+    fn apply(&self, plan: &Plan, events: &dyn EventSink) -> Outcome;
+    /// The last phase of a plan: metadata, directories deepest first, modes put back.
+    fn finish(&self, plan: &Plan, out: &mut Outcome, events: &dyn EventSink);
+    /// Gives the tree's top directory the client's mtime.
+    fn set_root_mtime(&self, meta: &Meta) -> io::Result<()>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// A file being written into a [`Store`].
+pub trait Staged {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Leaves the next `len` bytes unwritten: a hole.
+    fn skip(&mut self, len: u64) -> io::Result<()>;
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// Starts writing a range back to disk without waiting, so the final flush waits less.
+    fn start_writeback(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// The final permission bits and mtime, given before the file becomes visible.
+    fn set_meta(&self, meta: &Meta) -> io::Result<()>;
+}
 
 /// Why a directory cannot be synced.
 #[derive(Debug, thiserror::Error)]

@@ -2,14 +2,15 @@
 //! target, hashed as it is written, renamed into place only when size and hash match.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
 use crate::core::manifest::RelPath;
 use crate::core::manifest::Wanted;
+use crate::core::stamp::Stamp;
 use crate::events::{Event, EventSink};
-use crate::store::cache::{Learned, Stamp, now_ns};
-use crate::store::root::{Root, TempFile};
+use crate::store::cache::Learned;
+use crate::store::{Staged, Store};
 use crate::transfer::hasher::{Hasher, Piece};
 use crate::wire::{BlockingConnection, DataMessage, Failure, ProtocolError};
 
@@ -38,10 +39,10 @@ impl Received {
 const WRITEBACK_STEP: u64 = 8 << 20;
 
 /// A file being received: where it goes, and how far it got.
-struct Incoming<'a> {
+struct Incoming<'a, T> {
     want: &'a Wanted,
     /// `None` once the file is known to be bad: its remaining data is read and dropped.
-    sink: Option<TempFile>,
+    sink: Option<T>,
     hasher: Hasher,
     /// Bytes of the file so far, holes included.
     len: u64,
@@ -52,7 +53,7 @@ struct Incoming<'a> {
     error: Option<String>,
 }
 
-impl Incoming<'_> {
+impl<T: Staged> Incoming<'_, T> {
     /// Takes `n` more bytes of the file; false (and the file marked bad) past its size.
     fn grow(&mut self, n: u64) -> bool {
         self.len += n;
@@ -70,7 +71,7 @@ impl Incoming<'_> {
 
     fn write(&mut self, data: &[u8]) {
         let Some(t) = self.sink.as_mut() else { return };
-        let written = t.file().write_all(data).and_then(|()| {
+        let written = t.write_all(data).and_then(|()| {
             // Large files: have the kernel start writing back now, so the session's final
             // flush does not wait for the whole file.
             if self.len - self.flushed >= WRITEBACK_STEP {
@@ -88,7 +89,7 @@ impl Incoming<'_> {
     /// A hole: left unwritten, so the file stays sparse on this side too.
     fn skip(&mut self, n: u64) {
         let Some(t) = self.sink.as_mut() else { return };
-        if let Err(e) = t.file().seek(SeekFrom::Current(n as i64)) {
+        if let Err(e) = t.skip(n) {
             self.error = Some(format!("failed to seek: {e}"));
             self.sink = None;
         }
@@ -101,23 +102,23 @@ impl Incoming<'_> {
 /// connection goes on; a protocol violation ends it. Set a read timeout on the stream to
 /// bound how long a silent client can hold it. `algorithm` is the session's: files announced
 /// unhashed are hashed in it, and every hash the client sends must be in it.
-pub fn receive<S: Read>(
-    conn: &mut BlockingConnection<S>,
-    root: &Root,
+pub fn receive<R: Read, S: Store>(
+    conn: &mut BlockingConnection<R>,
+    store: &S,
     wanted: &[Wanted],
     algorithm: HashAlgorithm,
     events: &dyn EventSink,
 ) -> Result<Received, ProtocolError> {
     let mut pending: HashMap<&RelPath, &Wanted> = wanted.iter().map(|r| (&r.path, r)).collect();
     let mut out = Received::default();
-    let mut cur: Option<Incoming> = None;
+    let mut cur: Option<Incoming<S::Staged>> = None;
     while let Some(msg) = conn.recv()? {
         match (msg, cur.as_mut()) {
             (DataMessage::FileBegin { path }, None) => {
                 let want = pending
                     .remove(&path)
                     .ok_or_else(|| ProtocolError::Unrequested(path.as_str().to_owned()))?;
-                cur = Some(begin(root, want, algorithm));
+                cur = Some(begin(store, want, algorithm));
             }
             (DataMessage::Chunk(data), Some(inc)) => {
                 let n = data.len() as u64;
@@ -137,7 +138,7 @@ pub fn receive<S: Read>(
                 let inc = cur.take().expect("matched Some");
                 let path = inc.want.path.clone();
                 let sent = inc.sent;
-                match finish(root, inc, hash) {
+                match finish(store, inc, hash) {
                     Ok(placed) => {
                         events.emit(Event::FileReceived {
                             path: path.clone(),
@@ -183,8 +184,12 @@ pub fn receive<S: Read>(
     Ok(out)
 }
 
-fn begin<'a>(root: &Root, want: &'a Wanted, algorithm: HashAlgorithm) -> Incoming<'a> {
-    let (sink, error) = match root.temp_for(&want.path) {
+fn begin<'a, S: Store>(
+    store: &S,
+    want: &'a Wanted,
+    algorithm: HashAlgorithm,
+) -> Incoming<'a, S::Staged> {
+    let (sink, error) = match store.stage(&want.path) {
         Ok(t) => (Some(t), None),
         Err(e) => (
             None,
@@ -213,9 +218,9 @@ struct Placed {
 /// Verifies a completely received file and renames it into place. `end_hash` is what the
 /// client sent with `FileEnd`: the only hash there is for a file announced unhashed; for the
 /// others it must agree with the announced one.
-fn finish(
-    root: &Root,
-    mut inc: Incoming<'_>,
+fn finish<S: Store>(
+    store: &S,
+    mut inc: Incoming<'_, S::Staged>,
     end_hash: Option<ContentHash>,
 ) -> Result<Placed, String> {
     if let Some(e) = inc.error {
@@ -243,19 +248,13 @@ fn finish(
         ));
     }
     // A trailing hole was skipped, not written: the length makes it part of the file.
-    tmp.file()
-        .set_len(inc.len)
+    tmp.set_len(inc.len)
         .map_err(|e| format!("failed to set the length: {e}"))?;
     tmp.set_meta(&inc.want.meta)
         .map_err(|e| format!("failed to set metadata: {e}"))?;
-    // The descriptor outlives the rename, so the stamp read from it after the rename (which
-    // moves ctime) is that of the very file verified here, whatever happens to the path.
-    let fd = tmp.file().try_clone().ok();
-    root.place(tmp, &inc.want.path).map_err(|e| e.to_string())?;
-    let stamp = fd
-        .and_then(|f| f.metadata().ok())
-        .map(|m| Stamp::of(&m))
-        .filter(|s| s.settled_own_write(now_ns()));
+    let stamp = store
+        .commit(tmp, &inc.want.path)
+        .map_err(|e| e.to_string())?;
     Ok(Placed {
         len: inc.len,
         hash: got,
@@ -268,6 +267,7 @@ mod tests {
     use super::*;
     use crate::core::manifest::Meta;
     use crate::events::Recorder;
+    use crate::store::root::Root;
     use bytes::Bytes;
 
     const B3: HashAlgorithm = HashAlgorithm::Blake3;
@@ -403,6 +403,140 @@ mod tests {
         assert!(
             allocated < 1 << 20,
             "{allocated} bytes allocated for 64 MiB"
+        );
+    }
+
+    /// A store that is not a directory: what the receiver commits is all it holds. The
+    /// receiver is written against `Store`, so it works with any.
+    #[derive(Clone, Default)]
+    struct Memory(std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<u8>>>>);
+
+    struct MemoryFile {
+        data: Vec<u8>,
+        pos: usize,
+    }
+
+    impl Staged for MemoryFile {
+        fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+            let end = self.pos + data.len();
+            if self.data.len() < end {
+                self.data.resize(end, 0);
+            }
+            self.data[self.pos..end].copy_from_slice(data);
+            self.pos = end;
+            Ok(())
+        }
+        fn skip(&mut self, len: u64) -> std::io::Result<()> {
+            self.pos += len as usize;
+            Ok(())
+        }
+        fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+            self.data.resize(len as usize, 0);
+            Ok(())
+        }
+        fn start_writeback(&mut self, _: u64, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn set_meta(&self, _: &Meta) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Store for Memory {
+        type Staged = MemoryFile;
+        fn list(
+            &self,
+            _: Option<std::path::PathBuf>,
+            _: crate::store::scan::Options,
+        ) -> std::io::Result<crate::store::scan::Scan> {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
+        fn read(&self, _: &RelPath) -> std::io::Result<std::fs::File> {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
+        fn stage(&self, _: &RelPath) -> Result<MemoryFile, crate::store::root::RootError> {
+            Ok(MemoryFile {
+                data: Vec::new(),
+                pos: 0,
+            })
+        }
+        fn commit(
+            &self,
+            f: MemoryFile,
+            rel: &RelPath,
+        ) -> Result<Option<Stamp>, crate::store::root::RootError> {
+            self.0
+                .lock()
+                .unwrap()
+                .insert(rel.as_str().to_owned(), f.data);
+            Ok(None)
+        }
+        fn apply(
+            &self,
+            _: &crate::core::plan::Plan,
+            _: &dyn EventSink,
+        ) -> crate::store::apply::Outcome {
+            crate::store::apply::Outcome::default()
+        }
+        fn finish(
+            &self,
+            _: &crate::core::plan::Plan,
+            _: &mut crate::store::apply::Outcome,
+            _: &dyn EventSink,
+        ) {
+        }
+        fn set_root_mtime(&self, _: &Meta) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn any_store_receives_only_verified_files() {
+        let store = Memory::default();
+        let want = |path: &str, content: &[u8]| Wanted {
+            path: RelPath::new(path).unwrap(),
+            size: content.len() as u64,
+            hash: Some(B3.of(content)),
+            meta: Meta::default(),
+        };
+        let wanted = [want("good", b"hole then data"), want("bad", b"promised")];
+        let mut wire = Vec::new();
+        for m in [
+            DataMessage::FileBegin {
+                path: RelPath::new("good").unwrap(),
+            },
+            DataMessage::Hole { len: 0 },
+            DataMessage::Chunk(Bytes::from_static(b"hole then data")),
+            DataMessage::FileEnd { hash: None },
+            DataMessage::FileBegin {
+                path: RelPath::new("bad").unwrap(),
+            },
+            DataMessage::Chunk(Bytes::from_static(b"delivers")),
+            DataMessage::FileEnd { hash: None },
+        ] {
+            m.encode(&mut wire);
+        }
+        let events = Recorder::new();
+        let got = receive(
+            &mut BlockingConnection::new(&wire[..]),
+            &store,
+            &wanted,
+            B3,
+            &*events,
+        )
+        .unwrap();
+        assert_eq!((got.files, got.failed.len()), (1, 1));
+        let held = store.0.lock().unwrap();
+        assert_eq!(
+            held.get("good").map(Vec::as_slice),
+            Some(&b"hole then data"[..])
+        );
+        assert!(
+            !held.contains_key("bad"),
+            "an unverified file was committed"
         );
     }
 }

@@ -8,9 +8,9 @@ use bytes::BytesMut;
 use crate::core::hash::{ContentHash, HashAlgorithm};
 use crate::core::manifest::{Entry, Kind, RelPath, find_sorted};
 use crate::events::{Event, EventSink};
+use crate::store::Store;
 use crate::store::cache::{Learned, Stamp, now_ns};
 use crate::store::read::{Segment, SparseReader};
-use crate::store::root::Root;
 use crate::transfer::hasher::{Hasher, Piece, THREAD_ABOVE};
 use crate::wire::{BlockingConnection, CHUNK_SIZE, DataMessage, Failure, ProtocolError};
 
@@ -36,9 +36,9 @@ pub struct Ticket {
 /// `listed` (the entries this client announced, in component order) are sent: a server cannot
 /// use a request to read anything else, such as a path through a client-side symlink.
 /// Files announced unhashed are hashed in `algorithm` while they are sent.
-pub fn send<S: Write>(
-    stream: S,
-    root: &Root,
+pub fn send<W: Write, S: Store>(
+    stream: W,
+    store: &S,
     ticket: Ticket,
     (paths, listed): (&[RelPath], &[Entry]),
     algorithm: HashAlgorithm,
@@ -57,7 +57,7 @@ pub fn send<S: Write>(
         let res = match find_sorted(listed, path) {
             Some(e) if e.is_file() => {
                 let hash = matches!(e.kind, Kind::Unhashed { .. }).then_some(algorithm);
-                send_one(&mut conn, root, path, &mut buf, hash)
+                send_one(&mut conn, store, path, &mut buf, hash)
             }
             _ => Err(SendError::File("not a file this client offered".into())),
         };
@@ -117,15 +117,15 @@ impl From<ProtocolError> for SendError {
 /// Streams one file, hashing it too when `hash` names an algorithm. A file being hashed must
 /// not change while it is read (its stamp is compared before and after): one written to
 /// meanwhile is aborted, to be sent whole next cycle.
-fn send_one<W: Write>(
+fn send_one<W: Write, S: Store>(
     conn: &mut BlockingConnection<W>,
-    root: &Root,
+    store: &S,
     path: &RelPath,
     buf: &mut [u8],
     hash: Option<HashAlgorithm>,
 ) -> Result<SentFile, SendError> {
     let failed = |what: &str, e: std::io::Error| SendError::File(format!("failed to {what}: {e}"));
-    let file = root.open_read(path).map_err(|e| failed("open", e))?;
+    let file = store.read(path).map_err(|e| failed("open", e))?;
     let opened = now_ns();
     let before = Stamp::of(&file.metadata().map_err(|e| failed("stat", e))?);
     let mut reader = SparseReader::new(file).map_err(|e| failed("stat", e))?;

@@ -1,0 +1,81 @@
+//! The local-disk store: [`Store`] and [`Staged`] implemented by [`Root`] and [`TempFile`].
+
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+
+use crate::core::manifest::{Meta, RelPath};
+use crate::core::plan::Plan;
+use crate::core::stamp::Stamp;
+use crate::events::EventSink;
+use crate::store::apply::{self, Outcome};
+use crate::store::cache::now_ns;
+use crate::store::root::{Root, RootError, TempFile};
+use crate::store::scan::{self, Scan};
+use crate::store::{Staged, Store};
+
+impl Store for Root {
+    type Staged = TempFile;
+
+    fn list(&self, cache_file: Option<PathBuf>, opts: scan::Options) -> io::Result<Scan> {
+        scan::scan_cached(self.path(), cache_file, opts)
+    }
+
+    fn read(&self, rel: &RelPath) -> io::Result<File> {
+        self.open_read(rel)
+    }
+
+    fn stage(&self, rel: &RelPath) -> Result<TempFile, RootError> {
+        self.temp_for(rel)
+    }
+
+    fn commit(&self, staged: TempFile, rel: &RelPath) -> Result<Option<Stamp>, RootError> {
+        // The descriptor outlives the rename, so the stamp read from it after the rename
+        // (which moves ctime) is that of the very file committed, whatever happens to the path.
+        let mut staged = staged;
+        let fd = staged.file().try_clone().ok();
+        self.place(staged, rel)?;
+        Ok(fd
+            .and_then(|f| f.metadata().ok())
+            .map(|m| Stamp::of(&m))
+            .filter(|s| s.settled_own_write(now_ns())))
+    }
+
+    fn apply(&self, plan: &Plan, events: &dyn EventSink) -> Outcome {
+        apply::apply_local(self, plan, events)
+    }
+
+    fn finish(&self, plan: &Plan, out: &mut Outcome, events: &dyn EventSink) {
+        apply::apply_meta(self, plan, out, events)
+    }
+
+    fn set_root_mtime(&self, meta: &Meta) -> io::Result<()> {
+        Root::set_root_mtime(self, meta.mtime_secs, meta.mtime_nanos)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.sync_filesystem()
+    }
+}
+
+impl Staged for TempFile {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        io::Write::write_all(self.file(), data)
+    }
+
+    fn skip(&mut self, len: u64) -> io::Result<()> {
+        io::Seek::seek(self.file(), io::SeekFrom::Current(len as i64)).map(drop)
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.file().set_len(len)
+    }
+
+    fn start_writeback(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        TempFile::start_writeback(self, offset, len)
+    }
+
+    fn set_meta(&self, meta: &Meta) -> io::Result<()> {
+        TempFile::set_meta(self, meta)
+    }
+}
