@@ -506,7 +506,10 @@ fn sparse_files_stay_sparse() {
     w.assert_mirrored();
     w.assert_logged(mark, "Received file: sparse (268435456 bytes, blake3 ok)");
     let allocated = fs::metadata(w.server_dir.join("sparse")).unwrap().blocks() * 512;
-    assert!(allocated < 1 << 20, "{allocated} bytes allocated on the server");
+    assert!(
+        allocated < 1 << 20,
+        "{allocated} bytes allocated on the server"
+    );
     let sent: u64 = summary(&out)
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix("bytes="))
