@@ -408,7 +408,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     for w in &selected {
         let ds = sets[w.tree as usize];
         let title = title(w, &ds);
-        println!("{} {title} (target ours ≤ {})", w.id, w.target);
+        println!("{} {title} (target ours {})", w.id, w.target);
         let outcome = bench
             .workload(w, &ds, opts.pairs, &opts.hashes, &mut state)
             .map_err(|e| format!("{e:#}"));
