@@ -3,8 +3,11 @@
 //! For each workload the bench runs a warm-up of each tool, then `--pairs` measured runs
 //! alternately (ours, rsync, ours, rsync, …), so drift of the machine (other load, page cache,
 //! disk state) falls on both tools alike. Every figure is a ratio against rsync measured in the
-//! same run. The fairness rules this follows, and why, are listed in `report::NOTES`, which
-//! also goes into the report.
+//! same run. Re-syncs run straight after the sync before them, as a script would run them, and
+//! our durable sync is compared with rsync plus a flush as well as with rsync alone. With
+//! `--hash blake3,md5` each pair runs ours once per content hash, so the hashes are compared
+//! against the same rsync runs. The fairness rules this follows, and why, are listed in
+//! `report::NOTES`, which also goes into the report.
 //!
 //! * [`data`] generates the trees and checks that each run produced a true mirror.
 //! * [`proc`] starts and reaps processes and reads the kernel's accounting (RSS, loopback bytes).
@@ -25,7 +28,7 @@ use xtask::process::shell_quote;
 
 use data::Dataset;
 use proc::{OurServer, RsyncDaemon, lo_tx_bytes, log_tail, vm_hwm_kib};
-use report::{Machine, Report, Row, Sample, ToolRuns, mib};
+use report::{Baseline, Machine, Report, Row, Sample, Target, ToolRuns, mib};
 use supervise::Supervised;
 pub use supervise::{SUBCOMMAND as SUPERVISE, supervise};
 
@@ -33,6 +36,10 @@ pub const USAGE: &str = "\
 options of `bench`:
   --quick         reduced sizes (1/10), the whole bench in about a minute
   --pairs N       measured runs of each tool per workload, after one warm-up each (default 3)
+  --hash LIST     content hash(es) of ours, passed to `client-sync --hash`: blake3 (the
+                  product's default, and the bench's), md5, or both, comma-separated
+                  (`--hash blake3,md5`): then each pair runs ours once per hash, in that
+                  order, before rsync, and the report has a row per workload and hash
   FILTER...       only these workloads, by id (W1 W2 W3 W4 W4n W6); re-syncs whose initial
                   sync is left out get an untimed setup sync instead
 ";
@@ -41,9 +48,14 @@ options of `bench`:
 const RUN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Files changed less than this before a scan are not trusted to the hash cache (ARCHITECTURE.md:
-/// 2 s, plus a margin); a re-sync waits this long after its tree was last written, as a real
-/// re-sync a minute later would.
-const SETTLE: Duration = Duration::from_millis(2500);
+/// 2 s, plus a margin). A freshly generated source tree is left this long before its first
+/// (warm-up) sync, so that the client's cache can vouch for it as it would for a real tree
+/// written long before. That is setup, never a pause between syncs: a re-sync runs straight
+/// after the sync before it, as a script would run it, racy window and all.
+const SOURCE_SETTLE: Duration = Duration::from_millis(2500);
+
+/// The content hashes `client-sync --hash` accepts, the product's default first.
+const HASHES: &[&str] = &["blake3", "md5"];
 
 /// A bench started this soon after another's cleanup may meet ext4's slow file creation after
 /// mass deletion. The allocator skips inodes freed within the last 60 s (360 s while their
@@ -74,8 +86,8 @@ struct Workload {
     id: &'static str,
     tree: Tree,
     kind: Kind,
-    /// Target for median(ours) / median(rsync).
-    target: f64,
+    /// Target for median(ours) against the median of the baseline.
+    target: Target,
 }
 
 /// In the order they run: a re-sync follows the initial sync whose mirror it reuses.
@@ -84,31 +96,47 @@ const WORKLOADS: &[Workload] = &[
         id: "W1",
         tree: Tree::Small,
         kind: Kind::Initial,
-        target: 0.5,
+        target: Target {
+            ratio: 0.5,
+            against: Baseline::Rsync,
+        },
     },
     Workload {
         id: "W2",
         tree: Tree::Big,
         kind: Kind::Initial,
-        target: 1.2,
+        // Equal durability: our server flushes before `sync:done`, rsync does not.
+        target: Target {
+            ratio: 0.8,
+            against: Baseline::RsyncFlush,
+        },
     },
     Workload {
         id: "W3",
         tree: Tree::Small,
         kind: Kind::Unchanged,
-        target: 0.3,
+        target: Target {
+            ratio: 0.3,
+            against: Baseline::Rsync,
+        },
     },
     Workload {
         id: "W4",
         tree: Tree::Many,
         kind: Kind::Initial,
-        target: 0.5,
+        target: Target {
+            ratio: 0.5,
+            against: Baseline::Rsync,
+        },
     },
     Workload {
         id: "W4n",
         tree: Tree::Many,
         kind: Kind::Unchanged,
-        target: 0.3,
+        target: Target {
+            ratio: 0.3,
+            against: Baseline::Rsync,
+        },
     },
     Workload {
         id: "W6",
@@ -117,7 +145,10 @@ const WORKLOADS: &[Workload] = &[
             changed: 10,
             added: 10,
         },
-        target: 0.3,
+        target: Target {
+            ratio: 0.3,
+            against: Baseline::Rsync,
+        },
     },
 ];
 
@@ -198,26 +229,55 @@ fn title(w: &Workload, ds: &Dataset) -> String {
 struct Options {
     quick: bool,
     pairs: usize,
+    /// Content hashes of ours, in the order each pair runs them.
+    hashes: Vec<&'static str>,
     filters: Vec<String>,
+}
+
+/// `blake3,md5` → the hashes, each once, in the order given.
+fn parse_hashes(v: &str) -> Result<Vec<&'static str>> {
+    let mut out = Vec::new();
+    for name in v.split(',').map(str::trim) {
+        let Some(h) = HASHES.iter().find(|h| h.eq_ignore_ascii_case(name)) else {
+            bail!(
+                "--hash takes {} or a comma-separated list of them, not {name:?}",
+                HASHES.join(", ")
+            );
+        };
+        if !out.contains(h) {
+            out.push(*h);
+        }
+    }
+    Ok(out)
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Options>> {
     let mut o = Options {
         quick: false,
         pairs: 3,
+        hashes: vec![HASHES[0]],
         filters: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "-h" | "--help" => {
-                print!("usage: cargo xtask bench [--quick] [--pairs N] [FILTER...]\n\n{USAGE}");
+                print!(
+                    "usage: cargo xtask bench [--quick] [--pairs N] [--hash LIST] [FILTER...]\n\n\
+                     {USAGE}"
+                );
                 return Ok(None);
             }
             "--quick" => o.quick = true,
             "--pairs" => {
                 let v = it.next().context("--pairs needs a value")?;
                 o.pairs = crate::positive(v, "--pairs")?;
+            }
+            "--hash" => {
+                let v = it
+                    .next()
+                    .context("--hash needs a value (blake3, md5 or both)")?;
+                o.hashes = parse_hashes(v)?;
             }
             s if s.starts_with('-') => bail!("unknown option {s:?} (see --help)"),
             s => o.filters.push(s.to_string()),
@@ -307,18 +367,21 @@ pub fn run(args: &[String]) -> Result<bool> {
         None => "none recorded".into(),
     };
     println!(
-        "bench{}: {} measured pair(s) per workload after a warm-up of each; {}; trees in {}, \
-         logs in {}",
+        "bench{}: {} measured pair(s) per workload after a warm-up of each; ours with --hash {}; \
+         {}; trees in {}, logs in {}",
         if opts.quick { " --quick" } else { "" },
         opts.pairs,
+        opts.hashes.join(", then --hash "),
         rsync_version,
         dirs.work.path().display(),
         dirs.logs.display()
     );
     let rows = measure(&bench, &selected, &opts);
+    machine.load_end = report::load_average();
     let report = Report {
         quick: opts.quick,
         pairs: opts.pairs,
+        hashes: opts.hashes.clone(),
         machine,
         rows,
         wall_s: started.elapsed().as_secs_f64(),
@@ -326,6 +389,10 @@ pub fn run(args: &[String]) -> Result<bool> {
     fs::write(dirs.bench.join("report.md"), report.markdown())?;
     fs::write(dirs.bench.join("report.json"), report.json())?;
     println!("\n{}\n{}", report.table(), report.verdicts());
+    println!(
+        "load average (1, 5, 15 min): {} at start, {} at end",
+        report.machine.load_start, report.machine.load_end
+    );
     println!(
         "report: {} and report.json ({:.0} s)",
         dirs.bench.join("report.md").display(),
@@ -344,19 +411,26 @@ fn measure(bench: &Bench, selected: &[&Workload], opts: &Options) -> Vec<Row> {
     for w in selected {
         let ds = sets[w.tree as usize];
         let title = title(w, &ds);
-        println!("{} {title} (target ours/rsync ≤ {})", w.id, w.target);
+        println!("{} {title} (target ours {})", w.id, w.target);
         let outcome = bench
-            .workload(w, &ds, opts.pairs, &mut state)
+            .workload(w, &ds, opts.pairs, &opts.hashes, &mut state)
             .map_err(|e| format!("{e:#}"));
         if let Err(e) = &outcome {
             println!("  {} FAILED: {e}", w.id);
         }
-        rows.push(Row {
-            id: w.id,
-            title,
-            target: w.target,
-            outcome,
-        });
+        // A row per hash, each against the same rsync runs.
+        for (k, hash) in opts.hashes.iter().enumerate() {
+            rows.push(Row {
+                id: w.id,
+                hash,
+                title: title.clone(),
+                target: w.target,
+                outcome: match &outcome {
+                    Ok((ours, rsync)) => Ok((ours[k].clone(), rsync.clone())),
+                    Err(e) => Err(e.clone()),
+                },
+            });
+        }
     }
     rows
 }
@@ -442,32 +516,35 @@ fn since_stamp(stamp: &Path) -> Option<Duration> {
         .ok()
 }
 
-/// Sleeps until `SETTLE` has passed since `since`.
-fn settle(since: Instant) {
-    if let Some(left) = SETTLE.checked_sub(since.elapsed()) {
-        std::thread::sleep(left);
-    }
-}
-
-/// A generated source tree.
-struct Source {
-    dir: PathBuf,
-    written: Instant,
-}
-
-/// A destination of each tool that mirrors a source, with our server's cache for it.
-struct Mirror {
-    ours: PathBuf,
+/// One destination of ours that mirrors a source, with our server's cache for it.
+struct OursMirror {
+    dst: PathBuf,
     server_cache: PathBuf,
+}
+
+/// The destinations of each tool that mirror a source: one of ours per content hash (a cache
+/// file holds one algorithm's hashes, so the hashes never share a mirror), one of rsync's.
+struct Mirror {
+    ours: Vec<OursMirror>,
     rsync: String,
-    written: Instant,
 }
 
 /// Trees and mirrors carried from one workload to the next, by `Tree`.
 #[derive(Default)]
 struct State {
-    sources: [Option<Source>; 3],
+    sources: [Option<PathBuf>; 3],
     mirrors: [Option<Mirror>; 3],
+}
+
+/// How much of a destination is compared with its source after a run (outside the timing).
+#[derive(Clone, Copy)]
+enum Verify<'a> {
+    /// Paths, kinds, modes, sizes and mtimes.
+    Meta,
+    /// That, and the content of these files byte for byte.
+    These(&'a [PathBuf]),
+    /// That, and the content of every file byte for byte.
+    All,
 }
 
 /// Where everything lives during one bench.
@@ -479,7 +556,8 @@ struct Bench {
     ours_root: PathBuf,
     rsync_root: PathBuf,
     server_caches: PathBuf,
-    client_cache: PathBuf,
+    /// The client's cache directory per hash, beneath: it persists for the whole bench.
+    client_caches: PathBuf,
     rsync_conf: PathBuf,
 }
 
@@ -493,7 +571,7 @@ impl Bench {
             ours_root: work.join("dst-ours"),
             rsync_root: work.join("dst-rsync"),
             server_caches: work.join("cache-server"),
-            client_cache: work.join("cache-client"),
+            client_caches: work.join("cache-client"),
             rsync_conf: work.join("rsyncd.conf"),
         };
         for d in [
@@ -501,7 +579,7 @@ impl Bench {
             &b.ours_root,
             &b.rsync_root,
             &b.server_caches,
-            &b.client_cache,
+            &b.client_caches,
         ] {
             fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
@@ -522,113 +600,136 @@ impl Bench {
     }
 
     /// The workload's source tree, generated on first use.
-    fn source<'s>(&self, ds: &Dataset, tree: Tree, st: &'s mut State) -> Result<&'s mut Source> {
+    fn source(&self, ds: &Dataset, tree: Tree, st: &mut State) -> Result<PathBuf> {
         let slot = &mut st.sources[tree as usize];
-        if slot.is_none() {
-            let dir = self.sources.join(ds.name);
-            let t = Instant::now();
-            ds.generate(&dir)?;
-            println!(
-                "  generated {} ({} × {}) in {:.1} s",
-                dir.display(),
-                thousands(ds.files),
-                size_text(ds.size),
-                t.elapsed().as_secs_f64()
-            );
-            *slot = Some(Source {
-                dir,
-                written: Instant::now(),
-            });
+        if let Some(dir) = slot {
+            return Ok(dir.clone());
         }
-        Ok(slot.as_mut().expect("just filled"))
+        let dir = self.sources.join(ds.name);
+        let t = Instant::now();
+        ds.generate(&dir)?;
+        println!(
+            "  generated {} ({} × {}) in {:.1} s",
+            dir.display(),
+            thousands(ds.files),
+            size_text(ds.size),
+            t.elapsed().as_secs_f64()
+        );
+        // Setup, not a pause between syncs: see SOURCE_SETTLE.
+        std::thread::sleep(SOURCE_SETTLE);
+        *slot = Some(dir.clone());
+        Ok(dir)
     }
 
+    /// Our fresh destination and server cache for run `name` with `hash`.
+    fn fresh_ours(&self, name: &str, hash: &str) -> OursMirror {
+        let name = format!("{name}-{hash}");
+        OursMirror {
+            dst: self.ours_root.join(&name),
+            server_cache: self.server_caches.join(&name),
+        }
+    }
+
+    /// Runs one workload: a warm-up and `pairs` measured runs of each tool; in each, ours
+    /// once per hash (in `hashes` order), then rsync. Returns our runs by hash, and rsync's.
     fn workload(
         &self,
         w: &Workload,
         ds: &Dataset,
         pairs: usize,
+        hashes: &[&str],
         st: &mut State,
-    ) -> Result<(ToolRuns, ToolRuns)> {
+    ) -> Result<(Vec<ToolRuns>, ToolRuns)> {
         let src = self.source(ds, w.tree, st)?;
-        let (src_dir, src_written) = (src.dir.clone(), src.written);
-        let (mut ours, mut rsync) = (ToolRuns::default(), ToolRuns::default());
+        let mut ours = vec![ToolRuns::default(); hashes.len()];
+        let mut rsync = ToolRuns::default();
         if w.kind == Kind::Initial {
-            settle(src_written);
             let mut last = None;
             for i in 0..=pairs {
-                // Fresh, never-used destinations and server cache every run (see NOTES).
+                // Fresh, never-used destinations and server caches every run (see NOTES); the
+                // content of every file is compared after the last run of each tool.
+                let verify = if i == pairs {
+                    Verify::All
+                } else {
+                    Verify::Meta
+                };
                 let name = format!("{}-{i}", w.id);
-                let (dst, cache) = (self.ours_root.join(&name), self.server_caches.join(&name));
-                let s = self.run_ours(&src_dir, &dst, &cache, &format!("{name}-ours"), i)?;
-                record(i, &mut ours, s);
-                let s = self.run_rsync(&src_dir, &name, &format!("{name}-rsync"), i)?;
-                record(i, &mut rsync, s);
-                last = Some(Mirror {
-                    ours: dst,
-                    server_cache: cache,
-                    rsync: name,
-                    written: Instant::now(),
-                });
+                let mut mirror = Mirror {
+                    ours: Vec::new(),
+                    rsync: name.clone(),
+                };
+                for (k, hash) in hashes.iter().enumerate() {
+                    let m = self.fresh_ours(&name, hash);
+                    let tag = format!("{name}-ours-{hash}");
+                    record(
+                        i,
+                        &mut ours[k],
+                        self.run_ours(&src, &m, hash, &tag, i, verify)?,
+                    );
+                    mirror.ours.push(m);
+                }
+                let tag = format!("{name}-rsync");
+                record(i, &mut rsync, self.run_rsync(&src, &name, &tag, i, verify)?);
+                last = Some(mirror);
             }
             st.mirrors[w.tree as usize] = last;
             return Ok((ours, rsync));
         }
 
         // A re-sync takes the mirror out of the state and puts it back only when all went well,
-        // so a later workload never builds on a half-synced destination.
+        // so a later workload never builds on a half-synced destination. It runs straight after
+        // the sync before it (no pause: see SOURCE_SETTLE).
         let mirror = match st.mirrors[w.tree as usize].take() {
             Some(m) => m,
-            None => self.setup_mirror(w, &src_dir, src_written)?,
+            None => self.setup_mirror(w, &src, hashes)?,
         };
-        settle(mirror.written.max(src_written));
         for i in 0..=pairs {
-            if let Kind::Changed { changed, added } = w.kind {
-                // The same fresh change for both tools: applied once, before the pair.
-                ds.apply_change(&src_dir, i as u64, changed, added)?;
+            let touched = match w.kind {
+                // The same fresh change for every run of the pair: applied once, before it.
+                Kind::Changed { changed, added } => {
+                    ds.apply_change(&src, i as u64, changed, added)?
+                }
+                _ => Vec::new(),
+            };
+            let verify = match w.kind {
+                _ if i == pairs => Verify::All,
+                Kind::Changed { .. } => Verify::These(&touched),
+                _ => Verify::Meta,
+            };
+            let name = format!("{}-{i}", w.id);
+            for (k, (hash, m)) in hashes.iter().zip(&mirror.ours).enumerate() {
+                let tag = format!("{name}-ours-{hash}");
+                record(
+                    i,
+                    &mut ours[k],
+                    self.run_ours(&src, m, hash, &tag, i, verify)?,
+                );
             }
-            let tag = format!("{}-{i}", w.id);
-            let s = self.run_ours(
-                &src_dir,
-                &mirror.ours,
-                &mirror.server_cache,
-                &format!("{tag}-ours"),
+            let tag = format!("{name}-rsync");
+            record(
                 i,
-            )?;
-            record(i, &mut ours, s);
-            let s = self.run_rsync(&src_dir, &mirror.rsync, &format!("{tag}-rsync"), i)?;
-            record(i, &mut rsync, s);
+                &mut rsync,
+                self.run_rsync(&src, &mirror.rsync, &tag, i, verify)?,
+            );
         }
-        if let Some(src) = st.sources[w.tree as usize].as_mut() {
-            src.written = Instant::now();
-        }
-        st.mirrors[w.tree as usize] = Some(Mirror {
-            written: Instant::now(),
-            ..mirror
-        });
+        st.mirrors[w.tree as usize] = Some(mirror);
         Ok((ours, rsync))
     }
 
     /// An untimed initial sync of each tool, for a re-sync whose initial workload was filtered out.
-    fn setup_mirror(&self, w: &Workload, src: &Path, src_written: Instant) -> Result<Mirror> {
-        settle(src_written);
+    fn setup_mirror(&self, w: &Workload, src: &Path, hashes: &[&str]) -> Result<Mirror> {
         let name = format!("setup-{}", w.id);
-        let (ours, server_cache) = (self.ours_root.join(&name), self.server_caches.join(&name));
         println!("  setting up mirrors for {} (untimed)", w.id);
-        self.run_ours(
-            src,
-            &ours,
-            &server_cache,
-            &format!("{name}-ours"),
-            usize::MAX,
-        )?;
-        self.run_rsync(src, &name, &format!("{name}-rsync"), usize::MAX)?;
-        Ok(Mirror {
-            ours,
-            server_cache,
-            rsync: name,
-            written: Instant::now(),
-        })
+        let mut ours = Vec::new();
+        for hash in hashes {
+            let m = self.fresh_ours(&name, hash);
+            let tag = format!("{name}-ours-{hash}");
+            self.run_ours(src, &m, hash, &tag, usize::MAX, Verify::Meta)?;
+            ours.push(m);
+        }
+        let tag = format!("{name}-rsync");
+        self.run_rsync(src, &name, &tag, usize::MAX, Verify::Meta)?;
+        Ok(Mirror { ours, rsync: name })
     }
 
     /// Runs `argv` to completion, timed, after flushing all dirty pages; then times one more
@@ -654,18 +755,22 @@ impl Bench {
     fn run_ours(
         &self,
         src: &Path,
-        dst: &Path,
-        server_cache: &Path,
+        m: &OursMirror,
+        hash: &str,
         tag: &str,
         i: usize,
+        verify: Verify,
     ) -> Result<Sample> {
-        fs::create_dir_all(dst)?;
-        fs::create_dir_all(server_cache)?;
+        let client_cache = self.client_caches.join(hash);
+        for d in [&m.dst, &m.server_cache, &client_cache] {
+            fs::create_dir_all(d)?;
+        }
         let (server_log, client_log) = (
             self.logs.join(format!("{tag}-server.log")),
             self.logs.join(format!("{tag}-client.log")),
         );
-        let mut server = OurServer::start(&self.server_bin, dst, server_cache, &server_log)?;
+        let mut server = OurServer::start(&self.server_bin, &m.dst, &m.server_cache, &server_log)?;
+        // `--hash` makes the client offer that hash alone: the session uses it or fails.
         let argv: Vec<String> = vec![
             self.client_bin.display().to_string(),
             src.display().to_string(),
@@ -675,8 +780,10 @@ impl Bench {
             server.port.to_string(),
             "--once".into(),
             "-q".into(),
+            "--hash".into(),
+            hash.into(),
             "--cache-dir".into(),
-            self.client_cache.display().to_string(),
+            client_cache.display().to_string(),
         ];
         let Timed {
             wall_s,
@@ -702,7 +809,7 @@ impl Bench {
                 log_tail(&server_log, 20)
             );
         }
-        data::check_mirror(src, dst).with_context(|| format!("after `{}`", shown(&argv)))?;
+        check(src, &m.dst, verify).with_context(|| format!("after `{}`", shown(&argv)))?;
         let s = Sample {
             wall_s,
             client_rss_kib: exit.maxrss_kib,
@@ -714,7 +821,14 @@ impl Bench {
         Ok(s)
     }
 
-    fn run_rsync(&self, src: &Path, name: &str, tag: &str, i: usize) -> Result<Sample> {
+    fn run_rsync(
+        &self,
+        src: &Path,
+        name: &str,
+        tag: &str,
+        i: usize,
+        verify: Verify,
+    ) -> Result<Sample> {
         let dst = self.rsync_root.join(name);
         fs::create_dir_all(&dst)?;
         let daemon = RsyncDaemon::start(&self.rsync_conf, &self.logs.join("rsyncd.log"))?;
@@ -741,7 +855,7 @@ impl Bench {
                 log_tail(&self.logs.join("rsyncd.log"), 10)
             );
         }
-        data::check_mirror(src, &dst).with_context(|| format!("after `{}`", shown(&argv)))?;
+        check(src, &dst, verify).with_context(|| format!("after `{}`", shown(&argv)))?;
         let s = Sample {
             wall_s,
             client_rss_kib: exit.maxrss_kib,
@@ -751,6 +865,16 @@ impl Bench {
         };
         progress(tag, i, &s);
         Ok(s)
+    }
+}
+
+/// Fails unless `dst` mirrors `src` as far as `verify` asks.
+fn check(src: &Path, dst: &Path, verify: Verify) -> Result<()> {
+    data::check_mirror(src, dst)?;
+    match verify {
+        Verify::Meta => Ok(()),
+        Verify::These(paths) => data::check_content(src, dst, paths),
+        Verify::All => data::check_content(src, dst, &data::files_under(src)?),
     }
 }
 
@@ -785,7 +909,7 @@ fn progress(tag: &str, i: usize, s: &Sample) {
         _ => "",
     };
     println!(
-        "  {tag:<16}{which:<10} {:>8.3} s (+{:.3} s flush)   client {:>9}   server {:>9}   \
+        "  {tag:<20}{which:<10} {:>8.3} s (+{:.3} s flush)   client {:>9}   server {:>9}   \
          loopback {:>7.1} MiB",
         s.wall_s,
         s.flush_s,
@@ -818,5 +942,24 @@ mod tests {
         assert_eq!(ids(&["w4N", "W1"]).unwrap(), ["W1", "W4n"]);
         assert_eq!(ids(&[]).unwrap().len(), WORKLOADS.len());
         assert!(ids(&["W5"]).is_err());
+    }
+
+    #[test]
+    fn hash_option() {
+        let args = |a: &[&str]| {
+            let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+            parse_args(&a).map(|o| o.expect("not --help").hashes)
+        };
+        assert_eq!(args(&[]).unwrap(), ["blake3"]);
+        assert_eq!(args(&["--hash", "md5", "W2"]).unwrap(), ["md5"]);
+        assert_eq!(
+            args(&["--hash", "MD5,blake3,md5"]).unwrap(),
+            ["md5", "blake3"]
+        );
+        assert!(args(&["--hash", "sha1"]).is_err());
+        assert!(args(&["--hash"]).is_err());
+        let w2 = WORKLOADS.iter().find(|w| w.id == "W2").unwrap();
+        assert_eq!(w2.target.to_string(), "≤ 0.8 × (rsync + flush)");
+        assert_eq!(WORKLOADS[0].target.to_string(), "≤ 0.5 × rsync");
     }
 }

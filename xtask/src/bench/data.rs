@@ -1,5 +1,5 @@
-//! Benchmark trees: deterministic generation, the seeded changes of W6, and the check that a
-//! destination really mirrors its source.
+//! Benchmark trees: deterministic generation, the seeded changes of W6, and the checks that a
+//! destination really mirrors its source (metadata, and content byte for byte).
 //!
 //! Every byte comes from splitmix64 seeded per file, so the same dataset is the same bytes on
 //! every machine and every run, and no two files (nor any changed file and an existing one) share
@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -127,8 +127,8 @@ fn write_generated(path: &Path, size: u64, seed: u64, buf: &mut [u8]) -> Result<
 }
 
 /// What a mirror must agree on for one entry: kind, permission bits, and for a file its size
-/// and mtime to the nanosecond (both tools preserve them; content is not re-read here, since our
-/// server verifies every MD5 and rsync its own checksum).
+/// and mtime to the nanosecond (both tools preserve them). Content is compared apart, by
+/// [`check_content`]: reading every file after every run would double the bench's reading.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Meta {
     kind: char,
@@ -204,6 +204,75 @@ pub fn check_mirror(src: &Path, dst: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The relative paths of every regular file under `root`.
+pub fn files_under(root: &Path) -> Result<Vec<PathBuf>> {
+    Ok(snapshot(root)?
+        .into_iter()
+        .filter(|(_, m)| m.kind == 'f')
+        .map(|(p, _)| PathBuf::from(p))
+        .collect())
+}
+
+/// Fails with the first few differences when a file of `paths` (relative) differs in content
+/// between `src` and `dst`, or cannot be read on either side.
+pub fn check_content(src: &Path, dst: &Path, paths: &[PathBuf]) -> Result<()> {
+    let mut bufs = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut diffs = Vec::new();
+    for rel in paths {
+        let (a, b) = (src.join(rel), dst.join(rel));
+        match same_content(&a, &b, &mut bufs) {
+            Ok(true) => {}
+            Ok(false) => diffs.push(format!("content of {}", rel.display())),
+            Err(e) => diffs.push(format!("{}: {e:#}", rel.display())),
+        }
+    }
+    if !diffs.is_empty() {
+        let n = diffs.len();
+        diffs.truncate(5);
+        bail!(
+            "{} does not mirror {}: {n} of {} file(s) differ in content, e.g.\n  {}",
+            dst.display(),
+            src.display(),
+            paths.len(),
+            diffs.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// Whether two files hold the same bytes.
+fn same_content(a: &Path, b: &Path, (ba, bb): &mut (Vec<u8>, Vec<u8>)) -> Result<bool> {
+    let open = |p: &Path| File::open(p).with_context(|| format!("open {}", p.display()));
+    let (mut fa, mut fb) = (open(a)?, open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    loop {
+        let n = read_full(&mut fa, ba).with_context(|| format!("read {}", a.display()))?;
+        let m = read_full(&mut fb, bb).with_context(|| format!("read {}", b.display()))?;
+        if ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Deletes `root` and everything under it (best effort), one thread per core: unlinking a
@@ -323,6 +392,25 @@ mod tests {
         TINY.generate(&a).unwrap();
         xtask::fsops::clone_tree(&a, &b).unwrap();
         check_mirror(&a, &b).unwrap();
+        let files = files_under(&a).unwrap();
+        assert_eq!(files.len(), 25);
+        check_content(&a, &b, &files).unwrap();
+        // Same size and mtime, other bytes: only the content check sees it.
+        let f = b.join(TINY.rel(5));
+        let mtime = fs::metadata(&f).unwrap().modified().unwrap();
+        let mut bytes = fs::read(&f).unwrap();
+        bytes[999] ^= 1;
+        fs::write(&f, &bytes).unwrap();
+        File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        check_mirror(&a, &b).unwrap();
+        let err = check_content(&a, &b, &files).unwrap_err().to_string();
+        assert!(err.contains("1 of 25 file(s) differ"), "{err}");
+        check_content(&a, &b, &[TINY.rel(4)]).unwrap();
         fs::remove_file(b.join(TINY.rel(3))).unwrap();
         fs::write(b.join("extra"), "x").unwrap();
         let err = check_mirror(&a, &b).unwrap_err().to_string();
