@@ -21,14 +21,20 @@ pub fn init_logging(verbosity: i8) {
         .init();
 }
 
-/// Caps glibc's malloc arenas. By default each thread that allocates may get its own arena
-/// (up to 8 per core), and memory freed in one is not reused by another: with the runtime's
-/// workers, the blocking pool and the hashing threads, that alone can double peak RSS.
+/// Tunes glibc's malloc for this program. Arenas are capped at 2: by default each thread that
+/// allocates may get its own (up to 8 per core), and memory freed in one is not reused by
+/// another; with the runtime's workers, the blocking pool and the hashing threads, that alone
+/// can double peak RSS. Blocks up to 2 MiB come from the heap, not from `mmap`, and the heap is
+/// trimmed only past 32 MiB free: every 256 KiB frame of file data would otherwise be mapped,
+/// zero-faulted and unmapped again (measured on a 1 GiB transfer: 13% of the server's CPU and
+/// 7% of the wall time). [`release_freed_memory`] gives memory back between sessions.
 pub fn limit_malloc_arenas() {
-    // SAFETY: mallopt only sets an allocator parameter; called before other threads start.
+    // SAFETY: mallopt only sets allocator parameters; called before other threads start.
     #[cfg(target_env = "gnu")]
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
     }
 }
 
