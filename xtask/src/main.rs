@@ -22,7 +22,7 @@ usage: cargo xtask <command>
 commands:
   scenarios [FILTER...] [options]   build server-sync and client-sync, then run the scenarios
                                     in scenarios/ (all, or those whose number or name matches)
-  bench [--quick] [--pairs N] [FILTER...]
+  bench [--quick] [--pairs N] [--hash LIST] [FILTER...]
                                     build release binaries and time them against rsync on
                                     generated trees; writes target/bench/report.md and .json
   original-suite [--release] [TEST...]
