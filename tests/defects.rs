@@ -801,15 +801,7 @@ fn help_documents_the_new_exit_statuses_and_flags() {
         ),
     ];
     for (bin, words) in cases {
-        let mut cmd = Command::new(bin);
-        cmd.arg("--help");
-        isolate(&mut cmd, w.home.path());
-        let out = w.run(cmd);
-        assert_eq!(out.status.code(), Some(0));
-        let help = stdout(&out)
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
+        let help = w.help(bin);
         for words in words {
             assert!(
                 help.contains(words),

@@ -380,15 +380,7 @@ fn take_over_is_for_one_sync_and_both_flags_are_documented() {
             &["--state-dir", "~/.local/state/server-sync", "--take-over"][..],
         ),
     ] {
-        let mut cmd = Command::new(bin);
-        cmd.arg("--help");
-        isolate(&mut cmd, w.home.path());
-        let out = w.run(cmd);
-        assert_eq!(out.status.code(), Some(0));
-        let help = stdout(&out)
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
+        let help = w.help(bin);
         for words in words {
             assert!(
                 help.contains(words),

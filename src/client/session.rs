@@ -21,7 +21,7 @@ use crate::transfer::{self, Ticket};
 use crate::wire::control::MAX_CHAIN;
 use crate::wire::{
     BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure, NESTED_ROOTS,
-    OTHER_CLIENT, ProtocolError, VERSION,
+    OTHER_CLIENT, ProtocolError, VERSION, WireMessage,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -7,7 +7,7 @@ use tracing::warn;
 
 use crate::server::session::{SessionError, Shared};
 use crate::wire::codec::read_frame;
-use crate::wire::{DataMessage, ProtocolError};
+use crate::wire::{DataMessage, ProtocolError, WireMessage};
 
 /// Reads a data connection's `DataHello` and hands the stream to the session it names.
 /// Unbuffered: the file data that follows the hello belongs to the session's receiver.

@@ -29,7 +29,7 @@ use crate::store::state::{self, StateError};
 use crate::transfer::Received;
 use crate::wire::{
     BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure,
-    MAX_FAILURES_NAMED, NESTED_ROOTS, OTHER_CLIENT, ProtocolError, Summary, VERSION,
+    MAX_FAILURES_NAMED, NESTED_ROOTS, OTHER_CLIENT, ProtocolError, Summary, VERSION, WireMessage,
 };
 
 /// What every connection task of a server shares.

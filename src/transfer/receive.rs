@@ -12,7 +12,7 @@ use crate::events::{Event, EventSink};
 use crate::store::cache::Learned;
 use crate::store::{Staged, Store};
 use crate::transfer::hasher::{Hasher, Piece};
-use crate::wire::{BlockingConnection, DataMessage, Failure, ProtocolError};
+use crate::wire::{BlockingConnection, DataMessage, Failure, ProtocolError, WireMessage};
 
 /// What the server got from one data connection.
 #[derive(Debug, Default)]

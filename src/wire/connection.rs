@@ -23,6 +23,18 @@ pub trait WireMessage: Sized {
     fn encode(&self, out: &mut Vec<u8>);
     fn decode(body: Bytes) -> Result<Self, ProtocolError>;
     fn tag(&self) -> u8;
+
+    fn name(&self) -> &'static str {
+        tag::name(self.tag())
+    }
+
+    /// An `Unexpected` error for this message in a place that wanted `expected`.
+    fn unexpected(&self, expected: &'static str) -> ProtocolError {
+        ProtocolError::Unexpected {
+            got: self.name(),
+            expected,
+        }
+    }
 }
 
 /// Numbers connections, for the trace of what each one carried.

@@ -4,6 +4,7 @@
 use crate::core::hash::HashAlgorithm;
 use crate::core::identity::{ClientId, FileId};
 use crate::core::manifest::{Entry, MAX_PATH_LEN, Meta, RelPath};
+use crate::wire::WireMessage;
 use crate::wire::codec::{MAX_TEXT, ProtocolError, Reader, Writer, truncate};
 use crate::wire::tag;
 
@@ -163,18 +164,6 @@ impl ControlMessage {
             ControlMessage::SyncDone(_) => tag::SYNC_DONE,
             ControlMessage::Error(_) => tag::ERROR,
             ControlMessage::Ping => tag::PING,
-        }
-    }
-
-    pub fn name(&self) -> &'static str {
-        tag::name(self.tag())
-    }
-
-    /// An `Unexpected` error for this message in a place that wanted `expected`.
-    pub fn unexpected(&self, expected: &'static str) -> ProtocolError {
-        ProtocolError::Unexpected {
-            got: self.name(),
-            expected,
         }
     }
 

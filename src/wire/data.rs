@@ -5,6 +5,7 @@ use bytes::Bytes;
 
 use crate::core::hash::ContentHash;
 use crate::core::manifest::RelPath;
+use crate::wire::WireMessage;
 use crate::wire::codec::{MAX_TEXT, ProtocolError, Reader, Writer};
 use crate::wire::control::MAGIC;
 use crate::wire::tag;
@@ -49,18 +50,6 @@ impl DataMessage {
             DataMessage::Hole { .. } => tag::HOLE,
             DataMessage::FileEnd { .. } => tag::FILE_END,
             DataMessage::FileAbort { .. } => tag::FILE_ABORT,
-        }
-    }
-
-    pub fn name(&self) -> &'static str {
-        tag::name(self.tag())
-    }
-
-    /// An `Unexpected` error for this message in a place that wanted `expected`.
-    pub fn unexpected(&self, expected: &'static str) -> ProtocolError {
-        ProtocolError::Unexpected {
-            got: self.name(),
-            expected,
         }
     }
 

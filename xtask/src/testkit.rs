@@ -678,6 +678,20 @@ impl World {
         client_command(dir, self.port(), self.home.path())
     }
 
+    /// `BIN --help`, which must exit 0, with its whitespace collapsed to single spaces so that
+    /// a phrase can be looked for whatever the terminal width wrapped.
+    pub fn help(&self, bin: impl AsRef<std::ffi::OsStr>) -> String {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--help");
+        isolate(&mut cmd, self.home.path());
+        let out = self.run(cmd);
+        assert_eq!(out.status.code(), Some(0), "--help failed");
+        stdout(&out)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Runs a command, records it for the failure report, and when it was a client whose
     /// session completed, waits for the server to log the end of that session: the server
     /// logs `sync:done` after answering, so without this the log would be checked too early.
