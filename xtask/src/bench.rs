@@ -14,6 +14,7 @@
 //! * [`report`] computes medians and writes the table, `report.md` and `report.json`.
 
 mod data;
+mod latency;
 mod proc;
 mod report;
 mod supervise;
@@ -27,6 +28,7 @@ use anyhow::{Context, Result, bail};
 use xtask::process::shell_quote;
 
 use data::Dataset;
+pub use latency::USAGE as LATENCY_USAGE;
 use proc::{OurServer, RsyncDaemon, lo_tx_bytes, log_tail, vm_hwm_kib};
 use report::{Baseline, Machine, Report, Row, Sample, Target, ToolRuns, mib};
 use supervise::Supervised;
@@ -52,7 +54,7 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// (warm-up) sync, so that the client's cache can vouch for it as it would for a real tree
 /// written long before. That is setup, never a pause between syncs: a re-sync runs straight
 /// after the sync before it, as a script would run it, racy window and all.
-const SOURCE_SETTLE: Duration = Duration::from_millis(2500);
+pub const SOURCE_SETTLE: Duration = Duration::from_millis(2500);
 
 /// The content hashes `client-sync --hash` accepts, the product's default first.
 const HASHES: &[&str] = &["blake3", "md5"];
@@ -76,7 +78,7 @@ enum Kind {
 
 /// Which source tree a workload syncs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Tree {
+pub enum Tree {
     Small = 0,
     Big = 1,
     Many = 2,
@@ -153,7 +155,7 @@ const WORKLOADS: &[Workload] = &[
 ];
 
 /// The three source trees, full size or `--quick` (a tenth).
-fn datasets(quick: bool) -> [Dataset; 3] {
+pub fn datasets(quick: bool) -> [Dataset; 3] {
     let (small, many, big) = if quick {
         ((1_000, 10), (10_000, 100), 100 << 20)
     } else {
@@ -184,7 +186,7 @@ fn datasets(quick: bool) -> [Dataset; 3] {
     ]
 }
 
-fn size_text(b: u64) -> String {
+pub fn size_text(b: u64) -> String {
     match b {
         b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
         b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
@@ -194,7 +196,7 @@ fn size_text(b: u64) -> String {
 }
 
 /// 100000 → "100,000".
-fn thousands(n: u64) -> String {
+pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -299,30 +301,60 @@ fn select(filters: &[String]) -> Result<Vec<&'static Workload>> {
         .collect())
 }
 
-/// The rsync binary, or the one-line advice on installing it.
-fn find_rsync() -> Result<String> {
-    match Command::new("rsync").arg("--version").output() {
+/// A peer tool of the benches: its name, the option that prints its version, and its package.
+pub struct Peer {
+    pub program: &'static str,
+    pub version_arg: &'static str,
+    pub package: &'static str,
+}
+
+pub const RSYNC: Peer = Peer {
+    program: "rsync",
+    version_arg: "--version",
+    package: "rsync",
+};
+
+/// The first line of `peer`'s version text (whitespace collapsed), or the one-line advice on
+/// installing it; `bench` names the command that needs it.
+pub fn find_peer(peer: &Peer, bench: &str) -> Result<String> {
+    let Peer {
+        program,
+        version_arg,
+        package,
+    } = peer;
+    match Command::new(program).arg(version_arg).output() {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout)
             .lines()
             .next()
-            .unwrap_or("rsync")
+            .unwrap_or(program)
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ")),
         Ok(o) => bail!(
-            "`rsync --version` failed ({}); the bench compares against rsync",
+            "`{program} {version_arg}` failed ({}); `{bench}` compares against {program}",
             o.status
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "rsync is not installed and the bench compares against it: install it \
-             (`apt-get install -y rsync` on Debian/Ubuntu) and run again"
+            "{program} is not installed and `{bench}` compares against it: install it \
+             (`apt-get install -y {package}` on Debian/Ubuntu) and run again"
         ),
-        Err(e) => bail!("cannot run rsync: {e}"),
+        Err(e) => bail!("cannot run {program}: {e}"),
+    }
+}
+
+/// Moves the bench into a network namespace of its own, so that the loopback counters see its
+/// traffic alone; returns what the report says about it. Call before any thread is started.
+pub fn isolate_loopback() -> String {
+    match proc::private_loopback() {
+        Ok(()) => "private network namespace: only the bench's own traffic is counted".to_string(),
+        Err(e) => {
+            format!("shared with the rest of the machine ({e:#}): other traffic is counted too")
+        }
     }
 }
 
 /// Builds the release binaries the bench measures.
-fn build(root: &Path) -> Result<()> {
+pub fn build(root: &Path) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--release", "--package", "server-sync", "--bins"])
@@ -336,21 +368,19 @@ fn build(root: &Path) -> Result<()> {
 }
 
 pub fn run(args: &[String]) -> Result<bool> {
+    if args.first().is_some_and(|a| a == "latency") {
+        return latency::run(&args[1..]);
+    }
     let Some(opts) = parse_args(args)? else {
         return Ok(true);
     };
     let selected = select(&opts.filters)?;
-    let rsync_version = find_rsync()?;
+    let rsync_version = find_peer(&RSYNC, "cargo xtask bench")?;
     let root = xtask::workspace_root();
     let target = crate::target_dir(&root)?;
     build(&root)?;
-    let loopback = match proc::private_loopback() {
-        Ok(()) => "private network namespace: only the bench's own traffic is counted".to_string(),
-        Err(e) => {
-            format!("shared with the rest of the machine ({e:#}): other traffic is counted too")
-        }
-    };
-    let dirs = Dirs::prepare(&target.join("bench"))?;
+    let loopback = isolate_loopback();
+    let dirs = Dirs::prepare(&target.join("bench"), "logs")?;
 
     let started = Instant::now();
     let bench = Bench::new(&target.join("release"), dirs.work.path(), &dirs.logs)?;
@@ -359,13 +389,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         .ok()
         .map(|m| m.exit.maxrss_kib);
     let mut machine = Machine::read(dirs.work.path(), &root, loopback, floor);
-    machine.last_cleanup = match dirs.last_cleanup {
-        Some(ago) => format!(
-            "{} min before this bench (mass deletion slows ext4 file creation for minutes)",
-            ago.as_secs() / 60
-        ),
-        None => "none recorded".into(),
-    };
+    machine.last_cleanup = dirs.last_cleanup_text();
     println!(
         "bench{}: {} measured pair(s) per workload after a warm-up of each; ours with --hash {}; \
          {}; trees in {}, logs in {}",
@@ -436,22 +460,22 @@ fn measure(bench: &Bench, selected: &[&Workload], opts: &Options) -> Vec<Row> {
 }
 
 /// The bench's directories under `target/bench/`.
-struct Dirs {
+pub struct Dirs {
     /// `target/bench/`: reports and the cleanup stamp.
-    bench: PathBuf,
+    pub bench: PathBuf,
     /// This run's trees, under `work/`.
-    work: tempfile::TempDir,
+    pub work: tempfile::TempDir,
     /// Trees an interrupted earlier bench left in `work/`.
     stale: Vec<PathBuf>,
-    logs: PathBuf,
+    pub logs: PathBuf,
     /// When the last bench deleted its trees (from the stamp file).
     last_cleanup: Option<Duration>,
 }
 
 impl Dirs {
-    /// Creates the work and log directories (logs emptied), and warns when the last bench's
-    /// mass deletion is recent enough to slow this one down.
-    fn prepare(bench: &Path) -> Result<Dirs> {
+    /// Creates the work directory and the log directory `logs` (emptied), and warns when the
+    /// last bench's mass deletion is recent enough to slow this one down.
+    pub fn prepare(bench: &Path, logs: &str) -> Result<Dirs> {
         let work_parent = bench.join("work");
         fs::create_dir_all(&work_parent)
             .with_context(|| format!("create {}", work_parent.display()))?;
@@ -472,7 +496,7 @@ impl Dirs {
             .prefix("run-")
             .tempdir_in(&work_parent)
             .context("create the bench's work directory")?;
-        let logs = bench.join("logs");
+        let logs = bench.join(logs);
         let _ = fs::remove_dir_all(&logs);
         fs::create_dir_all(&logs)?;
         Ok(Dirs {
@@ -484,13 +508,24 @@ impl Dirs {
         })
     }
 
-    /// Ends the bench (its servers), deletes this run's trees and any stale ones, and stamps the
-    /// time of a mass deletion.
-    fn remove_trees(self, bench: Bench) -> Result<()> {
+    /// When the previous bench deleted its trees, for the report.
+    pub fn last_cleanup_text(&self) -> String {
+        match self.last_cleanup {
+            Some(ago) => format!(
+                "{} min before this bench (mass deletion slows ext4 file creation for minutes)",
+                ago.as_secs() / 60
+            ),
+            None => "none recorded".into(),
+        }
+    }
+
+    /// Ends the bench (`owner` holds its servers), deletes this run's trees and any stale ones,
+    /// and stamps the time of a mass deletion.
+    pub fn remove_trees<T>(self, owner: T) -> Result<()> {
         let t = Instant::now();
         print!("removing the bench's trees… ");
         let _ = std::io::Write::flush(&mut std::io::stdout());
-        drop(bench);
+        drop(owner);
         let mut removed = data::remove_tree_parallel(&self.work.keep());
         for dir in self.stale {
             removed += data::remove_tree_parallel(&dir);
@@ -583,19 +618,12 @@ impl Bench {
         ] {
             fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
-        // Run as ourselves (as root, rsync would otherwise switch to `nobody`); no chroot, so
-        // the daemon needs no privilege; symlink munging and reverse DNS are switched off
-        // because they are costs ours does not have and the workloads do not need.
-        // SAFETY: getuid and getgid cannot fail.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let conf = format!(
-            "# Written by `cargo xtask bench`.\n\
-             uid = {uid}\ngid = {gid}\nuse chroot = no\nmunge symlinks = no\n\
-             reverse lookup = no\nlog file = {}\n\n[bench]\n    path = {}\n    read only = no\n",
-            logs.join("rsyncd.log").display(),
-            b.rsync_root.display()
-        );
-        fs::write(&b.rsync_conf, conf)?;
+        RsyncDaemon::write_config(
+            &b.rsync_conf,
+            &logs.join("rsyncd.log"),
+            "bench",
+            &b.rsync_root,
+        )?;
         Ok(b)
     }
 

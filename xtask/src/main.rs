@@ -1,6 +1,7 @@
 //! `cargo xtask`: developer tasks of this workspace: `scenarios` (the conformance harness),
-//! `bench` (server-sync against rsync, see `bench.rs`) and `original-suite` (the original
-//! project's test suite against our binaries, see `original_suite.rs`).
+//! `bench` (server-sync against rsync, see `bench.rs`; `bench latency` against lsyncd, see
+//! `bench/latency.rs`) and `original-suite` (the original project's test suite against our
+//! binaries, see `original_suite.rs`).
 //!
 //! Arguments are parsed by hand: a handful of flags does not justify another dependency, and new
 //! subcommands slot into `main`'s match.
@@ -25,6 +26,10 @@ commands:
   bench [--quick] [--pairs N] [--hash LIST] [FILTER...]
                                     build release binaries and time them against rsync on
                                     generated trees; writes target/bench/report.md and .json
+  bench latency [--quick] [--writes N] [--interval S]
+                                    build release binaries and time how soon a change written
+                                    into a watched tree is on the server, ours (daemon) side by
+                                    side with lsyncd; writes target/bench/latency.md
   original-suite [--release] [TEST...]
                                     run the original project's test-sync.py (found through
                                     SERVER_SYNC_ORIGINAL) against our binaries; about 12 minutes
@@ -50,7 +55,12 @@ fn main() -> ExitCode {
         // Internal: the process supervisor of `bench` (see bench/supervise.rs).
         Some(bench::SUPERVISE) => bench::supervise(&args[1..]),
         Some("-h" | "--help" | "help") => {
-            print!("{USAGE}\n{}\n{}", bench::USAGE, original_suite::USAGE);
+            print!(
+                "{USAGE}\n{}\n{}\n{}",
+                bench::USAGE,
+                bench::LATENCY_USAGE,
+                original_suite::USAGE
+            );
             Ok(true)
         }
         Some(other) => {

@@ -73,6 +73,13 @@ impl Dataset {
         Ok(())
     }
 
+    /// The content of file `i`, as [`generate`](Self::generate) writes it, in memory.
+    pub fn file_bytes(&self, i: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; self.size as usize];
+        fill(&mut SplitMix64::new(self.content_seed(i)), &mut buf);
+        buf
+    }
+
     /// Change round `round` of W6: rewrites `changed` existing files with new content of the
     /// same size and adds `added` new ones, all chosen and filled from seeds derived from
     /// `round`, so every run of the bench makes the same changes. Returns the paths touched.
@@ -356,6 +363,8 @@ mod tests {
         TINY.generate(&b).unwrap();
         let ca = contents(&a);
         assert_eq!(ca.len(), 25);
+        let rel = TINY.rel(7).to_string_lossy().into_owned();
+        assert_eq!(TINY.file_bytes(7), ca[&rel]);
         assert_eq!(ca, contents(&b));
         assert!(ca.values().all(|v| v.len() == 1000));
         let distinct: std::collections::BTreeSet<_> = ca.values().collect();

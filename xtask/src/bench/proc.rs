@@ -1,4 +1,5 @@
-//! Processes of the benchmark and what the kernel accounts for them: exit, peak RSS, loopback bytes.
+//! Processes of the benchmark and what the kernel accounts for them: exit, peak and current RSS,
+//! CPU time, loopback bytes.
 //!
 //! Peak RSS comes from the kernel's own counters, never from sampling: `wait4` returns
 //! `ru_maxrss` of the reaped process (with `RUSAGE_BOTH` semantics: the largest of the process
@@ -232,6 +233,39 @@ pub fn vm_hwm_kib(pid: libc::pid_t) -> Result<u64> {
     parse_kib_field(&status, "VmHWM:").context("no VmHWM in /proc/PID/status")
 }
 
+/// `VmRSS` of a running process (resident now, not its peak), KiB.
+pub fn vm_rss_kib(pid: libc::pid_t) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    parse_kib_field(&status, "VmRSS:").context("no VmRSS in /proc/PID/status")
+}
+
+/// CPU time of a running process in clock ticks: utime + stime of all its threads, plus cutime +
+/// cstime of the children it has reaped (lsyncd's rsync runs are such children).
+pub fn cpu_ticks(pid: libc::pid_t) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    parse_cpu_ticks(&stat).context("unexpected /proc/PID/stat")
+}
+
+/// Clock ticks per second, the unit of [`cpu_ticks`].
+pub fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if n > 0 { n as f64 } else { 100.0 }
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses: fields start after the last ')', with
+    // the state as field 3 of proc(5); utime, stime, cutime, cstime are fields 14 to 17.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    fields
+        .get(11..15)?
+        .iter()
+        .map(|f| f.parse::<u64>().ok())
+        .sum()
+}
+
 fn parse_kib_field(text: &str, field: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(field))?;
     line[field.len()..].split_whitespace().next()?.parse().ok()
@@ -410,6 +444,23 @@ pub struct RsyncDaemon {
 }
 
 impl RsyncDaemon {
+    /// Writes a daemon configuration with one writable `module` at `path`. The daemon runs as
+    /// ourselves (as root, rsync would otherwise switch to `nobody`), without chroot, so it needs
+    /// no privilege; symlink munging and reverse DNS are switched off because they are costs ours
+    /// does not have and the benches do not need.
+    pub fn write_config(config: &Path, log: &Path, module: &str, path: &Path) -> Result<()> {
+        // SAFETY: getuid and getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let conf = format!(
+            "# Written by `cargo xtask bench`.\n\
+             uid = {uid}\ngid = {gid}\nuse chroot = no\nmunge symlinks = no\n\
+             reverse lookup = no\nlog file = {}\n\n[{module}]\n    path = {}\n    read only = no\n",
+            log.display(),
+            path.display()
+        );
+        std::fs::write(config, conf).with_context(|| format!("write {}", config.display()))
+    }
+
     pub fn start(config: &Path, log: &Path) -> Result<RsyncDaemon> {
         let mut last_err = None;
         // A free port can be taken between our probe and the daemon's bind: try a few.
@@ -445,6 +496,16 @@ impl RsyncDaemon {
             }
         }
         bail!("{}", last_err.unwrap_or_default())
+    }
+
+    /// Whether the daemon has ended.
+    pub fn has_exited(&self) -> bool {
+        self.daemon.has_exited()
+    }
+
+    /// The daemon's own pid (its sessions are its children).
+    pub fn pid(&self) -> libc::pid_t {
+        self.daemon.pid
     }
 
     /// Waits for the session processes to be reaped by the daemon, then stops it. Returns the
@@ -485,6 +546,11 @@ mod tests {
             Some(40891)
         );
         assert_eq!(parse_listening("something else"), None);
+        assert_eq!(
+            parse_cpu_ticks("42 (a) b (c)) S 1 42 42 0 -1 0 0 0 0 0 7 3 2 1 20 0 1 0"),
+            Some(13)
+        );
+        assert_eq!(parse_cpu_ticks("42 (x) S 1"), None);
     }
 
     #[test]

@@ -233,6 +233,28 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// What every bench report lists about the machine, as (name, value).
+    pub fn facts(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("date", self.date.clone()),
+            ("nproc", self.nproc.to_string()),
+            ("cpu", self.cpu.clone()),
+            ("memory", self.memory.clone()),
+            ("kernel", self.kernel.clone()),
+            ("rsync", self.rsync.clone()),
+            ("file system of the trees", self.filesystem.clone()),
+            ("product", self.product.clone()),
+            ("loopback", self.loopback.clone()),
+            ("previous bench's cleanup", self.last_cleanup.clone()),
+            (
+                "load average (1, 5, 15 min) at start / end",
+                format!("{} / {}", self.load_start, self.load_end),
+            ),
+        ]
+    }
+}
+
 /// `24683656 kB` → `23.5 GiB`.
 fn memory_text(meminfo: &str) -> String {
     match meminfo.trim_end_matches("kB").trim().parse::<f64>() {
@@ -325,7 +347,7 @@ pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-fn bytes(b: u64) -> String {
+pub fn bytes(b: u64) -> String {
     if b >= 10 << 20 {
         format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
     } else if b >= 1 << 20 {
@@ -335,7 +357,7 @@ fn bytes(b: u64) -> String {
     }
 }
 
-fn met(m: Option<bool>) -> &'static str {
+pub fn met(m: Option<bool>) -> &'static str {
     match m {
         Some(true) => "met",
         Some(false) => "NOT met",
@@ -344,7 +366,7 @@ fn met(m: Option<bool>) -> &'static str {
 }
 
 /// A markdown table with padded columns, readable as plain text too.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {
@@ -528,26 +550,11 @@ impl Report {
         let _ = writeln!(out, "\n## All runs\n");
         out += &self.samples_table();
         let _ = writeln!(out, "\n## Machine\n");
-        for (k, v) in [
-            ("date", m.date.clone()),
-            ("nproc", m.nproc.to_string()),
-            ("cpu", m.cpu.clone()),
-            ("memory", m.memory.clone()),
-            ("kernel", m.kernel.clone()),
-            ("rsync", m.rsync.clone()),
-            ("file system of the trees", m.filesystem.clone()),
-            ("product", m.product.clone()),
-            ("loopback", m.loopback.clone()),
-            ("previous bench's cleanup", m.last_cleanup.clone()),
-            (
-                "load average (1, 5, 15 min) at start / end",
-                format!("{} / {}", m.load_start, m.load_end),
-            ),
-            (
-                "RSS floor (`true` started as the clients are)",
-                m.rss_floor_kib.map_or("unknown".into(), mib),
-            ),
-        ] {
+        let floor = (
+            "RSS floor (`true` started as the clients are)",
+            m.rss_floor_kib.map_or("unknown".into(), mib),
+        );
+        for (k, v) in m.facts().into_iter().chain([floor]) {
             let _ = writeln!(out, "- {k}: {v}");
         }
         let _ = writeln!(out, "\n## Method\n");
