@@ -28,7 +28,9 @@ pub enum Key {
 pub enum Got {
     /// Seconds, bytes, percent or KiB, by the measure's [`Unit`].
     Value(f64),
-    /// The server side was not identical within the step's time limit.
+    /// Identical only after the step's time limit: how long it took, seconds.
+    Late(f64),
+    /// Not identical even long after the step's time limit.
     Timeout,
 }
 
@@ -116,6 +118,7 @@ pub struct Report {
 fn shown(g: Option<&Got>, unit: Unit) -> String {
     match g {
         Some(Got::Value(v)) => unit.show(*v),
+        Some(Got::Late(s)) => format!("timeout: {s:.1} s"),
         Some(Got::Timeout) => "timeout".into(),
         None => "–".into(),
     }
@@ -140,7 +143,7 @@ impl Report {
     fn met(&self, m: &Measure) -> Option<bool> {
         let goal = m.goal?;
         let v = match self.ours.got.get(&m.key)? {
-            Got::Timeout => return Some(false),
+            Got::Late(_) | Got::Timeout => return Some(false),
             Got::Value(v) => *v,
         };
         if v > goal.max {
