@@ -236,8 +236,9 @@ impl Daemons {
     /// Stops the client side, then the server side.
     fn stop(mut self) -> Result<()> {
         let exit = self.client.terminate(Duration::from_secs(15))?;
-        if !exit.success() {
-            println!("  note: the client side ended with {exit} after SIGTERM");
+        // lsyncd always ends with 143 on SIGTERM; ours should end cleanly.
+        if !exit.success() && matches!(self.server, ServerSide::Ours(_)) {
+            println!("  note: client-sync ended with {exit} after SIGTERM");
         }
         match self.server {
             ServerSide::Ours(mut s) => {
@@ -632,7 +633,7 @@ fn measures(s: &Sizes) -> Vec<Measure> {
         goal: goal.map(|(max, ratio)| Goal { max, ratio }),
         target: target.to_string(),
     };
-    let tree = format!("the watched {}-file tree", thousands(s.many.files));
+    let tree = format!("the {}-file tree", thousands(s.many.files));
     let rss_limit = RSS_LIMIT_KIB as f64;
     vec![
         row(
@@ -742,7 +743,7 @@ fn method(s: &Sizes) -> Vec<String> {
          figure."
             .into(),
         format!(
-            "Each tool in turn, alone on the machine, mirrors its own copy of the same seeded \
+            "Each tool in turn (the other is not running) mirrors its own copy of the same seeded \
              source (W4's {} × {} files in {} directories, plus L4's directory and the empty \
              directories L1 and L2 write into) into an empty directory; the figures are taken \
              after its first whole-tree match, {} s of settling, and in the order L5, L1, L2, L3, \
@@ -799,7 +800,12 @@ pub fn run(args: &[String]) -> Result<bool> {
     };
     let bench_name = "cargo xtask bench latency";
     find_peer(&RSYNC, bench_name)?;
+    // lsyncd prints `Version: 2.2.3`.
     let lsyncd_version = find_peer(&lsyncd::LSYNCD, bench_name)?;
+    let lsyncd_version = format!(
+        "lsyncd {}",
+        lsyncd_version.trim_start_matches("Version:").trim()
+    );
     let root = xtask::workspace_root();
     let target = crate::target_dir(&root)?;
     super::build(&root)?;
@@ -827,7 +833,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         &bench.dst(Tool::Lsyncd),
     )?;
     println!(
-        "bench latency{}: ours: {}; lsyncd: {lsyncd_version}; trees in {}, logs in {}",
+        "bench latency{}: ours: {}; {lsyncd_version}; trees in {}, logs in {}",
         if opts.quick { " --quick" } else { "" },
         bench.mode.describe(),
         bench.work.display(),

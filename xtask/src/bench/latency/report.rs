@@ -247,7 +247,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "Ours: {}. lsyncd: {}. Each tool in turn mirrors its own copy of the same tree; \
+            "Ours: {}. Peer: {}. Each tool in turn mirrors its own copy of the same tree; \
              `cargo xtask bench latency{}` took {:.0} s.\n",
             self.ours_mode,
             self.lsyncd,
@@ -263,7 +263,7 @@ impl Report {
         for (k, v) in self.machine.facts() {
             let _ = writeln!(out, "- {k}: {v}");
         }
-        let _ = writeln!(out, "- lsyncd: {}", self.lsyncd);
+        let _ = writeln!(out, "- peer: {}", self.lsyncd);
         let _ = writeln!(out, "\n## Method\n");
         for n in &self.notes {
             let _ = writeln!(out, "- {n}");
