@@ -71,7 +71,11 @@ async fn watch(
 }
 
 /// Syncs now and then every `interval` until `shutdown` resolves.
-async fn poll(cfg: &Config, interval: Duration, shutdown: std::pin::Pin<&mut impl Future<Output = ()>>) {
+async fn poll(
+    cfg: &Config,
+    interval: Duration,
+    shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) {
     let mut shutdown = shutdown;
     let mut backoff = Duration::from_secs(1);
     loop {

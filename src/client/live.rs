@@ -46,7 +46,11 @@ pub type Watched = Result<Vec<Seen>, WatchError>;
 /// batches are served. Fails when the directory cannot be watched at all.
 pub fn start_watching(cfg: &Config) -> Result<mpsc::UnboundedReceiver<Watched>, WatchError> {
     let mut watcher = Watcher::new(&cfg.root)?;
-    info!("watching {} ({} directories)", cfg.root.display(), watcher.watched());
+    info!(
+        "watching {} ({} directories)",
+        cfg.root.display(),
+        watcher.watched()
+    );
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -68,12 +72,18 @@ pub async fn session(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Ended, ClientError> {
     tokio::pin!(shutdown);
-    let (mut conn, terms) = begin(cfg, Capabilities::LIVE).await?;
     let mut dirty = Dirty::default();
-    // Whatever happened before the first scan is in it.
-    drain(watched, &mut dirty);
-    dirty = Dirty::default();
-    let (acknowledged, root_meta) = full_round(cfg, &mut conn, terms, &mut dirty, false).await?;
+    let first = async {
+        let (mut conn, terms) = begin(cfg, Capabilities::LIVE).await?;
+        // Whatever happened before the first scan is in it.
+        drain(watched);
+        let (listed, root) = full_round(cfg, &mut conn, terms, &mut dirty, false).await?;
+        Ok::<_, ClientError>((conn, terms, listed, root))
+    };
+    let (mut conn, terms, acknowledged, root_meta) = tokio::select! {
+        _ = &mut shutdown => return Ok(Ended::Stopped),
+        first = first => first?,
+    };
     if !terms.capabilities.has(Capabilities::LIVE) {
         return Ok(Ended::NotLive);
     }
@@ -290,7 +300,10 @@ fn compare(
                     .get(&s.path)
                     .map(std::slice::from_ref)
                     .unwrap_or_default(),
-                found.get(&s.path).map(std::slice::from_ref).unwrap_or_default(),
+                found
+                    .get(&s.path)
+                    .map(std::slice::from_ref)
+                    .unwrap_or_default(),
             ),
         };
         for e in now {
@@ -338,11 +351,9 @@ async fn send_batch(
     Ok(())
 }
 
-/// Takes what the watcher has already sent, without waiting.
-fn drain(watched: &mut mpsc::UnboundedReceiver<Watched>, dirty: &mut Dirty) {
-    while let Ok(Ok(seen)) = watched.try_recv() {
-        dirty.add(seen, std::path::Path::new(""));
-    }
+/// Drops what the watcher has already sent, without waiting: a scan follows.
+fn drain(watched: &mut mpsc::UnboundedReceiver<Watched>) {
+    while let Ok(Ok(_)) = watched.try_recv() {}
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -402,10 +413,9 @@ impl Dirty {
                              fs.inotify.max_queued_events); rescanning {}",
                             root.display()
                         ),
-                        Lost::RootGone => warn!(
-                            "{} was deleted or moved away; rescanning",
-                            root.display()
-                        ),
+                        Lost::RootGone => {
+                            warn!("{} was deleted or moved away; rescanning", root.display())
+                        }
                     }
                     self.everything = true;
                 }
@@ -452,8 +462,9 @@ impl Dirty {
     /// root changed.
     fn take(&mut self, now: Instant) -> Option<(Vec<(RelPath, Mark)>, bool)> {
         let ready = |m: &Mark| !m.writing || m.at.is_none_or(|at| at + WRITING <= now);
-        let (go, stay): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.marks).into_iter().partition(|(_, m)| ready(m));
+        let (go, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.marks)
+            .into_iter()
+            .partition(|(_, m)| ready(m));
         self.marks = stay.into_iter().collect();
         if self.marks.is_empty() {
             self.first = None;

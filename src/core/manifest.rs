@@ -409,7 +409,10 @@ impl Manifest {
             }
             let found = match s.deep {
                 true => self.subtree(&s.path),
-                false => self.get(&s.path).map(std::slice::from_ref).unwrap_or_default(),
+                false => self
+                    .get(&s.path)
+                    .map(std::slice::from_ref)
+                    .unwrap_or_default(),
             };
             for e in found {
                 if taken.insert(e.path.clone()) {
@@ -468,7 +471,11 @@ impl Manifest {
                 return Err(ManifestError::Orphan(u.path.clone()));
             }
         }
-        self.entries = merge(std::mem::take(&mut self.entries), upserts.into_iter(), &removed);
+        self.entries = merge(
+            std::mem::take(&mut self.entries),
+            upserts.into_iter(),
+            &removed,
+        );
         Ok(())
     }
 }
@@ -682,7 +689,10 @@ mod tests {
     fn subtree_is_the_entry_and_what_lies_below() {
         let m = Manifest::from_entries(tree("d a; f a/x 1; d a/y; f a.b 2")).unwrap();
         let paths = |s: &[Entry]| s.iter().map(|e| e.path.to_string()).collect::<Vec<_>>();
-        assert_eq!(paths(m.subtree(&RelPath::new("a").unwrap())), ["a", "a/x", "a/y"]);
+        assert_eq!(
+            paths(m.subtree(&RelPath::new("a").unwrap())),
+            ["a", "a/x", "a/y"]
+        );
         assert_eq!(paths(m.subtree(&RelPath::new("a.b").unwrap())), ["a.b"]);
         assert!(m.subtree(&RelPath::new("zz").unwrap()).is_empty());
     }

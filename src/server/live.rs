@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath, Scope};
 use crate::server::MAX_ENTRIES;
 use crate::server::session::{
-    Shared, SessionError, Terms, admit, check_algorithm, done, keepalive, lists, round, ticks,
+    SessionError, Shared, Terms, admit, check_algorithm, done, keepalive, lists, round, ticks,
     wait_turn,
 };
 use crate::store::Store;
@@ -172,7 +172,14 @@ impl Live<'_> {
         let _turn = turn(self.shared, conn, self.terms).await?;
         let (client, server, root_meta) = lists(self.shared, conn, self.terms).await?;
         self.root_meta = root_meta;
-        let (summary, held) = round(self.shared, conn, data, self.terms, (client, server, root_meta)).await?;
+        let (summary, held) = round(
+            self.shared,
+            conn,
+            data,
+            self.terms,
+            (client, server, root_meta),
+        )
+        .await?;
         self.held = held;
         // Everything was just looked at.
         self.changed.clear();
@@ -222,7 +229,10 @@ impl Live<'_> {
 
     /// Looks at the paths the watcher named: those that no longer hold what the client
     /// listed are asked for again (the server's own writes, which do, are not).
-    async fn ask_again(&mut self, conn: &mut ControlConnection<TcpStream>) -> Result<(), SessionError> {
+    async fn ask_again(
+        &mut self,
+        conn: &mut ControlConnection<TcpStream>,
+    ) -> Result<(), SessionError> {
         self.quiet_at = None;
         if std::mem::take(&mut self.everything) {
             self.changed.clear();
@@ -268,7 +278,13 @@ async fn turn<'s>(
     terms: Terms,
 ) -> Result<tokio::sync::MutexGuard<'s, ()>, SessionError> {
     let turn = wait_turn(shared, conn, terms.addr).await?;
-    admit(shared, Terms { take_over: false, ..terms })?;
+    admit(
+        shared,
+        Terms {
+            take_over: false,
+            ..terms
+        },
+    )?;
     Ok(turn)
 }
 
@@ -287,7 +303,9 @@ fn same_shape(client: Option<&Entry>, server: Option<&Entry>) -> bool {
     match (&c.kind, &s.kind) {
         (Kind::Dir, Kind::Dir) => c.meta == s.meta,
         (Kind::Symlink { target: a }, Kind::Symlink { target: b }) => {
-            a == b && (c.meta.mtime_secs, c.meta.mtime_nanos) == (s.meta.mtime_secs, s.meta.mtime_nanos)
+            a == b
+                && (c.meta.mtime_secs, c.meta.mtime_nanos)
+                    == (s.meta.mtime_secs, s.meta.mtime_nanos)
         }
         // What the client could not read is left as it is here.
         (Kind::Unreadable { .. }, _) => true,

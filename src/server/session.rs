@@ -464,7 +464,10 @@ fn entry_bytes(e: &Entry) -> usize {
 
 /// Refuses entries hashed in another algorithm than the session's: they could never match
 /// anything, and would be requested and rejected forever.
-pub(super) fn check_algorithm(entries: &[Entry], session: HashAlgorithm) -> Result<(), SessionError> {
+pub(super) fn check_algorithm(
+    entries: &[Entry],
+    session: HashAlgorithm,
+) -> Result<(), SessionError> {
     match entries.iter().find_map(|e| {
         e.hash()
             .filter(|h| h.algorithm() != session)

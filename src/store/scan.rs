@@ -371,9 +371,7 @@ impl Walker<'_, '_> {
                     scan.hits.extend(u32::try_from(index).ok());
                     Kind::File { size, hash }
                 }
-                None if self.opts.defer_above.is_some_and(|t| size >= t) => {
-                    Kind::Unhashed { size }
-                }
+                None if self.opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
                 None => {
                     self.pending.push(index);
                     // Cached once hashed, unless it changes meanwhile (see `hash_pending`).
@@ -477,7 +475,6 @@ pub fn scan_paths(root: &Path, scopes: &[Scope], opts: Options) -> io::Result<Sc
     }
     Ok(scan)
 }
-
 
 /// Lists the directory `rel` of the walk. With `own` (the server scanning its own mirror), a
 /// directory this process owns but may not list or enter (mode 000 on a server that is not

@@ -134,7 +134,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, M: WireMessage> Connection<S, M> {
                 trace(self.id, "recv", m.tag());
                 return Ok(Some(m));
             }
-            let n = self.io.read_buf(&mut self.incoming).await.map_err(crate::wire::codec::truncated_or_io)?;
+            let n = self
+                .io
+                .read_buf(&mut self.incoming)
+                .await
+                .map_err(crate::wire::codec::truncated_or_io)?;
             if n == 0 {
                 return match self.incoming.is_empty() {
                     true => Ok(None),

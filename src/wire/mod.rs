@@ -294,7 +294,7 @@ mod tests {
         ] {
             g.step(side, t).unwrap();
         }
-        assert_eq!(g.state(), State::End);
+        assert_eq!(g.state(), State::Idle);
         let mut g = Grammar::control();
         assert!(g.step(Side::Client, tag::FILE_LIST).is_err());
         let mut g = Grammar::data();
