@@ -8,6 +8,7 @@ pub mod read;
 pub mod root;
 pub mod scan;
 pub mod state;
+pub mod watch;
 
 use std::fs::File;
 use std::io;
