@@ -51,14 +51,19 @@ pub enum Seen {
     },
     /// The root directory itself changed (its mode or mtime, or an entry directly in it).
     Root,
-    /// Events were lost: rescan everything. The watcher goes on working.
+    /// Events were lost: rescan everything. The watcher goes on working (unless the root is
+    /// gone: see [`Lost::RootGone`]).
     Rescan(Lost),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     /// fs.inotify.max_user_watches reached: the caller should fall back to polling.
-    #[error("{}", limit_text("watch", "max_user_watches", *.max))]
+    #[error(
+        "the inotify watch limit ({}) is reached; raise it with sysctl {}{KEEP}",
+        setting(WATCHES, *.max),
+        raised(WATCHES, *.max)
+    )]
     Limit {
         /// The limit in force, when /proc could tell.
         max: Option<u64>,
@@ -66,15 +71,17 @@ pub enum WatchError {
     /// fs.inotify.max_user_instances reached (or the process's descriptor limit: inotify_init
     /// says EMFILE for both).
     #[error(
-        "{} (or this process's file descriptor limit is)",
-        limit_text("instance", "max_user_instances", *.max)
+        "the inotify instance limit ({}) or this process's file descriptor limit is reached; \
+         raise the first with sysctl {}{KEEP}",
+        setting(INSTANCES, *.max),
+        raised(INSTANCES, *.max)
     )]
     Instances { max: Option<u64> },
-    /// A file system whose changes inotify cannot see: only changes made through this
-    /// machine's kernel are reported, and on these the others are the point.
+    /// A file system on which inotify would miss changes: it reports only those made
+    /// through this machine's kernel, and on a network or user-space file system the changes
+    /// that matter may be made elsewhere (another machine, the file system's own daemon).
     #[error(
-        "{fs} is a network or user-space file system: inotify does not see changes made \
-         through other machines or processes"
+        "{fs} is a network or user-space file system: inotify would miss changes made elsewhere"
     )]
     Unsupported { fs: &'static str },
     #[error(transparent)]
@@ -84,23 +91,28 @@ pub enum WatchError {
 impl WatchError {
     fn limit() -> WatchError {
         WatchError::Limit {
-            max: read_sysctl("max_user_watches"),
+            max: read_sysctl(WATCHES),
         }
     }
 }
 
-/// The message of a reached inotify limit: which sysctl, its value, how to raise it.
-fn limit_text(what: &str, key: &str, max: Option<u64>) -> String {
+const WATCHES: &str = "max_user_watches";
+const INSTANCES: &str = "max_user_instances";
+const KEEP: &str = " (and in a file of /etc/sysctl.d to keep it)";
+
+/// An inotify sysctl and, when known, its value: `fs.inotify.max_user_watches = 8192`.
+fn setting(key: &str, max: Option<u64>) -> String {
     match max {
-        Some(n) => format!(
-            "the inotify {what} limit (fs.inotify.{key} = {n}) is reached; raise it with \
-             sysctl fs.inotify.{key}={} (and a file in /etc/sysctl.d to keep it)",
-            n.saturating_mul(2).max(1024)
-        ),
-        None => format!(
-            "the inotify {what} limit (fs.inotify.{key}) is reached; raise it with \
-             sysctl fs.inotify.{key}=<a higher value> (and a file in /etc/sysctl.d to keep it)"
-        ),
+        Some(n) => format!("fs.inotify.{key} = {n}"),
+        None => format!("fs.inotify.{key}"),
+    }
+}
+
+/// The sysctl assignment that raises an inotify limit: double it.
+fn raised(key: &str, max: Option<u64>) -> String {
+    match max {
+        Some(n) => format!("fs.inotify.{key}={}", n.saturating_mul(2).max(1024)),
+        None => format!("fs.inotify.{key}=<a higher value>"),
     }
 }
 
@@ -187,6 +199,15 @@ pub struct Watcher {
     paths: BTreeMap<RelPath, i32>,
 }
 
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("root", &self.root)
+            .field("watched", &self.watched())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Watcher {
     /// Watches `root` and every directory below it (symlinks never followed: IN_DONT_FOLLOW,
     /// IN_ONLYDIR, IN_EXCL_UNLINK). Walks the whole tree, so it takes as long as listing every
@@ -198,7 +219,7 @@ impl Watcher {
             Ok(fd) => fd,
             Err(Errno::MFILE) => {
                 return Err(WatchError::Instances {
-                    max: read_sysctl("max_user_instances"),
+                    max: read_sysctl(INSTANCES),
                 });
             }
             Err(e) => return Err(WatchError::Io(e.into())),
@@ -295,13 +316,15 @@ impl Watcher {
             None if mask.intersects(gone | ReadFlags::IGNORED) => self.root_gone(out),
             None if mask.contains(ReadFlags::ATTRIB) => out.root(),
             None => {}
-            // The kernel dropped the watch (the directory is deleted, or we removed it).
-            Some(_) if mask.contains(ReadFlags::IGNORED) => self.forget(wd),
+            // Deleted (its parent's watch reports the entry), or the kernel dropped the watch
+            // for another reason (we removed it).
+            Some(_) if mask.intersects(ReadFlags::DELETE_SELF | ReadFlags::IGNORED) => {
+                self.forget(wd)
+            }
             // The file system mounted there went away: the directory beneath shows instead.
             Some(path) if mask.contains(ReadFlags::UNMOUNT) => self.appeared(path, out)?,
             Some(path) if mask.contains(ReadFlags::ATTRIB) => out.path(path, false, false),
-            // Deleted or moved: the parent's watch reports the entry, IN_IGNORED follows a
-            // deletion.
+            // Moved: the parent's watch reports the entry, and its IN_MOVED_FROM the watches.
             Some(_) => {}
         }
         Ok(())
@@ -466,9 +489,10 @@ impl Watcher {
 /// Refuses a root on a file system where inotify would miss changes.
 fn check_file_system(root: &Path) -> Result<(), WatchError> {
     let st = rustix::fs::statfs(root).map_err(io::Error::from)?;
-    // f_type is as wide as a C long (32 bits on some targets); the magic numbers are 32-bit.
+    // f_type is as wide as a C long, or 32 bits on some targets; the magic numbers are 32-bit.
     #[allow(clippy::unnecessary_cast)]
-    match remote_fs(st.f_type as u32) {
+    let magic = st.f_type as u32;
+    match remote_fs(magic) {
         Some(fs) => Err(WatchError::Unsupported { fs }),
         None => Ok(()),
     }
@@ -541,6 +565,7 @@ fn skipped(dir: &Path, e: Errno) {
 /// [`RelPath`]), which scans skip too.
 fn entry_path(dir: Option<&RelPath>, name: &[u8]) -> Option<RelPath> {
     let name = std::str::from_utf8(name).ok()?;
+    // RelPath refuses the prefix too; said here so that nothing depends on that.
     if name.starts_with(TEMP_PREFIX) {
         return None;
     }
@@ -600,5 +625,283 @@ impl Batch {
             self.lost.push(why.clone());
             self.seen.push(Seen::Rescan(why));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::io::Write;
+    use std::time::Duration;
+
+    /// How long a test waits for the events it expects before failing.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Collects what `w` reports until `done` holds for all of it; fails after [`WAIT`].
+    async fn until(w: &mut Watcher, mut done: impl FnMut(&[Seen]) -> bool) -> Vec<Seen> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut all = Vec::new();
+        while !done(&all) {
+            match tokio::time::timeout_at(deadline, w.next()).await {
+                Ok(batch) => {
+                    let batch = batch.expect("watching failed");
+                    assert!(!batch.is_empty(), "next returned nothing");
+                    all.extend(batch);
+                }
+                Err(_) => panic!("timed out; seen so far: {all:?}"),
+            }
+        }
+        all
+    }
+
+    /// The last report of `path`, if any.
+    fn last<'a>(all: &'a [Seen], path: &str) -> Option<&'a Seen> {
+        all.iter()
+            .rev()
+            .find(|s| matches!(s, Seen::Path { path: p, .. } if p.as_str() == path))
+    }
+
+    fn reported(all: &[Seen], path: &str) -> bool {
+        last(all, path).is_some()
+    }
+
+    /// Whether `path` was last reported as a closed write.
+    fn written(all: &[Seen], path: &str) -> bool {
+        matches!(last(all, path), Some(Seen::Path { writing: false, .. }))
+    }
+
+    fn paths(all: &[Seen]) -> Vec<&str> {
+        all.iter()
+            .filter_map(|s| match s {
+                Seen::Path { path, .. } => Some(path.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every file below `dir`, relative to it.
+    fn files_below(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    pending.push(p);
+                } else {
+                    out.push(p.strip_prefix(dir).unwrap().display().to_string());
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn files_written_in_the_root_and_below_are_reported_once_closed() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir(tmp.path().join("d")).unwrap();
+        let mut w = Watcher::new(tmp.path()).unwrap();
+        assert_eq!(w.watched(), 2);
+        fs::write(tmp.path().join("f"), b"one").unwrap();
+        fs::write(tmp.path().join("d/g"), b"two").unwrap();
+        let all = until(&mut w, |all| written(all, "f") && written(all, "d/g")).await;
+        // A new entry directly in the root changed the root.
+        assert!(all.contains(&Seen::Root), "{all:?}");
+        assert!(!all.iter().any(|s| matches!(s, Seen::Rescan(_))), "{all:?}");
+    }
+
+    #[tokio::test]
+    async fn a_file_still_open_for_writing_is_reported_writing_until_closed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut w = Watcher::new(tmp.path()).unwrap();
+        let mut file = fs::File::create(tmp.path().join("f")).unwrap();
+        file.write_all(b"partial").unwrap();
+        until(&mut w, |all| {
+            matches!(last(all, "f"), Some(Seen::Path { writing: true, .. }))
+        })
+        .await;
+        drop(file);
+        until(&mut w, |all| written(all, "f")).await;
+    }
+
+    #[tokio::test]
+    async fn a_new_tree_is_watched_before_it_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut w = Watcher::new(tmp.path()).unwrap();
+        // Created and filled before the watcher reads anything: only `a` is announced, and
+        // the walk the consumer makes after that finds the rest.
+        fs::create_dir_all(tmp.path().join("a/b/c")).unwrap();
+        fs::write(tmp.path().join("a/b/c/f"), b"x").unwrap();
+        let all = until(&mut w, |all| reported(all, "a")).await;
+        let expected = Seen::Path {
+            path: RelPath::new("a").unwrap(),
+            subtree: true,
+            writing: false,
+        };
+        assert_eq!(last(&all, "a"), Some(&expected));
+        assert_eq!(files_below(&tmp.path().join("a")), ["b/c/f"]);
+        assert_eq!(w.watched(), 4);
+        // The new directories' own watches are in place.
+        fs::write(tmp.path().join("a/b/c/g"), b"y").unwrap();
+        until(&mut w, |all| written(all, "a/b/c/g")).await;
+    }
+
+    #[tokio::test]
+    async fn a_renamed_directory_is_reported_under_both_names_and_watched_under_the_new() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir_all(tmp.path().join("x/sub")).unwrap();
+        let mut w = Watcher::new(tmp.path()).unwrap();
+        fs::rename(tmp.path().join("x"), tmp.path().join("y")).unwrap();
+        let all = until(&mut w, |all| reported(all, "x") && reported(all, "y")).await;
+        assert!(
+            matches!(last(&all, "y"), Some(Seen::Path { subtree: true, .. })),
+            "{all:?}"
+        );
+        assert_eq!(w.watched(), 3);
+        fs::write(tmp.path().join("y/sub/f"), b"x").unwrap();
+        let all = until(&mut w, |all| written(all, "y/sub/f")).await;
+        assert!(!paths(&all).iter().any(|p| p.starts_with("x")), "{all:?}");
+    }
+
+    #[tokio::test]
+    async fn a_directory_moved_out_of_the_tree_is_no_longer_watched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fs::create_dir_all(root.join("x/sub")).unwrap();
+        let mut w = Watcher::new(&root).unwrap();
+        assert_eq!(w.watched(), 3);
+        fs::rename(root.join("x"), tmp.path().join("outside")).unwrap();
+        until(&mut w, |all| reported(all, "x")).await;
+        assert_eq!(w.watched(), 1);
+        fs::write(tmp.path().join("outside/sub/f"), b"x").unwrap();
+        fs::write(root.join("sentinel"), b"x").unwrap();
+        let all = until(&mut w, |all| written(all, "sentinel")).await;
+        assert_eq!(
+            paths(&all).iter().filter(|p| **p != "sentinel").count(),
+            0,
+            "{all:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_queue_overflow_asks_for_a_rescan_and_watching_goes_on() {
+        let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .expect("reading max_queued_events")
+            .trim()
+            .parse()
+            .expect("max_queued_events is a number");
+        if max > 100_000 {
+            eprintln!("skipped: fs.inotify.max_queued_events = {max}, too many events to make");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir(tmp.path().join("d")).unwrap();
+        let mut w = Watcher::new(tmp.path()).unwrap();
+        // One IN_MODIFY per write: the kernel merges an event only into an identical one just
+        // before it, so writes alternating between two files all count.
+        let mut files = [
+            fs::File::create(tmp.path().join("f1")).unwrap(),
+            fs::File::create(tmp.path().join("f2")).unwrap(),
+        ];
+        for i in 0..max + 1000 {
+            files[i % 2].write_all(b"x").unwrap();
+        }
+        // Its creation is among the events dropped: only watching the tree again finds it.
+        fs::create_dir(tmp.path().join("late")).unwrap();
+        let all = until(&mut w, |all| all.contains(&Seen::Rescan(Lost::Overflow))).await;
+        assert!(!all.contains(&Seen::Rescan(Lost::RootGone)));
+        assert_eq!(w.watched(), 3);
+        fs::write(tmp.path().join("d/after"), b"x").unwrap();
+        fs::write(tmp.path().join("late/after"), b"x").unwrap();
+        until(&mut w, |all| {
+            written(all, "d/after") && written(all, "late/after")
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn temporary_names_are_not_reported_nor_watched() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir(tmp.path().join("d")).unwrap();
+        let mut w = Watcher::new(tmp.path()).unwrap();
+        let stage = tmp.path().join(format!("{TEMP_PREFIX}stage-1"));
+        fs::create_dir(&stage).unwrap();
+        fs::write(stage.join("f"), b"x").unwrap();
+        fs::write(tmp.path().join(format!("{TEMP_PREFIX}1")), b"x").unwrap();
+        fs::write(tmp.path().join(format!("d/{TEMP_PREFIX}2")), b"x").unwrap();
+        fs::write(tmp.path().join("d/sentinel"), b"x").unwrap();
+        let all = until(&mut w, |all| written(all, "d/sentinel")).await;
+        // Not even the root: only temporary entries came and went in it.
+        assert!(
+            all.iter()
+                .all(|s| matches!(s, Seen::Path { path, .. } if path.as_str() == "d/sentinel")),
+            "{all:?}"
+        );
+        assert_eq!(w.watched(), 2);
+    }
+
+    #[tokio::test]
+    async fn deleting_the_root_asks_for_a_rescan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/f"), b"x").unwrap();
+        let mut w = Watcher::new(&root).unwrap();
+        fs::remove_dir_all(&root).unwrap();
+        until(&mut w, |all| all.contains(&Seen::Rescan(Lost::RootGone))).await;
+        assert_eq!(w.watched(), 0);
+    }
+
+    #[tokio::test]
+    async fn waiting_can_be_spawned() {
+        fn send<T: Send>(_: &T) {}
+        let tmp = tempfile::tempdir().unwrap();
+        let mut w = Watcher::new(tmp.path()).unwrap();
+        send(&w.next());
+    }
+
+    #[tokio::test]
+    async fn a_missing_root_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = Watcher::new(&tmp.path().join("none")).err().unwrap();
+        assert!(
+            matches!(&err, WatchError::Io(e) if e.kind() == io::ErrorKind::NotFound),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn limit_messages_name_the_sysctl_and_how_to_raise_it() {
+        let known = WatchError::Limit { max: Some(8192) }.to_string();
+        assert_eq!(
+            known,
+            "the inotify watch limit (fs.inotify.max_user_watches = 8192) is reached; raise it \
+             with sysctl fs.inotify.max_user_watches=16384 (and in a file of /etc/sysctl.d to \
+             keep it)"
+        );
+        let unknown = WatchError::Limit { max: None }.to_string();
+        assert!(
+            unknown.contains("sysctl fs.inotify.max_user_watches="),
+            "{unknown}"
+        );
+        let instances = WatchError::Instances { max: Some(128) }.to_string();
+        assert!(
+            instances.contains("fs.inotify.max_user_instances = 128"),
+            "{instances}"
+        );
+    }
+
+    #[test]
+    fn remote_file_systems_are_named() {
+        assert_eq!(remote_fs(0x6969), Some("nfs"));
+        assert_eq!(remote_fs(0xff53_4d42), Some("cifs"));
+        assert_eq!(remote_fs(0x6573_5546), Some("fuse"));
+        // ext4, tmpfs, btrfs, xfs
+        for local in [0xef53, 0x0102_1994, 0x9123_683e, 0x5846_5342] {
+            assert_eq!(remote_fs(local), None);
+        }
+        let err = WatchError::Unsupported { fs: "nfs" }.to_string();
+        assert!(err.starts_with("nfs is a network"), "{err}");
     }
 }
