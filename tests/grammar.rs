@@ -110,13 +110,17 @@ fn client_config(dir: &Path, port: u16, cache: &Path) -> client::Config {
 
 /// A scripted client: says hello, returns its connection and the welcome.
 async fn scripted(port: u16) -> ControlConnection<TcpStream> {
+    scripted_with(port, Capabilities::NONE).await
+}
+
+async fn scripted_with(port: u16, capabilities: Capabilities) -> ControlConnection<TcpStream> {
     let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut conn: ControlConnection<TcpStream> = Connection::new(stream);
     conn.send_now(&ControlMessage::Hello {
         version: VERSION,
         transfers: 1,
         hashes: vec![HashAlgorithm::Blake3],
-        capabilities: Capabilities::NONE,
+        capabilities,
         machine: String::new(),
         root_chain: Vec::new(),
         client: ClientId(1),
@@ -152,7 +156,7 @@ fn file(path: &str, content: &[u8]) -> Entry {
     }
 }
 
-async fn sessions(port: u16, client_dir: &Path, cache: &Path) {
+async fn sessions(port: u16, client_dir: &Path, server_dir: &Path, cache: &Path) {
     // 1. Many files (two request batches), a large one, a sparse one, one that vanishes.
     for i in 0..600 {
         write(
@@ -214,17 +218,123 @@ async fn sessions(port: u16, client_dir: &Path, cache: &Path) {
         .unwrap();
     conn.send_now(&ControlMessage::FileListEnd).await.unwrap();
     assert!(until_error(&mut conn).await.contains("data connection"));
+
+    // 8. A session that is not live sends changes after its sync: refused.
+    let mut conn = scripted(port).await;
+    conn.send_now(&ControlMessage::FileListEnd).await.unwrap();
+    conn.send_now(&ControlMessage::Changes).await.unwrap();
+    assert!(until_error(&mut conn).await.contains("unexpected"));
+
+    // 9. A live session whose changes do not fit the list held: refused.
+    let mut conn = scripted_with(port, Capabilities::LIVE).await;
+    conn.send_now(&ControlMessage::FileListEnd).await.unwrap();
+    conn.send_now(&ControlMessage::Changes).await.unwrap();
+    conn.send_file_list(&[file("no-such-dir/x", b"1")])
+        .await
+        .unwrap();
+    conn.send_now(&ControlMessage::FileListEnd).await.unwrap();
+    assert!(until_error(&mut conn).await.contains("parent"));
+
+    // 10. A watching daemon: changes, a removal, the root's mtime, a change behind the
+    // mirror's back, full rescans every second.
+    live(port, client_dir, server_dir, cache).await;
 }
 
-/// Replays one connection's messages, as its client end saw them, through the grammar.
+/// Runs a watching daemon through every kind of batch, each awaited as its outcome on the
+/// server's side.
+async fn live(port: u16, client_dir: &Path, server_dir: &Path, cache: &Path) {
+    let done = Arc::new(tokio::sync::Notify::new());
+    let cfg = client::Config {
+        watch: true,
+        events: Arc::new(Wake(done.clone())),
+        ..client_config(client_dir, port, cache)
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(async move {
+        client::run(&cfg, Duration::from_secs(1), async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let mirrored = || {
+        let listing = |d: &Path| {
+            let mut v: Vec<String> = walk(d).into_iter().collect();
+            v.sort();
+            v
+        };
+        listing(client_dir) == listing(server_dir)
+    };
+    wait_for(&done, &mirrored).await;
+    write(client_dir, "live/new", b"new");
+    std::fs::remove_file(client_dir.join("d/f000")).unwrap();
+    wait_for(&done, &mirrored).await;
+    write(server_dir, "behind-its-back", b"junk");
+    wait_for(&done, &|| !server_dir.join("behind-its-back").exists()).await;
+    // Two more rounds: a full rescan has come by then.
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(30), done.notified())
+            .await
+            .expect("a full rescan every second");
+    }
+    stop.send(()).unwrap();
+    daemon.await.unwrap();
+}
+
+/// Wakes a waiter at every completed batch.
+struct Wake(Arc<tokio::sync::Notify>);
+
+impl EventSink for Wake {
+    fn emit(&self, event: Event) {
+        if matches!(event, Event::SyncDone) {
+            self.0.notify_waiters();
+        }
+    }
+}
+
+/// Waits until `ok` holds, looking again after each batch (and every 100 ms, for a batch that
+/// came before the wait began).
+async fn wait_for(done: &tokio::sync::Notify, ok: &dyn Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out");
+        let _ = tokio::time::timeout(Duration::from_millis(100), done.notified()).await;
+    }
+}
+
+/// Every path below `dir` with its content, for comparing two trees.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        let p = e.path();
+        if name.starts_with(".server-sync-tmp.") {
+            continue; // the server's files in flight
+        }
+        if p.is_dir() {
+            out.extend(walk(&p).into_iter().map(|s| format!("{name}/{s}")));
+            out.push(name);
+        } else if let Ok(content) = std::fs::read(&p) {
+            out.push(format!("{name}={}", content.len()));
+        }
+    }
+    out
+}
+
+/// Replays one connection's messages through the grammar: a control connection as its
+/// server end saw them (the server reads one message at a time: its order has no races), a
+/// data connection as its client end sent them (the server reads their first frame raw).
 fn replay(seen: &[Seen], taken: &mut HashSet<Arrow>) -> Result<(), String> {
-    let mut g = match seen.first() {
-        Some(s) if s.sent && s.tag == tag::HELLO => Grammar::control(),
-        Some(s) if s.sent && s.tag == tag::DATA_HELLO => Grammar::data(),
-        _ => return Ok(()), // the server's end of a conversation: its client end is replayed
+    let (mut g, client_end) = match seen.first() {
+        Some(s) if !s.sent && s.tag == tag::HELLO => (Grammar::control(), false),
+        Some(s) if s.sent && s.tag == tag::DATA_HELLO => (Grammar::data(), true),
+        _ => return Ok(()), // the other end of a conversation replayed from this one
     };
     for s in seen {
-        let side = if s.sent { Side::Client } else { Side::Server };
+        let side = match s.sent == client_end {
+            true => Side::Client,
+            false => Side::Server,
+        };
         taken.insert(g.step(side, s.tag)?);
     }
     Ok(())
@@ -256,7 +366,7 @@ fn every_arrow_of_the_grammar_is_taken_and_nothing_else() {
         let serving = tokio::spawn(server::run(config, control, data, async {
             let _ = stopped.await;
         }));
-        sessions(port, &client_dir, cache).await;
+        sessions(port, &client_dir, &server_dir, cache).await;
         stop.send(()).unwrap();
         serving.await.unwrap().unwrap();
     });

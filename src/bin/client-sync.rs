@@ -1,4 +1,4 @@
-//! `client-sync DIR`: sends DIR to a `server-sync`, once or on an interval.
+//! `client-sync DIR`: sends DIR to a `server-sync`, once, or watching it for changes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,8 +14,11 @@ use server_sync::store::state;
 
 /// Make a `server-sync` mirror DIR: send its file list, answer the server's file requests.
 ///
-/// Without --once, syncs at start and then every --interval seconds until SIGINT, SIGTERM or
-/// SIGHUP, retrying with back-off a server that cannot be reached or is busy.
+/// Without --once, syncs at start, then watches DIR (inotify) and sends each change as it
+/// happens over one open session, with a full rescan every --interval seconds as a safety
+/// net, until SIGINT, SIGTERM or SIGHUP; a server that cannot be reached or is busy is retried
+/// with back-off. Where DIR cannot be watched (a network or FUSE file system, the inotify
+/// watch limit reached), or with --no-watch, it syncs every --interval seconds instead.
 ///
 /// A server folder mirrors one client: this client's ID, made on first use, is kept in
 /// --state-dir, and a server whose folder mirrors another client refuses it unless told
@@ -42,9 +45,12 @@ struct Args {
     /// Run one sync and exit with its status
     #[arg(long)]
     once: bool,
-    /// Seconds between syncs when not --once
+    /// Seconds between full rescans when not --once (between syncs with --no-watch)
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     interval: u64,
+    /// Do not watch DIR: sync every --interval seconds only
+    #[arg(long, conflicts_with = "once")]
+    no_watch: bool,
     /// Data connections to run at once
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=8))]
     transfers: u64,
@@ -127,6 +133,7 @@ async fn run(args: Args) -> ExitCode {
             None => HashAlgorithm::ALL.to_vec(),
         },
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        watch: !args.no_watch,
         ..client::Config::new(args.dir, args.server, args.port)
     };
     if !args.once {

@@ -5,18 +5,82 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use crate::client::{Config, Report, sync_once};
+use crate::client::live::{self, Ended};
+use crate::client::{ClientError, Config, Report, sync_once};
 use crate::core::text::Escaped;
 
-/// Syncs now and then every `interval` until `shutdown` resolves. A server that cannot be
-/// reached, does not answer or turns the client away (busy, shutting down) is retried with
-/// exponential back-off (1 s doubling, up to `interval`); nothing here exits.
+/// Mirrors the directory until `shutdown` resolves: watching it (`cfg.watch`), each change
+/// sent as it happens and the whole list every `interval`; or, when it cannot be watched,
+/// syncing now and then every `interval`. A server that cannot be reached, does not answer or
+/// turns the client away (busy, shutting down) is retried with exponential back-off (1 s
+/// doubling, up to `interval`); nothing here exits.
 pub async fn run(cfg: &Config, interval: Duration, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    if cfg.watch {
+        match live::start_watching(cfg) {
+            Ok(mut watched) => {
+                let watching = watch(cfg, interval, &mut watched, shutdown.as_mut());
+                if let Some(why) = watching.await {
+                    warn!("{why}; syncing every {} s instead", interval.as_secs());
+                } else {
+                    info!("client stopped");
+                    return;
+                }
+            }
+            Err(e) => warn!(
+                "not watching {}: {e}; syncing every {} s instead",
+                cfg.root.display(),
+                interval.as_secs()
+            ),
+        }
+    }
+    poll(cfg, interval, shutdown).await;
+}
+
+/// Live sessions, one after another, until `shutdown`; or the reason to poll instead.
+async fn watch(
+    cfg: &Config,
+    interval: Duration,
+    watched: &mut tokio::sync::mpsc::UnboundedReceiver<live::Watched>,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<String> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let wait = match live::session(cfg, interval, watched, shutdown.as_mut()).await {
+            Ok(Ended::Stopped) => return None,
+            Ok(Ended::NotLive) => return Some("the server does not keep sessions open".into()),
+            Err(ClientError::Watch(e)) => return Some(format!("stopped watching: {e}")),
+            Err(e) if e.before_session() => {
+                let wait = backoff;
+                backoff = (backoff * 2).min(interval);
+                warn!("{e}; retrying in {} s", wait.as_secs());
+                wait
+            }
+            Err(e) => {
+                error!("sync failed: {e}");
+                backoff = Duration::from_secs(1);
+                backoff
+            }
+        };
+        crate::process::release_freed_memory();
+        tokio::select! {
+            _ = shutdown.as_mut() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Syncs now and then every `interval` until `shutdown` resolves.
+async fn poll(
+    cfg: &Config,
+    interval: Duration,
+    shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) {
+    let mut shutdown = shutdown;
     let mut backoff = Duration::from_secs(1);
     loop {
         let wait = tokio::select! {
-            _ = &mut shutdown => break,
+            _ = shutdown.as_mut() => break,
             r = sync_once(cfg) => match r {
                 Ok(report) => {
                     backoff = Duration::from_secs(1);
@@ -38,7 +102,7 @@ pub async fn run(cfg: &Config, interval: Duration, shutdown: impl Future<Output 
         // The sync's lists are free by now: do not keep them resident until the next one.
         crate::process::release_freed_memory();
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = shutdown.as_mut() => break,
             _ = tokio::time::sleep(wait) => {}
         }
     }

@@ -2,6 +2,7 @@
 //! ([`session`]), and repeats on an interval ([`daemon`]).
 
 mod daemon;
+mod live;
 mod session;
 
 use std::path::PathBuf;
@@ -55,6 +56,9 @@ pub struct Config {
     pub machine_id: Option<String>,
     /// Where the sync's events go (by default, the log).
     pub events: Events,
+    /// The daemon watches the directory and sends each change as it happens (the interval
+    /// is then only a full rescan); without, it syncs every interval.
+    pub watch: bool,
 }
 
 impl Config {
@@ -80,6 +84,7 @@ impl Config {
             take_over: false,
             machine_id: crate::store::state::machine_id(),
             events: events::log(),
+            watch: false,
         }
     }
 }
@@ -114,6 +119,8 @@ pub enum ClientError {
     Closed,
     #[error("connection to the server failed: {0}")]
     Protocol(#[from] ProtocolError),
+    #[error("failed to watch the directory: {0}")]
+    Watch(#[from] crate::store::watch::WatchError),
 }
 
 impl ClientError {
@@ -132,12 +139,13 @@ impl ClientError {
             | ClientError::Silent(_)
             | ClientError::Closed
             | ClientError::Protocol(_) => 3,
+            ClientError::Watch(_) => 2,
         }
     }
 
     /// Whether the sync never started (no server, no answer, or turned away): worth retrying
     /// soon rather than at the next interval.
-    fn before_session(&self) -> bool {
+    pub(crate) fn before_session(&self) -> bool {
         matches!(
             self,
             ClientError::Unreachable { .. }

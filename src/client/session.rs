@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use crate::client::{ClientError, Config, Report};
 use crate::core::hash::HashAlgorithm;
 use crate::core::identity::FileId;
-use crate::core::manifest::{Entry, Kind, Meta, RelPath, find_sorted};
+use crate::core::manifest::{Entry, Kind, Manifest, Meta, RelPath};
 use crate::events::Event;
 use crate::store::Store;
 use crate::store::cache::{HashCache, Learned};
@@ -30,29 +30,42 @@ const DATA_WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the server's `Welcome` settled.
 #[derive(Clone, Copy, Debug)]
-struct Terms {
+pub(super) struct Terms {
     peer: SocketAddr,
     data_port: u16,
     token: u64,
-    algorithm: HashAlgorithm,
+    pub algorithm: HashAlgorithm,
+    /// The optional features both sides support.
+    pub capabilities: Capabilities,
 }
 
 /// Runs one complete sync.
 pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     let start = Instant::now();
-    crate::store::check_dir(&cfg.root)?;
-    let root_chain = root_chain(cfg)?;
-    let (mut conn, peer) = connect(cfg).await?;
-    let terms = handshake(cfg, &mut conn, peer, root_chain).await?;
+    let (mut conn, terms) = begin(cfg, Capabilities::NONE).await?;
     // Scan only now that the session has started: the server walks its own tree meanwhile.
     let mut report = Report::default();
     let (listed, root) = scan_tree(cfg, &mut conn, terms.algorithm, &mut report).await?;
     send_list(cfg, &mut conn, &listed, root).await?;
-    let learned = serve(cfg, &mut conn, terms, Arc::new(listed), &mut report).await?;
+    let listed = Arc::new(Manifest::from_entries(listed).expect("a scan lists a tree"));
+    let mut asked = Vec::new();
+    let learned = serve(cfg, &mut conn, terms, listed, &mut report, &mut asked).await?;
     remember(cfg, terms.algorithm, learned).await;
     report.elapsed = start.elapsed();
     cfg.events.emit(Event::SyncDone);
     Ok(report)
+}
+
+/// Checks the directory, connects and says hello offering `capabilities`: a session begun.
+pub(super) async fn begin(
+    cfg: &Config,
+    capabilities: Capabilities,
+) -> Result<(ControlConnection<TcpStream>, Terms), ClientError> {
+    crate::store::check_dir(&cfg.root)?;
+    let root_chain = root_chain(cfg)?;
+    let (mut conn, peer) = connect(cfg).await?;
+    let terms = handshake(cfg, &mut conn, peer, root_chain, capabilities).await?;
+    Ok((conn, terms))
 }
 
 async fn connect(cfg: &Config) -> Result<(ControlConnection<TcpStream>, SocketAddr), ClientError> {
@@ -94,13 +107,14 @@ async fn handshake(
     conn: &mut ControlConnection<TcpStream>,
     peer: SocketAddr,
     root_chain: Vec<FileId>,
+    capabilities: Capabilities,
 ) -> Result<Terms, ClientError> {
     let transfers = cfg.transfers.clamp(1, u16::MAX.into()) as u16;
     conn.send_now(&ControlMessage::Hello {
         version: VERSION,
         transfers,
         hashes: cfg.hashes.clone(),
-        capabilities: Capabilities::NONE,
+        capabilities,
         machine: cfg.machine_id.clone().unwrap_or_default(),
         root_chain,
         client: cfg.client_id,
@@ -120,12 +134,14 @@ async fn handshake(
             data_port,
             token,
             hash,
+            capabilities: theirs,
             ..
         } if cfg.hashes.contains(&hash) => Ok(Terms {
             peer,
             data_port,
             token,
             algorithm: hash,
+            capabilities: theirs.common(capabilities),
         }),
         ControlMessage::Welcome { hash, .. } => {
             Err(ProtocolError::Unrequested(format!("hash algorithm {hash}")).into())
@@ -143,7 +159,7 @@ async fn handshake(
 /// Walks the tree (pinging the server meanwhile); returns the entries to list and the root's
 /// own metadata. What cannot be read goes into the report; sockets, FIFOs and devices are
 /// left out.
-async fn scan_tree(
+pub(super) async fn scan_tree(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
     algorithm: HashAlgorithm,
@@ -190,7 +206,7 @@ async fn scan_tree(
     Ok((scan.entries, scan.root))
 }
 
-async fn send_list(
+pub(super) async fn send_list(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
     listed: &[Entry],
@@ -216,13 +232,15 @@ async fn send_list(
 }
 
 /// Answers the server until its `SyncDone`: hash requests here, file requests on data
-/// connections of their own. Returns the hashes learnt on the way, for the cache.
-async fn serve(
+/// connections of their own. Returns the hashes learnt on the way, for the cache. Paths the
+/// server asks for again with `Dirty` meanwhile (a live session) go into `asked`.
+pub(super) async fn serve(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
-    listed: Arc<Vec<Entry>>,
+    listed: Arc<Manifest>,
     report: &mut Report,
+    asked: &mut Vec<RelPath>,
 ) -> Result<Vec<Learned>, ClientError> {
     let root = Root::new(&cfg.root);
     let mut learned: Vec<Learned> = Vec::new();
@@ -269,7 +287,7 @@ async fn serve(
                 };
                 let alg = terms.algorithm;
                 sending.spawn_blocking(move || {
-                    let lists = (paths.as_slice(), listed.as_slice());
+                    let lists = (paths.as_slice(), listed.entries());
                     let sent = transfer::send(data, &root, ticket, lists, alg, &*events)?;
                     Ok(sent.learned)
                 });
@@ -286,6 +304,7 @@ async fn serve(
                 report.summary = summary;
                 return Ok(learned);
             }
+            ControlMessage::Dirty(paths) => asked.extend(paths),
             ControlMessage::Error(e) => return Err(ClientError::Ended(e)),
             m => return Err(m.unexpected("filerequest, hashrequest or sync:done").into()),
         }
@@ -308,7 +327,7 @@ async fn open_data(terms: Terms) -> Result<std::net::TcpStream, ProtocolError> {
 }
 
 /// Saves the hashes learnt during the sync into the cache.
-async fn remember(cfg: &Config, algorithm: HashAlgorithm, learned: Vec<Learned>) {
+pub(super) async fn remember(cfg: &Config, algorithm: HashAlgorithm, learned: Vec<Learned>) {
     let Some(file) = cfg.cache_file.clone().filter(|_| !learned.is_empty()) else {
         return;
     };
@@ -323,7 +342,7 @@ async fn remember(cfg: &Config, algorithm: HashAlgorithm, learned: Vec<Learned>)
 /// order: the file with its hash, or `Unreadable` with the reason it could not be hashed.
 fn answer_hashes(
     root: &Root,
-    listed: &[Entry],
+    listed: &Manifest,
     paths: &[RelPath],
     algorithm: HashAlgorithm,
 ) -> (Vec<Entry>, Vec<Learned>) {
@@ -336,8 +355,9 @@ fn answer_hashes(
                 kind: Kind::Unreadable { reason },
                 meta: Meta::default(),
             };
-            let Some(e) =
-                find_sorted(listed, path).filter(|e| matches!(e.kind, Kind::Unhashed { .. }))
+            let Some(e) = listed
+                .get(path)
+                .filter(|e| matches!(e.kind, Kind::Unhashed { .. }))
             else {
                 return unreadable("not an unhashed file of this client".into());
             };
@@ -384,7 +404,7 @@ async fn pinging<T>(
 /// The server's next message, pings skipped. The server may work for a long time before it
 /// answers, but pings every few seconds meanwhile, so `limit` without a byte means it is
 /// stopped, hung, gone, or not a server-sync at all.
-async fn next(
+pub(super) async fn next(
     conn: &mut ControlConnection<TcpStream>,
     limit: Duration,
 ) -> Result<ControlMessage, ClientError> {
@@ -397,4 +417,12 @@ async fn next(
             Ok(Err(e)) => return Err(e.into()),
         }
     }
+}
+
+/// Ticks every `every`, the first one `every` from now.
+pub(super) fn ticks(every: Duration) -> tokio::time::Interval {
+    let every = every.max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }

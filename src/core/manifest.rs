@@ -295,6 +295,11 @@ impl Manifest {
         find_sorted(&self.entries, path)
     }
 
+    /// The entries, in component order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
     pub fn into_entries(self) -> Vec<Entry> {
         self.entries
     }
@@ -322,6 +327,188 @@ impl Manifest {
             })
             .fold(0, u64::saturating_add)
     }
+}
+
+/// A path to look at again, and whether what lies below it is wanted too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    pub path: RelPath,
+    pub deep: bool,
+}
+
+/// Scopes in component order, once each (deep if any was), without those a deep scope
+/// already covers.
+pub fn normalise(scopes: &[Scope]) -> Vec<Scope> {
+    let mut v = scopes.to_vec();
+    v.sort_by(|a, b| a.path.cmp(&b.path).then(b.deep.cmp(&a.deep)));
+    v.dedup_by(|later, kept| later.path == kept.path);
+    let mut out: Vec<Scope> = Vec::with_capacity(v.len());
+    for s in v {
+        // Deep scopes kept are disjoint, and one containing `s` sorts right before it: only
+        // the last deep one can.
+        if out
+            .iter()
+            .rev()
+            .find(|o| o.deep)
+            .is_some_and(|o| s.path.is_within(&o.path))
+        {
+            continue;
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// What changed in a tree since a list both sides hold: entries added or changed, and paths
+/// removed (each with everything below it). The delta a watching client sends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Entries to add or replace, in component order. An entry that replaces a directory
+    /// with something else takes the directory's contents with it.
+    pub upserts: Vec<Entry>,
+    /// Paths to remove with their subtrees, in component order.
+    pub removed: Vec<RelPath>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removed.is_empty()
+    }
+
+    /// Every path the changes name, in component order (a path both removed and upserted once).
+    pub fn paths(&self) -> Vec<RelPath> {
+        let mut all: Vec<RelPath> = self
+            .upserts
+            .iter()
+            .map(|e| e.path.clone())
+            .chain(self.removed.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+impl Manifest {
+    /// The part of this tree that `scopes` cover: each scope's ancestors, its entry, and with
+    /// `deep` everything below it. Still a tree.
+    pub fn part(&self, scopes: &[Scope]) -> Manifest {
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut taken: std::collections::HashSet<RelPath> = std::collections::HashSet::new();
+        for s in normalise(scopes) {
+            let mut ancestors: Vec<RelPath> =
+                std::iter::successors(s.path.parent(), RelPath::parent).collect();
+            ancestors.reverse();
+            for a in ancestors {
+                if !taken.contains(&a)
+                    && let Some(e) = self.get(&a)
+                {
+                    taken.insert(a);
+                    entries.push(e.clone());
+                }
+            }
+            let found = match s.deep {
+                true => self.subtree(&s.path),
+                false => self
+                    .get(&s.path)
+                    .map(std::slice::from_ref)
+                    .unwrap_or_default(),
+            };
+            for e in found {
+                if taken.insert(e.path.clone()) {
+                    entries.push(e.clone());
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Manifest { entries }
+    }
+
+    /// The entry at `path` and everything below it: a contiguous run, since a directory sorts
+    /// right before its contents.
+    pub fn subtree(&self, path: &RelPath) -> &[Entry] {
+        let start = self.entries.partition_point(|e| e.path < *path);
+        let len = self.entries[start..]
+            .iter()
+            .take_while(|e| e.path.is_within(path))
+            .count();
+        &self.entries[start..start + len]
+    }
+
+    /// Applies `changes` in one merge pass (the lists are sorted, so this costs the length of
+    /// the manifest, not a search per change). The result must still be a tree: an upserted
+    /// entry whose parent is not a directory afterwards is refused and nothing changes.
+    pub fn apply(&mut self, changes: &Changes) -> Result<(), ManifestError> {
+        let mut upserts = changes.upserts.clone();
+        if !upserts.is_sorted_by(|a, b| a.path <= b.path) {
+            upserts.sort_by(|a, b| a.path.cmp(&b.path));
+        }
+        if let Some(w) = upserts.windows(2).find(|w| w[0].path == w[1].path) {
+            return Err(ManifestError::Duplicate(w[0].path.clone()));
+        }
+        let mut removed = changes.removed.clone();
+        removed.sort();
+        // A replaced directory goes with its contents, like a removed path.
+        for u in &upserts {
+            if u.kind != Kind::Dir && self.get(&u.path).is_some_and(|e| e.kind == Kind::Dir) {
+                removed.push(u.path.clone());
+            }
+        }
+        removed.sort();
+        for u in &upserts {
+            let Some(parent) = u.path.parent() else {
+                continue;
+            };
+            let parent_is_dir = match upserts.binary_search_by(|x| x.path.cmp(&parent)) {
+                Ok(i) => upserts[i].kind == Kind::Dir,
+                Err(_) => {
+                    let gone = std::iter::successors(Some(parent.clone()), RelPath::parent)
+                        .any(|a| removed.binary_search(&a).is_ok());
+                    !gone && self.get(&parent).is_some_and(|e| e.kind == Kind::Dir)
+                }
+            };
+            if !parent_is_dir {
+                return Err(ManifestError::Orphan(u.path.clone()));
+            }
+        }
+        self.entries = merge(
+            std::mem::take(&mut self.entries),
+            upserts.into_iter(),
+            &removed,
+        );
+        Ok(())
+    }
+}
+
+/// `old` without what lies within a `removed` path, with `upserts` in place: all three in
+/// component order.
+fn merge(old: Vec<Entry>, upserts: impl Iterator<Item = Entry>, removed: &[RelPath]) -> Vec<Entry> {
+    let mut out = Vec::with_capacity(old.len());
+    let mut upserts = upserts.peekable();
+    let mut gone = removed.iter().peekable();
+    for e in old {
+        while let Some(u) = upserts.next_if(|u| u.path < e.path) {
+            out.push(u);
+        }
+        // Removed paths sorting before `e` and not above it can no longer cover anything.
+        while gone
+            .next_if(|r| **r < e.path && !e.path.is_within(r))
+            .is_some()
+        {}
+        if gone.peek().is_some_and(|r| e.path.is_within(r)) {
+            // Replaced by an upsert at this very path, if there is one.
+            if let Some(u) = upserts.next_if(|u| u.path == e.path) {
+                out.push(u);
+            }
+            continue;
+        }
+        match upserts.next_if(|u| u.path == e.path) {
+            Some(u) => out.push(u),
+            None => out.push(e),
+        }
+    }
+    out.extend(upserts);
+    out
 }
 
 #[cfg(test)]
@@ -415,5 +602,98 @@ mod tests {
             Manifest::from_entries([file("a"), file("a")]),
             Err(ManifestError::Duplicate(RelPath::new("a").unwrap()))
         );
+    }
+
+    /// A tree from `d PATH` / `f PATH CONTENT` items separated by `;`.
+    fn tree(spec: &str) -> Vec<Entry> {
+        spec.split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|item| {
+                let w: Vec<&str> = item.split_whitespace().collect();
+                let kind = match w[0] {
+                    "d" => Kind::Dir,
+                    _ => Kind::File {
+                        size: w.get(2).map_or(0, |c| c.len() as u64),
+                        hash: HashAlgorithm::Blake3.of(w.get(2).unwrap_or(&"").as_bytes()),
+                    },
+                };
+                Entry {
+                    path: RelPath::new(w[1]).unwrap(),
+                    kind,
+                    meta: Meta::default(),
+                }
+            })
+            .collect()
+    }
+
+    fn listing(m: &Manifest) -> String {
+        m.iter()
+            .map(|e| {
+                let c = if e.kind == Kind::Dir { "d" } else { "f" };
+                format!("{c} {}", e.path)
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// (before, upserts, removed, after): one line per case.
+    #[test]
+    fn changes_apply_in_one_merge() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("f a 1", "f b 2", "", "f a; f b"),
+            ("f a 1; f b 2", "", "a", "f b"),
+            ("d a; f a/x 1; f a/y 2; f b 3", "", "a", "f b"),
+            ("d a; f a/x 1; f b 3", "f a 9", "", "f a; f b"),
+            ("d a; f a/x 1", "d c; f c/x 1", "a", "d c; f c/x"),
+            ("d a; f a/x 1", "d a; f a/z 1", "a", "d a; f a/z"),
+            ("f a 1", "d a; f a/n 2", "a", "d a; f a/n"),
+            ("d a; d a/b; f a/b/c 1; f a.b 2", "", "a/b", "d a; f a.b"),
+            ("", "d x; d x/y; f x/y/z 1", "", "d x; d x/y; f x/y/z"),
+        ];
+        for &(before, upserts, removed, after) in cases {
+            let mut m = Manifest::from_entries(tree(before)).unwrap();
+            let changes = Changes {
+                upserts: tree(upserts),
+                removed: removed
+                    .split(';')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| RelPath::new(s.trim()).unwrap())
+                    .collect(),
+            };
+            m.apply(&changes).unwrap();
+            assert_eq!(listing(&m), after, "{before} + [{upserts}] - [{removed}]");
+            Manifest::from_entries(m.into_entries()).expect("still a tree");
+        }
+    }
+
+    #[test]
+    fn changes_that_would_break_the_tree_change_nothing() {
+        let before = Manifest::from_entries(tree("d a; f a/x 1; f b 1")).unwrap();
+        for (upserts, removed) in [("f q/x 1", ""), ("f b/x 1", ""), ("f a/n 1", "a")] {
+            let mut m = before.clone();
+            let changes = Changes {
+                upserts: tree(upserts),
+                removed: removed
+                    .split(';')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| RelPath::new(s).unwrap())
+                    .collect(),
+            };
+            assert!(matches!(m.apply(&changes), Err(ManifestError::Orphan(_))));
+            assert_eq!(m, before);
+        }
+    }
+
+    #[test]
+    fn subtree_is_the_entry_and_what_lies_below() {
+        let m = Manifest::from_entries(tree("d a; f a/x 1; d a/y; f a.b 2")).unwrap();
+        let paths = |s: &[Entry]| s.iter().map(|e| e.path.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            paths(m.subtree(&RelPath::new("a").unwrap())),
+            ["a", "a/x", "a/y"]
+        );
+        assert_eq!(paths(m.subtree(&RelPath::new("a.b").unwrap())), ["a.b"]);
+        assert!(m.subtree(&RelPath::new("zz").unwrap()).is_empty());
     }
 }

@@ -4,10 +4,13 @@
 //! - [`accept`]: the listeners, the connection caps, turning clients away, shutdown;
 //! - [`route`]: data connections to the session whose token they carry;
 //! - [`session`]: one client's session, step by step (handshake, lists, plan, fetch, finish);
-//! - [`fetch`]: file requests, each received on a data connection of its own.
+//! - [`fetch`]: file requests, each received on a data connection of its own;
+//! - [`live`]: a live session after its first sync: batches of changes, and the server's own
+//!   directory watched for changes made behind the mirror's back.
 
 mod accept;
 mod fetch;
+mod live;
 mod route;
 mod session;
 

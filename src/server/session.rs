@@ -116,12 +116,14 @@ fn nesting_text(nesting: &Nesting, server_dir: &std::path::Path) -> String {
 
 /// What the handshake settled.
 #[derive(Clone, Copy, Debug)]
-struct Terms {
-    addr: SocketAddr,
-    transfers: usize,
-    algorithm: HashAlgorithm,
-    client: ClientId,
-    take_over: bool,
+pub(super) struct Terms {
+    pub addr: SocketAddr,
+    pub transfers: usize,
+    pub algorithm: HashAlgorithm,
+    pub client: ClientId,
+    pub take_over: bool,
+    /// The optional features both sides support.
+    pub capabilities: Capabilities,
 }
 
 pub async fn session(
@@ -143,7 +145,7 @@ pub async fn session(
         }
         Err(e) => return Err(e),
     };
-    let _turn = match wait_turn(shared, &mut conn, addr).await {
+    let turn = match wait_turn(shared, &mut conn, addr).await {
         Ok(t) => t,
         Err(e) => return Err(refuse(&mut conn, e).await),
     };
@@ -165,14 +167,25 @@ pub async fn session(
         data_port: shared.data_port,
         token,
         hash: terms.algorithm,
-        capabilities: Capabilities::NONE,
+        capabilities: terms.capabilities,
     })
     .await?;
-    match sync(shared, &mut conn, &mut rx, terms, admission).await {
+    let held = match sync(shared, &mut conn, &mut rx, terms, admission).await {
+        Ok(held) => held,
+        Err(e) => return Err(refuse(&mut conn, e).await),
+    };
+    // The folder is free for others between batches: a live session waits for its turn
+    // for each one.
+    drop(turn);
+    let live = crate::server::live::serve(shared, &mut conn, &mut rx, terms, held);
+    match live.await {
         Ok(()) => Ok(()),
         Err(e) => Err(refuse(&mut conn, e).await),
     }
 }
+
+/// The optional features this server offers.
+const SUPPORTED: Capabilities = Capabilities::LIVE;
 
 /// Tells the client why the session ends, if it still listens; returns the error to report.
 async fn refuse(conn: &mut ControlConnection<TcpStream>, e: SessionError) -> SessionError {
@@ -195,11 +208,11 @@ async fn greet(
             version,
             transfers,
             hashes,
+            capabilities,
             machine,
             root_chain,
             client,
             take_over,
-            ..
         } if version == VERSION => {
             let algorithm = HashAlgorithm::negotiate(&HashAlgorithm::ALL, &hashes)
                 .ok_or(SessionError::NoCommonHash(hashes))?;
@@ -210,6 +223,7 @@ async fn greet(
                 algorithm,
                 client,
                 take_over,
+                capabilities: capabilities.common(SUPPORTED),
             })
         }
         ControlMessage::Hello { version, .. } => Err(SessionError::Version(version)),
@@ -241,7 +255,7 @@ fn check_nesting(
 
 /// Whether this client may sync into the folder, given the client it mirrors: refused before
 /// anything changes when it is another's (unless taken over).
-fn admit(shared: &Shared, terms: Terms) -> Result<Admission, SessionError> {
+pub(super) fn admit(shared: &Shared, terms: Terms) -> Result<Admission, SessionError> {
     let Some(file) = &shared.owner_file else {
         return Ok(Admission::Owner);
     };
@@ -289,7 +303,7 @@ async fn record_client(
 
 /// Waits for this session's turn (pinging the client meanwhile); refuses it once the server
 /// is stopping.
-async fn wait_turn<'a>(
+pub(super) async fn wait_turn<'a>(
     shared: &'a Shared,
     conn: &mut ControlConnection<TcpStream>,
     addr: SocketAddr,
@@ -307,16 +321,33 @@ async fn wait_turn<'a>(
     Ok(turn)
 }
 
+/// The first sync of a session: the whole list against the whole tree. Returns the client's
+/// list as the server now holds it.
 async fn sync(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
     terms: Terms,
     admission: Admission,
-) -> Result<(), SessionError> {
+) -> Result<Manifest, SessionError> {
     let (client, server, root_meta) = lists(shared, conn, terms).await?;
+    let (mut summary, held) = round(shared, conn, data, terms, (client, server, root_meta)).await?;
+    record_client(shared, admission, terms.client, &mut summary).await;
+    done(shared, conn, terms, summary).await?;
+    Ok(held)
+}
+
+/// One batch's work, from the two lists to the summary: hashes asked where they matter, the
+/// plan and its local part, the fetch, the finish. Returns the client's list as planned.
+pub(super) async fn round(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    data: &mut mpsc::Receiver<(u32, TcpStream)>,
+    terms: Terms,
+    (client, server, root_meta): (Manifest, Manifest, Option<Meta>),
+) -> Result<(Summary, Manifest), SessionError> {
     let client = hash_where_it_matters(shared, conn, client, &server, terms).await?;
-    let (outcome, mut plan) = plan_and_apply(shared, conn, client, server).await;
+    let (outcome, mut plan, client) = plan_and_apply(shared, conn, client, server).await;
     // Moved, not copied: the plan has no other use for them.
     let mut requests = std::mem::take(&mut plan.requests);
     requests.extend(outcome.refetch.iter().cloned());
@@ -331,8 +362,17 @@ async fn sync(
     )
     .await?;
     let done = (plan, outcome, got);
-    let mut summary = finish(shared, conn, done, (requested, root_meta), terms).await;
-    record_client(shared, admission, terms.client, &mut summary).await;
+    let summary = finish(shared, conn, done, (requested, root_meta), terms).await;
+    Ok((summary, client))
+}
+
+/// Ends a batch: `SyncDone` to the client, `sync:done` in the log.
+pub(super) async fn done(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    terms: Terms,
+    summary: Summary,
+) -> Result<(), SessionError> {
     conn.send_now(&ControlMessage::SyncDone(summary.clone()))
         .await?;
     shared.events.emit(Event::SessionDone {
@@ -353,7 +393,7 @@ async fn sync(
 /// The client's list, and the server's own tree, walked meanwhile. Whatever the client does,
 /// the scan is this session's work: it is waited for before the session ends, so that
 /// sessions never overlap, even in their leftovers.
-async fn lists(
+pub(super) async fn lists(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
@@ -424,7 +464,10 @@ fn entry_bytes(e: &Entry) -> usize {
 
 /// Refuses entries hashed in another algorithm than the session's: they could never match
 /// anything, and would be requested and rejected forever.
-fn check_algorithm(entries: &[Entry], session: HashAlgorithm) -> Result<(), SessionError> {
+pub(super) fn check_algorithm(
+    entries: &[Entry],
+    session: HashAlgorithm,
+) -> Result<(), SessionError> {
     match entries.iter().find_map(|e| {
         e.hash()
             .filter(|h| h.algorithm() != session)
@@ -497,16 +540,17 @@ async fn hash_where_it_matters(
 }
 
 /// The plan, and its local phases carried out (copies, moves, deletes, directories, links).
+/// The client's list comes back, for the session to hold.
 async fn plan_and_apply(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     client: Manifest,
     server: Manifest,
-) -> (Outcome, Plan) {
+) -> (Outcome, Plan, Manifest) {
     let (root, events) = (shared.root.clone(), shared.events.clone());
     let planning = tokio::task::spawn_blocking(move || {
         let plan = plan::plan(&client, &server);
-        (root.apply(&plan, &*events), plan)
+        (root.apply(&plan, &*events), plan, client)
     });
     keepalive(shared.keepalive, conn, planning)
         .await

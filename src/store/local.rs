@@ -21,6 +21,10 @@ impl Store for Root {
         scan::scan_cached(self.path(), cache_file, opts)
     }
 
+    fn list_part(&self, scopes: &[scan::Scope], opts: scan::Options) -> io::Result<Scan> {
+        scan::scan_paths(self.path(), scopes, opts)
+    }
+
     fn read(&self, rel: &RelPath) -> io::Result<File> {
         self.open_read(rel)
     }

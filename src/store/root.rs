@@ -782,7 +782,7 @@ fn regular(fd: OwnedFd) -> io::Result<File> {
 }
 
 /// The names in the directory `dir` (open for reading), with their kinds, `.` and `..` aside.
-fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<(CString, FileType)>> {
+pub(super) fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<(CString, FileType)>> {
     let mut out = Vec::new();
     let mut entries = Dir::read_from(dir)?;
     while let Some(ent) = entries.read() {

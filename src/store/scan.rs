@@ -9,7 +9,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
-use crate::core::manifest::{Entry, Kind, Meta, RelPath, TEMP_PREFIX};
+pub use crate::core::manifest::Scope;
+use crate::core::manifest::{Entry, Kind, Meta, RelPath, TEMP_PREFIX, normalise};
 use crate::store::cache::{HashCache, Stamp};
 use crate::store::root::Root;
 
@@ -283,40 +284,83 @@ fn walk(
                 continue;
             }
         };
-        let path = ent.path();
-        let unreadable = |e: io::Error| Entry {
-            path: rel.clone(),
+        let mut walker = Walker {
+            scan: &mut *scan,
+            pending: &mut *pending,
+            cache: &mut *cache,
+            opts,
+            own,
+        };
+        walker.visit(rel, &ent.path(), true);
+    }
+}
+
+/// What a walk carries from entry to entry.
+struct Walker<'a, 'c> {
+    scan: &'a mut Scan,
+    pending: &'a mut Vec<usize>,
+    cache: &'a mut Option<&'c mut HashCache>,
+    opts: &'a Options,
+    own: Option<&'a Root>,
+}
+
+impl Walker<'_, '_> {
+    /// Lists the entry at `rel` (found at `path`), and with `deep` everything below it.
+    /// Returns whether it was a directory.
+    fn visit(&mut self, rel: RelPath, path: &Path, deep: bool) -> bool {
+        let scan = &mut *self.scan;
+        let unreadable = |rel: RelPath, e: io::Error| Entry {
+            path: rel,
             kind: Kind::Unreadable {
                 reason: e.to_string(),
             },
             meta: Meta::default(),
         };
-        let md = match fs::symlink_metadata(&path) {
+        let md = match fs::symlink_metadata(path) {
             Ok(m) => m,
             // Vanished since read_dir: it is simply not there any more.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
             Err(e) => {
-                scan.entries.push(unreadable(e));
-                continue;
+                scan.entries.push(unreadable(rel, e));
+                return false;
             }
         };
         let meta = meta_of(&md);
         let ft = md.file_type();
         if ft.is_dir() {
-            match read_own_dir(own, &rel, &md, &path) {
+            if !deep {
+                scan.entries.push(Entry {
+                    path: rel,
+                    kind: Kind::Dir,
+                    meta,
+                });
+                return true;
+            }
+            match read_own_dir(self.own, &rel, &md, path) {
                 Ok(kids) => {
                     scan.entries.push(Entry {
                         path: rel.clone(),
                         kind: Kind::Dir,
                         meta,
                     });
-                    walk(Some(&rel), kids, scan, pending, cache, opts, own);
+                    walk(
+                        Some(&rel),
+                        kids,
+                        scan,
+                        self.pending,
+                        self.cache,
+                        self.opts,
+                        self.own,
+                    );
                 }
-                Err(e) => scan.entries.push(unreadable(e)),
+                Err(e) => scan.entries.push(unreadable(rel, e)),
             }
-        } else if ft.is_file() {
+            return true;
+        }
+        if ft.is_file() {
             let stamp = Stamp::of(&md);
-            let cached = cache
+            let cached = self
+                .cache
                 .as_deref_mut()
                 .and_then(|c| c.lookup(rel.as_str(), &stamp));
             let index = scan.entries.len();
@@ -327,17 +371,17 @@ fn walk(
                     scan.hits.extend(u32::try_from(index).ok());
                     Kind::File { size, hash }
                 }
-                None if opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
+                None if self.opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
                 None => {
-                    pending.push(index);
+                    self.pending.push(index);
                     // Cached once hashed, unless it changes meanwhile (see `hash_pending`).
-                    if cache.as_deref().is_some_and(|c| c.may_record(&stamp)) {
+                    if self.cache.as_deref().is_some_and(|c| c.may_record(&stamp)) {
                         scan.cacheable.push((index, stamp));
                     }
                     // Filled in by `hash_pending`.
                     Kind::File {
                         size,
-                        hash: placeholder(opts.algorithm),
+                        hash: placeholder(self.opts.algorithm),
                     }
                 }
             };
@@ -347,7 +391,7 @@ fn walk(
                 meta,
             });
         } else if ft.is_symlink() {
-            match fs::read_link(&path) {
+            match fs::read_link(path) {
                 Ok(t) => match t.into_os_string().into_string() {
                     Ok(target) => scan.entries.push(Entry {
                         path: rel,
@@ -358,7 +402,7 @@ fn walk(
                         .warnings
                         .push(format!("skipping symlink {rel}: target is not valid UTF-8")),
                 },
-                Err(e) => scan.entries.push(unreadable(e)),
+                Err(e) => scan.entries.push(unreadable(rel, e)),
             }
         } else {
             let what = if ft.is_fifo() {
@@ -374,7 +418,62 @@ fn walk(
                 meta,
             });
         }
+        false
     }
+}
+
+/// Lists part of the tree below `root`, as [`scan`] would list it: for each scope, its
+/// ancestors (as they are now), the entry at its path if there is one, and with `deep`
+/// everything below it. Entries come in component order, once each. A scope below an
+/// ancestor that is no longer a directory lists only that ancestor: nothing can be below it.
+/// No hash cache: the paths looked at again are those that just changed.
+pub fn scan_paths(root: &Path, scopes: &[Scope], opts: Options) -> io::Result<Scan> {
+    let mut scan = Scan {
+        root: meta_of(&fs::symlink_metadata(root)?),
+        ..Scan::default()
+    };
+    let mut pending = Vec::new();
+    let own = opts.read_own.then(|| Root::new(root));
+    let _restore = own.as_ref().map(Root::restoring_modes);
+    let mut cache = None;
+    let mut walker = Walker {
+        scan: &mut scan,
+        pending: &mut pending,
+        cache: &mut cache,
+        opts: &opts,
+        own: own.as_ref(),
+    };
+    // Ancestors already listed, and whether each is a directory.
+    let mut listed: std::collections::HashMap<RelPath, bool> = std::collections::HashMap::new();
+    for scope in normalise(scopes) {
+        let ancestors: Vec<RelPath> =
+            std::iter::successors(scope.path.parent(), RelPath::parent).collect();
+        let mut below_a_dir = true;
+        for a in ancestors.into_iter().rev() {
+            let is_dir = match listed.get(&a) {
+                Some(&d) => d,
+                None => {
+                    let d = walker.visit(a.clone(), &a.to_path(root), false);
+                    listed.insert(a, d);
+                    d
+                }
+            };
+            if !is_dir {
+                below_a_dir = false;
+                break;
+            }
+        }
+        if below_a_dir && !listed.contains_key(&scope.path) {
+            let d = walker.visit(scope.path.clone(), &scope.path.to_path(root), scope.deep);
+            listed.insert(scope.path, d);
+        }
+    }
+    hash_pending(&mut scan, &pending, root, (opts.algorithm, own.as_ref()));
+    if !scan.entries.is_sorted_by(|a, b| a.path < b.path) {
+        scan.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        scan.entries.dedup_by(|a, b| a.path == b.path);
+    }
+    Ok(scan)
 }
 
 /// Lists the directory `rel` of the walk. With `own` (the server scanning its own mirror), a

@@ -451,6 +451,13 @@ mod tests {
         ) -> std::io::Result<crate::store::scan::Scan> {
             Err(std::io::ErrorKind::Unsupported.into())
         }
+        fn list_part(
+            &self,
+            _: &[crate::store::scan::Scope],
+            _: crate::store::scan::Options,
+        ) -> std::io::Result<crate::store::scan::Scan> {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
         fn read(&self, _: &RelPath) -> std::io::Result<std::fs::File> {
             Err(std::io::ErrorKind::Unsupported.into())
         }

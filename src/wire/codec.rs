@@ -304,7 +304,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn frame_len(len: [u8; 4]) -> Result<usize, ProtocolError> {
+pub(crate) fn frame_len(len: [u8; 4]) -> Result<usize, ProtocolError> {
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(ProtocolError::Oversized(len));
@@ -315,7 +315,7 @@ fn frame_len(len: [u8; 4]) -> Result<usize, ProtocolError> {
     Ok(len)
 }
 
-fn truncated_or_io(e: std::io::Error) -> ProtocolError {
+pub(crate) fn truncated_or_io(e: std::io::Error) -> ProtocolError {
     match e.kind() {
         std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
         _ => ProtocolError::Io(e),

@@ -9,11 +9,11 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufStream};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 
 use crate::core::manifest::Entry;
-use crate::wire::codec::{ProtocolError, Writer, read_frame, read_frame_blocking};
+use crate::wire::codec::{ProtocolError, Writer, frame_len, read_frame_blocking};
 use crate::wire::control::ControlMessage;
 use crate::wire::data::DataMessage;
 use crate::wire::tag;
@@ -79,6 +79,9 @@ pub struct Connection<S, M = ControlMessage> {
     io: BufStream<S>,
     /// Reused for every frame sent.
     out: Vec<u8>,
+    /// What has arrived of the next frames: kept here between calls, so that a `recv`
+    /// dropped half-way (in a `select!`) loses nothing.
+    incoming: BytesMut,
     _messages: PhantomData<fn() -> M>,
 }
 
@@ -88,6 +91,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, M: WireMessage> Connection<S, M> {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             io: BufStream::new(stream),
             out: Vec::new(),
+            incoming: BytesMut::new(),
             _messages: PhantomData,
         }
     }
@@ -122,15 +126,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin, M: WireMessage> Connection<S, M> {
     }
 
     /// The next message; `Ok(None)` when the peer closed the connection between messages.
+    /// Cancel-safe: a call dropped before it returns leaves the bytes read for the next one.
     pub async fn recv(&mut self) -> Result<Option<M>, ProtocolError> {
-        match read_frame(&mut self.io).await? {
-            None => Ok(None),
-            Some(body) => {
+        loop {
+            if let Some(body) = self.next_frame()? {
                 let m = M::decode(body)?;
                 trace(self.id, "recv", m.tag());
-                Ok(Some(m))
+                return Ok(Some(m));
+            }
+            let n = self
+                .io
+                .read_buf(&mut self.incoming)
+                .await
+                .map_err(crate::wire::codec::truncated_or_io)?;
+            if n == 0 {
+                return match self.incoming.is_empty() {
+                    true => Ok(None),
+                    false => Err(ProtocolError::Truncated),
+                };
             }
         }
+    }
+
+    /// The first whole frame's body in `incoming`, if it has arrived.
+    fn next_frame(&mut self) -> Result<Option<Bytes>, ProtocolError> {
+        let Some(prefix) = self.incoming.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = frame_len(*prefix)?;
+        if self.incoming.len() < 4 + len {
+            self.incoming.reserve(4 + len - self.incoming.len());
+            return Ok(None);
+        }
+        self.incoming.advance(4);
+        Ok(Some(self.incoming.split_to(len).freeze()))
     }
 
     /// The next message, which is due: the end of the stream is an error, and so is silence

@@ -30,13 +30,22 @@ pub const NESTED_ROOTS: &str = "nested roots";
 /// How the server's `Error` begins when its folder mirrors another client.
 pub const OTHER_CLIENT: &str = "this folder mirrors another client";
 
-/// Optional protocol features, as bits. None is defined yet: the field is there so that the
-/// next features (watching, two-way, resume, compression) are negotiated, not versioned.
+/// Optional protocol features, as bits, so that features are negotiated, not versioned: a
+/// side offers what it supports, the other keeps what both do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities(pub u64);
 
 impl Capabilities {
     pub const NONE: Capabilities = Capabilities(0);
+    /// A live session: after its first `SyncDone` the session stays open, the client sends
+    /// what changed (`Changes`) or its whole list again (`Relist`), and the server asks for
+    /// paths it saw change on its side (`Dirty`).
+    pub const LIVE: Capabilities = Capabilities(1);
+
+    /// Whether every feature of `other` is in this set.
+    pub fn has(self, other: Capabilities) -> bool {
+        self.0 & other.0 == other.0
+    }
 
     /// The features in both sets.
     pub fn common(self, other: Capabilities) -> Capabilities {
@@ -142,8 +151,21 @@ pub enum ControlMessage {
         id: u32,
         paths: Vec<RelPath>,
     },
-    /// Server → client: the session is over.
+    /// Server → client: the list (or the changes) sent last is mirrored, but for the failures
+    /// counted. A session without `LIVE` is over.
     SyncDone(Summary),
+    /// Client → server, live sessions, between batches: what changed since the list the server
+    /// holds follows (`FileList` for entries added or changed, `Removed`, `RootMeta`), up to
+    /// `FileListEnd`.
+    Changes,
+    /// Client → server, live sessions, between batches: the whole list follows again, as at
+    /// the start (the periodic full rescan).
+    Relist,
+    /// Client → server, in `Changes`: these paths are gone, with everything below them.
+    Removed(Vec<RelPath>),
+    /// Server → client, live sessions, between batches: these paths changed on the server's
+    /// side; send what the client has there (in mirror mode, the server puts it back).
+    Dirty(Vec<RelPath>),
     /// Either way: the session cannot go on, and why.
     Error(String),
     /// Either way: still here (keeps the peer's idle timer from firing during long work).
@@ -162,6 +184,10 @@ impl ControlMessage {
             ControlMessage::HashAnswer(_) => tag::HASH_ANSWER,
             ControlMessage::FileRequest { .. } => tag::FILE_REQUEST,
             ControlMessage::SyncDone(_) => tag::SYNC_DONE,
+            ControlMessage::Changes => tag::CHANGES,
+            ControlMessage::Relist => tag::RELIST,
+            ControlMessage::Removed(_) => tag::REMOVED,
+            ControlMessage::Dirty(_) => tag::DIRTY,
             ControlMessage::Error(_) => tag::ERROR,
             ControlMessage::Ping => tag::PING,
         }
@@ -214,7 +240,11 @@ impl ControlMessage {
             ControlMessage::FileList(entries) | ControlMessage::HashAnswer(entries) => {
                 w.entries(entries)
             }
-            ControlMessage::FileListEnd | ControlMessage::Ping => {}
+            ControlMessage::FileListEnd
+            | ControlMessage::Ping
+            | ControlMessage::Changes
+            | ControlMessage::Relist => {}
+            ControlMessage::Removed(paths) | ControlMessage::Dirty(paths) => w.paths(paths),
             ControlMessage::RootMeta(meta) => w.meta(meta),
             ControlMessage::HashRequest(paths) => w.paths(paths),
             ControlMessage::FileRequest { id, paths } => {
@@ -316,6 +346,10 @@ impl ControlMessage {
             }
             tag::FILE_LIST => ControlMessage::FileList(r.entries()?),
             tag::FILE_LIST_END => ControlMessage::FileListEnd,
+            tag::CHANGES => ControlMessage::Changes,
+            tag::RELIST => ControlMessage::Relist,
+            tag::REMOVED => ControlMessage::Removed(r.paths()?),
+            tag::DIRTY => ControlMessage::Dirty(r.paths()?),
             tag::ROOT_META => ControlMessage::RootMeta(r.meta()?),
             tag::HASH_REQUEST => ControlMessage::HashRequest(r.paths()?),
             tag::HASH_ANSWER => ControlMessage::HashAnswer(r.entries()?),

@@ -6,8 +6,12 @@
 //!
 //! A session is one control connection (port 7101 by default) and one data connection (port
 //! 7100 by default) per file request. `C:` is the client, `S:` the server. Each arrow below is
-//! a row of [`ARROWS`], which [`Grammar`] checks a conversation against; the test
-//! `tests/grammar.rs` runs real sessions and fails unless every arrow was taken.
+//! a row of [`ARROWS`], which [`Grammar`] checks a conversation against, in the order the
+//! server's end saw it (the server reads one message at a time, so its view has no races);
+//! the test `tests/grammar.rs` runs real sessions and fails unless every arrow was taken.
+//!
+//! A session ends when the client closes it after `SyncDone` (in `idle`). With the `LIVE`
+//! capability it may instead go on: batches of changes, each answered with a `SyncDone`.
 //!
 //! ```text
 //! control:
@@ -22,11 +26,20 @@
 //!             C: RootMeta     -> listing     (the synced directory's own mtime)
 //!             C: FileListEnd  -> planning    S: Error -> end   (invalid or oversized list)
 //!   planning  S: HashRequest  -> hashing     (large files sent unhashed, size known here)
-//!             S: FileRequest  -> fetching    S: SyncDone -> end   S: Error -> end
+//!             S: FileRequest  -> fetching    S: SyncDone -> idle  S: Error -> end
 //!             S: Ping         -> planning    (while the server scans, plans, applies)
 //!   hashing   C: Ping         -> hashing     C: HashAnswer -> planning
-//!   fetching  S: FileRequest  -> fetching    S: SyncDone -> end   S: Error -> end
+//!   fetching  S: FileRequest  -> fetching    S: SyncDone -> idle  S: Error -> end
 //!             S: Ping         -> fetching    (while files arrive, while it flushes)
+//!   idle      (close: the session is over; the rest is for LIVE sessions only)
+//!             C: Changes      -> changing    C: Relist -> listing  (the periodic full rescan)
+//!             C: Ping         -> idle        S: Ping   -> idle
+//!             S: Dirty        -> idle        (paths changed on the server's side)
+//!             S: Error        -> end         (a Changes or Relist without LIVE, a take-over)
+//!   changing  C: FileList     -> changing    (entries added or changed)
+//!             C: Removed      -> changing    (paths gone, with what lies below them)
+//!             C: RootMeta     -> changing    C: FileListEnd -> planning
+//!             S: Error        -> end         (changes that do not fit the list held)
 //!
 //! data (one connection per FileRequest, client to server only):
 //!   start     C: DataHello    -> between
@@ -73,6 +86,10 @@ pub mod tag {
     pub const PING: u8 = 15;
     pub const HOLE: u8 = 16;
     pub const ROOT_META: u8 = 17;
+    pub const CHANGES: u8 = 18;
+    pub const RELIST: u8 = 19;
+    pub const REMOVED: u8 = 20;
+    pub const DIRTY: u8 = 21;
 
     /// (tag, name, carried on the data connection)
     const TABLE: &[(u8, &str, bool)] = &[
@@ -93,6 +110,10 @@ pub mod tag {
         (PING, "ping", false),
         (HOLE, "hole", true),
         (ROOT_META, "root-meta", false),
+        (CHANGES, "changes", false),
+        (RELIST, "relist", false),
+        (REMOVED, "removed", false),
+        (DIRTY, "dirty", false),
     ];
 
     pub fn name(tag: u8) -> &'static str {
@@ -132,6 +153,8 @@ pub enum State {
     Planning,
     Hashing,
     Fetching,
+    Idle,
+    Changing,
     DataStart,
     Between,
     InFile,
@@ -172,15 +195,26 @@ pub const ARROWS: &[Arrow] = {
         arrow(Listing, S, tag::ERROR, End),
         arrow(Planning, S, tag::HASH_REQUEST, Hashing),
         arrow(Planning, S, tag::FILE_REQUEST, Fetching),
-        arrow(Planning, S, tag::SYNC_DONE, End),
+        arrow(Planning, S, tag::SYNC_DONE, Idle),
         arrow(Planning, S, tag::ERROR, End),
         arrow(Planning, S, tag::PING, Planning),
         arrow(Hashing, C, tag::PING, Hashing),
         arrow(Hashing, C, tag::HASH_ANSWER, Planning),
         arrow(Fetching, S, tag::FILE_REQUEST, Fetching),
-        arrow(Fetching, S, tag::SYNC_DONE, End),
+        arrow(Fetching, S, tag::SYNC_DONE, Idle),
         arrow(Fetching, S, tag::ERROR, End),
         arrow(Fetching, S, tag::PING, Fetching),
+        arrow(Idle, C, tag::CHANGES, Changing),
+        arrow(Idle, C, tag::RELIST, Listing),
+        arrow(Idle, C, tag::PING, Idle),
+        arrow(Idle, S, tag::PING, Idle),
+        arrow(Idle, S, tag::DIRTY, Idle),
+        arrow(Idle, S, tag::ERROR, End),
+        arrow(Changing, C, tag::FILE_LIST, Changing),
+        arrow(Changing, C, tag::REMOVED, Changing),
+        arrow(Changing, C, tag::ROOT_META, Changing),
+        arrow(Changing, C, tag::FILE_LIST_END, Planning),
+        arrow(Changing, S, tag::ERROR, End),
         arrow(DataStart, C, tag::DATA_HELLO, Between),
         arrow(Between, C, tag::FILE_BEGIN, InFile),
         arrow(InFile, C, tag::CHUNK, InFile),
@@ -260,7 +294,7 @@ mod tests {
         ] {
             g.step(side, t).unwrap();
         }
-        assert_eq!(g.state(), State::End);
+        assert_eq!(g.state(), State::Idle);
         let mut g = Grammar::control();
         assert!(g.step(Side::Client, tag::FILE_LIST).is_err());
         let mut g = Grammar::data();
