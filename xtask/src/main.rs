@@ -26,7 +26,7 @@ commands:
   bench [--quick] [--pairs N] [--hash LIST] [FILTER...]
                                     build release binaries and time them against rsync on
                                     generated trees; writes target/bench/report.md and .json
-  bench latency [--quick] [--writes N] [--interval S]
+  bench latency [--quick] [--writes N] [--interval S] [--no-watch]
                                     build release binaries and time how soon a change written
                                     into a watched tree is on the server, ours (daemon) side by
                                     side with lsyncd; writes target/bench/latency.md

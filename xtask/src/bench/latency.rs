@@ -45,7 +45,8 @@ options of `bench latency` (ours as a daemon against lsyncd; writes target/bench
   --quick         a 10,000-file tree instead of W4's 100,000 and a 5 s idle window: a fast check
   --writes N      single-file writes timed one after another in L1 (default 200)
   --interval S    ours runs `client-sync --interval S` (default: the product's own when the build
-                  watches; 1 when it cannot watch and only polls)
+                  watches; 1 when it polls)
+  --no-watch      ours runs `client-sync --no-watch`: polling, for comparison
 ";
 
 /// Longest a step may take to show on the server before it is reported as a timeout.
@@ -84,6 +85,7 @@ struct Options {
     quick: bool,
     writes: u64,
     interval: Option<u64>,
+    no_watch: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Options>> {
@@ -91,6 +93,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>> {
         quick: false,
         writes: 200,
         interval: None,
+        no_watch: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -101,7 +104,8 @@ fn parse_args(args: &[String]) -> Result<Option<Options>> {
         match arg.as_str() {
             "-h" | "--help" => {
                 print!(
-                    "usage: cargo xtask bench latency [--quick] [--writes N] [--interval S]\n\n\
+                    "usage: cargo xtask bench latency [--quick] [--writes N] [--interval S] \
+                     [--no-watch]\n\n\
                      {USAGE}"
                 );
                 return Ok(None);
@@ -109,6 +113,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>> {
             "--quick" => o.quick = true,
             "--writes" => o.writes = number("--writes")?,
             "--interval" => o.interval = Some(number("--interval")?),
+            "--no-watch" => o.no_watch = true,
             s => bail!("unknown argument {s:?} of `bench latency` (see --help)"),
         }
     }
@@ -150,22 +155,27 @@ impl Sizes {
 
 /// How our client runs: watching (a build that has `--no-watch`) or only polling.
 struct OursMode {
-    watching: bool,
+    /// Whether this build can watch (its client has `--no-watch`).
+    can_watch: bool,
+    /// Whether the bench was told `--no-watch`.
+    no_watch: bool,
     /// `--interval` passed to the client; none: the product's default.
     interval: Option<u64>,
 }
 
 impl OursMode {
-    /// Asks the client's `--help` whether it can watch. A build that cannot only polls, so it
-    /// gets a 1 s interval unless told otherwise, or every step would wait for a minute.
-    fn detect(client: &Path, interval: Option<u64>) -> Result<OursMode> {
+    /// Asks the client's `--help` whether it can watch. A client that only polls gets a 1 s
+    /// interval unless told otherwise, or every step would wait for a minute.
+    fn detect(client: &Path, interval: Option<u64>, no_watch: bool) -> Result<OursMode> {
         let out = Command::new(client)
             .arg("--help")
             .output()
             .with_context(|| format!("run {} --help", client.display()))?;
-        let watching = String::from_utf8_lossy(&out.stdout).contains("--no-watch");
+        let can_watch = String::from_utf8_lossy(&out.stdout).contains("--no-watch");
+        let watching = can_watch && !no_watch;
         Ok(OursMode {
-            watching,
+            can_watch,
+            no_watch,
             interval: if watching {
                 interval
             } else {
@@ -174,18 +184,35 @@ impl OursMode {
         })
     }
 
+    /// The client's arguments besides DIR, server and caches.
+    fn args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        if self.can_watch && self.no_watch {
+            a.push("--no-watch".to_string());
+        }
+        if let Some(s) = self.interval {
+            a.extend(["--interval".to_string(), s.to_string()]);
+        }
+        a
+    }
+
     fn describe(&self) -> String {
         let interval = self.interval.map_or_else(
             || "the product's default `--interval`".to_string(),
             |s| format!("`--interval {s}`"),
         );
-        if self.watching {
-            format!("`client-sync DIR` watching with inotify, {interval} as the rescan safety net")
-        } else {
-            format!(
+        match (self.can_watch, self.no_watch) {
+            (true, false) => format!(
+                "`client-sync DIR` watching with inotify, {interval} as the rescan safety net"
+            ),
+            (true, true) => format!(
+                "`client-sync DIR --no-watch` with {interval}: polling (a full rescan and sync \
+                 each interval)"
+            ),
+            (false, _) => format!(
                 "`client-sync DIR` with {interval}: this build cannot watch, so it polls (a \
                  full rescan and sync each interval)"
-            )
+            ),
         }
     }
 }
@@ -316,9 +343,7 @@ impl Latency {
                     .arg("-q")
                     .arg("--cache-dir")
                     .arg(&client_cache);
-                if let Some(s) = self.mode.interval {
-                    cmd.arg("--interval").arg(s.to_string());
-                }
+                cmd.args(self.mode.args());
                 (cmd, ServerSide::Ours(server), server_log)
             }
             Tool::Lsyncd => {
@@ -810,7 +835,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let target = crate::target_dir(&root)?;
     super::build(&root)?;
     let bin_dir = target.join("release");
-    let mode = OursMode::detect(&bin_dir.join("client-sync"), opts.interval)?;
+    let mode = OursMode::detect(&bin_dir.join("client-sync"), opts.interval, opts.no_watch)?;
     let loopback = super::isolate_loopback();
     let dirs = Dirs::prepare(&target.join("bench"), "latency-logs")?;
     let started = Instant::now();
@@ -886,6 +911,18 @@ mod tests {
             parse(&["--quick", "--writes", "20", "--interval", "2"]).unwrap(),
             Some((true, 20, Some(2)))
         );
+        let mode = |can_watch, no_watch, interval| {
+            OursMode {
+                can_watch,
+                no_watch,
+                interval,
+            }
+            .args()
+            .join(" ")
+        };
+        assert_eq!(mode(true, false, None), "");
+        assert_eq!(mode(true, true, Some(1)), "--no-watch --interval 1");
+        assert_eq!(mode(false, true, Some(1)), "--interval 1");
         assert!(parse(&["--writes", "0"]).is_err());
         assert!(parse(&["W1"]).is_err());
         assert_eq!(parse(&["--help"]).unwrap(), None);
@@ -896,7 +933,7 @@ mod tests {
         );
         assert_eq!(
             rows[3].label,
-            "L3: W6 in the watched 100,000-file tree: 10 files changed + 10 new → identical"
+            "L3: W6 in the 100,000-file tree: 10 files changed + 10 new → identical"
         );
     }
 }
