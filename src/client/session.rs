@@ -80,6 +80,9 @@ async fn connect(cfg: &Config) -> Result<(ControlConnection<TcpStream>, SocketAd
         .map_err(unreachable)?;
     let peer = stream.peer_addr().map_err(unreachable)?;
     crate::process::set_keepalive(&stream).map_err(unreachable)?;
+    // Messages are flushed when due: Nagle's algorithm would hold a small one back until the
+    // last is acknowledged, which the server may delay up to 40 ms.
+    stream.set_nodelay(true).map_err(unreachable)?;
     Ok((Connection::new(stream), peer))
 }
 
@@ -322,6 +325,7 @@ async fn open_data(terms: Terms) -> Result<std::net::TcpStream, ProtocolError> {
     data.set_nonblocking(false)?;
     // A server that stops reading must not hold this thread forever.
     crate::process::set_keepalive(&data)?;
+    data.set_nodelay(true)?;
     data.set_write_timeout(Some(DATA_WRITE_TIMEOUT))?;
     Ok(data)
 }

@@ -45,6 +45,27 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         *self == Plan::default()
     }
+
+    /// What carrying out this plan changes, given the files that were `received`: the files
+    /// written or given metadata, and the directories whose listing or metadata changed
+    /// (`None`: the top). Flushing these makes the batch durable.
+    pub fn written(&self, received: &[RelPath]) -> (Vec<RelPath>, Vec<Option<RelPath>>) {
+        let files: BTreeSet<RelPath> = (self.copies.iter().map(|c| &c.dst))
+            .chain(received)
+            .chain(self.file_meta.iter().map(|(p, _)| p))
+            .cloned()
+            .collect();
+        let moved_from = self.copies.iter().filter(|c| c.is_move).map(|c| &c.src);
+        let listed_in: BTreeSet<Option<RelPath>> = (files.iter().chain(moved_from))
+            .chain(&self.deletes)
+            .chain(&self.mkdirs)
+            .chain(self.symlinks.iter().map(|(p, _)| p))
+            .map(RelPath::parent)
+            .chain(self.mkdirs.iter().cloned().map(Some))
+            .chain(self.dir_meta.iter().map(|(p, _)| Some(p.clone())))
+            .collect();
+        (files.into_iter().collect(), listed_in.into_iter().collect())
+    }
 }
 
 /// Which entries can stand in for each other at one path without deleting first.

@@ -102,6 +102,9 @@ pub async fn run(
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
+        // Every message is flushed when it is due: Nagle's algorithm would hold a small one
+        // back until the last is acknowledged, which the peer delays up to 40 ms.
+        let _ = stream.set_nodelay(true);
         let limit = if is_data { &data_limit } else { &control_limit };
         let (what, n, per_address) = match is_data {
             true => (

@@ -351,7 +351,7 @@ pub(super) async fn round(
     // Moved, not copied: the plan has no other use for them.
     let mut requests = std::mem::take(&mut plan.requests);
     requests.extend(outcome.refetch.iter().cloned());
-    let requested = requests.len() as u64;
+    let received: Vec<RelPath> = requests.iter().map(|w| w.path.clone()).collect();
     let batches = batches(requests, terms.transfers);
     let got = fetch(
         shared,
@@ -362,7 +362,7 @@ pub(super) async fn round(
     )
     .await?;
     let done = (plan, outcome, got);
-    let summary = finish(shared, conn, done, (requested, root_meta), terms).await;
+    let summary = finish(shared, conn, done, (received, root_meta), terms).await;
     Ok((summary, client))
 }
 
@@ -557,15 +557,19 @@ async fn plan_and_apply(
         .expect("plan and apply do not panic")
 }
 
+/// Entries a batch may change and still be flushed one `fsync` at a time.
+const FEW: usize = 64;
+
 /// After the fetch: metadata, the hashes of what was received into the cache, one flush; the
 /// session's summary.
 async fn finish(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     (plan, mut outcome, got): (Plan, Outcome, Received),
-    (requested, root_meta): (u64, Option<Meta>),
+    (received, root_meta): (Vec<RelPath>, Option<Meta>),
     terms: Terms,
 ) -> Summary {
+    let requested = received.len() as u64;
     let mut summary = Summary {
         requested,
         received: got.files,
@@ -596,8 +600,18 @@ async fn finish(
         {
             tracing::warn!("failed to save the hash cache: {e}");
         }
-        // An unchanged tree costs no flush: nothing of ours is dirty.
-        if changed && let Err(e) = root.flush() {
+        // An unchanged tree costs no flush: nothing of ours is dirty; a few entries changed
+        // cost an fsync each, not a wait for everything the file system holds.
+        let (files, mut dirs) = plan.written(&received);
+        if root_meta.is_some() {
+            dirs.push(None);
+        }
+        let flushed = match files.len() + dirs.len() {
+            _ if !changed => Ok(()),
+            n if n <= FEW => root.flush_paths(&files, &dirs),
+            _ => root.flush(),
+        };
+        if let Err(e) = flushed {
             tracing::warn!("failed to flush the file system: {e}");
             outcome
                 .failed
