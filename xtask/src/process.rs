@@ -710,13 +710,18 @@ mod tests {
         let argv: Vec<String> = ["sh", "-c", "sleep 0.2; echo late"]
             .map(String::from)
             .to_vec();
+        let t = Instant::now();
         let id = hub
             .spawn("client", "none", &argv, &BTreeMap::new())
             .unwrap();
-        let now = hub.wait_change(seen, Instant::now() + Duration::from_secs(10));
+        // The line or the exit, whichever the harness learns of first (the exit may be reaped
+        // before the line is read from the pipe); nothing before the 0.2 s the child sleeps.
+        let now = hub.wait_change(seen, t + Duration::from_secs(10));
         assert!(now > seen);
-        assert_eq!(hub.lines(0, &|_| true)[0].text, "late");
+        assert!(t.elapsed() >= Duration::from_millis(200));
         hub.wait_exit(id, Instant::now() + Duration::from_secs(10));
+        assert_eq!(hub.lines(0, &|_| true)[0].text, "late");
+        assert_eq!(hub.changes(), 2, "one line, one exit");
         // Nothing more happens: the wait ends at its deadline with the count unchanged.
         let quiet = hub.changes();
         let t = Instant::now();
