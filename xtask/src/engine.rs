@@ -571,8 +571,9 @@ impl Run<'_> {
                 files,
                 size,
                 seed,
+                flat,
             } => {
-                fsops::generate_files(&self.path(at), *files, *size, *seed)?;
+                fsops::generate_files(&self.path(at), *files, *size, *seed, *flat)?;
                 Ok(format!("{files} files of {size} bytes"))
             }
             Action::Clone { from, to } => {

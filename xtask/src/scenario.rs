@@ -168,6 +168,8 @@ pub enum Action {
         files: u64,
         size: u64,
         seed: u64,
+        /// All files in the directory itself, not 100 per subdirectory.
+        flat: bool,
     },
     Clone {
         from: String,
@@ -478,6 +480,7 @@ struct RawStep {
     mtime: Option<RawTime>,
     target: Option<String>,
     files: Option<u64>,
+    flat: Option<bool>,
     times: Option<u32>,
     every_ms: Option<u64>,
     interval: Option<u64>,
@@ -545,6 +548,7 @@ impl RawStep {
             ("mtime", self.mtime.is_some()),
             ("target", self.target.is_some()),
             ("files", self.files.is_some()),
+            ("flat", self.flat.is_some()),
             ("times", self.times.is_some()),
             ("every_ms", self.every_ms.is_some()),
             ("interval", self.interval.is_some()),
@@ -578,7 +582,7 @@ fn allowed_modifiers(verb: &str) -> &'static [&'static str] {
         "chmod" => &["mode"],
         "touch" => &["mtime"],
         "symlink" => &["target"],
-        "generate" => &["files", "size", "seed"],
+        "generate" => &["files", "size", "seed", "flat"],
         "clone" => &["to"],
         "start" => &["interval", "timeout"],
         "stop" => &["exit", "timeout"],
@@ -888,6 +892,7 @@ fn build_change(verb: &str, r: &RawStep) -> Result<Action> {
             files: r.files.ok_or_else(|| anyhow!("`generate` needs `files`"))?,
             size: r.size.ok_or_else(|| anyhow!("`generate` needs `size`"))?,
             seed: r.seed.unwrap_or(0),
+            flat: r.flat.unwrap_or(false),
         },
         "clone" => {
             let from = side(r.clone.as_deref(), &[SideKind::Client])?;
