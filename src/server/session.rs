@@ -170,6 +170,12 @@ pub async fn session(
         capabilities: terms.capabilities,
     })
     .await?;
+    // Watching starts before the first scan: nothing changed after it goes unseen.
+    let watched = terms
+        .capabilities
+        .has(Capabilities::LIVE)
+        .then(|| crate::server::live::start_watching(shared))
+        .flatten();
     let held = match sync(shared, &mut conn, &mut rx, terms, admission).await {
         Ok(held) => held,
         Err(e) => return Err(refuse(&mut conn, e).await),
@@ -177,7 +183,7 @@ pub async fn session(
     // The folder is free for others between batches: a live session waits for its turn
     // for each one.
     drop(turn);
-    let live = crate::server::live::serve(shared, &mut conn, &mut rx, terms, held);
+    let live = crate::server::live::serve(shared, &mut conn, &mut rx, terms, (held, watched));
     match live.await {
         Ok(()) => Ok(()),
         Err(e) => Err(refuse(&mut conn, e).await),
