@@ -81,6 +81,7 @@ pub async fn run(
         waiting: Mutex::new(HashMap::new()),
         receiving: Mutex::new(HashMap::new()),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        stop: tokio::sync::watch::Sender::new(false),
         per_address: Mutex::new(HashMap::new()),
     });
     let control_limit = Arc::new(Semaphore::new(config.max_connections));
@@ -154,6 +155,8 @@ pub async fn run(
     }
     drop((control, data));
     shared.stopping.store(true, Ordering::SeqCst);
+    // Live sessions waiting for their client's next batch end now.
+    shared.stop.send_replace(true);
     if !tasks.is_empty() {
         info!("shutting down: waiting for {} connection(s)", tasks.len());
         let drain = async { while tasks.join_next().await.is_some() {} };

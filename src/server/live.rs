@@ -47,9 +47,14 @@ pub async fn serve(
         quiet_at: None,
     };
     let mut tick = ticks(shared.keepalive);
+    let mut stop = shared.stop.subscribe();
     loop {
         let settle = session.quiet_at;
+        if *stop.borrow_and_update() {
+            return Err(SessionError::ShuttingDown);
+        }
         tokio::select! {
+            _ = stop.changed() => {}
             m = conn.recv() => match m? {
                 None => return Ok(()),
                 Some(ControlMessage::Ping) => {}

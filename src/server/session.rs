@@ -52,6 +52,8 @@ pub struct Shared {
     pub waiting: Mutex<HashMap<u64, mpsc::Sender<(u32, TcpStream)>>>,
     /// Set when a shutdown begins: a session that gets its turn after that does not start.
     pub stopping: AtomicBool,
+    /// Becomes `true` when a shutdown begins: what live sessions wait on between batches.
+    pub stop: tokio::sync::watch::Sender<bool>,
     /// Data connections being received on blocking threads, which no task abort can stop:
     /// shutting their sockets down is how an abandoned transfer is ended.
     pub receiving: Mutex<HashMap<u64, std::net::TcpStream>>,

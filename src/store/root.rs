@@ -600,6 +600,8 @@ impl Root {
     /// What is gone is skipped, and so is a symlink (its directory's `fsync` covers it).
     pub fn sync_paths(&self, files: &[RelPath], dirs: &[Option<RelPath>]) -> io::Result<()> {
         let skip = |e: &Errno| matches!(*e, Errno::NOENT | Errno::LOOP | Errno::NOTDIR);
+        // An entry this process may not open (mode 000 on a server that is not root) is made
+        // durable the other way: the whole file system.
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
         for rel in files {
             let (parent, name) = match self.parent(rel, false) {
@@ -609,6 +611,7 @@ impl Root {
             match rustix::fs::openat(parent.fd.as_fd(), name, flags, Mode::empty()) {
                 Ok(fd) => rustix::fs::fdatasync(fd)?,
                 Err(e) if skip(&e) => {}
+                Err(Errno::ACCESS) => return self.sync_filesystem(),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -633,6 +636,7 @@ impl Root {
             match fd {
                 Ok(fd) => rustix::fs::fsync(fd)?,
                 Err(e) if skip(&e) => {}
+                Err(Errno::ACCESS) => return self.sync_filesystem(),
                 Err(e) => return Err(e.into()),
             }
         }
