@@ -143,7 +143,9 @@ async fn full_round(
     let listed = Arc::new(Manifest::from_entries(listed).expect("a scan lists a tree"));
     let mut asked = Vec::new();
     let learned = serve(cfg, conn, terms, listed.clone(), &mut report, &mut asked).await?;
-    dirty.ask(asked);
+    for paths in asked {
+        dirty.ask(paths);
+    }
     crate::client::session::remember(cfg, terms.algorithm, learned).await;
     report.elapsed = start.elapsed();
     cfg.events.emit(Event::SyncDone);
@@ -169,7 +171,12 @@ impl Live<'_> {
         match seen {
             Some(Ok(seen)) => {
                 self.dirty.add(seen, &self.cfg.root);
-                Ok(())
+                match self.dirty.root_gone {
+                    true => Err(ClientError::Watch(WatchError::Io(std::io::Error::other(
+                        format!("{} was deleted or moved away", self.cfg.root.display()),
+                    )))),
+                    false => Ok(()),
+                }
             }
             Some(Err(e)) => Err(ClientError::Watch(e)),
             None => Err(ClientError::Watch(WatchError::Io(std::io::Error::other(
@@ -226,7 +233,9 @@ impl Live<'_> {
         let listed = self.acknowledged.clone();
         let cfg = self.cfg;
         serve(cfg, conn, self.terms, listed, &mut report, &mut asked).await?;
-        self.dirty.ask(asked);
+        for paths in asked {
+            self.dirty.ask(paths);
+        }
         report.elapsed = start.elapsed();
         cfg.events.emit(Event::SyncDone);
         log_report(&report);
@@ -387,6 +396,8 @@ struct Dirty {
     everything: bool,
     /// The root directory changed.
     root: bool,
+    /// The root was deleted or moved away: its watches are gone with it.
+    root_gone: bool,
 }
 
 impl Dirty {
@@ -429,6 +440,10 @@ impl Dirty {
 
     /// Paths the server asked for again; an empty list is everything.
     fn ask(&mut self, paths: Vec<RelPath>) {
+        if paths.is_empty() {
+            self.everything = true;
+            return;
+        }
         let now = Instant::now();
         for p in paths {
             let m = self.marks.entry(p).or_default();

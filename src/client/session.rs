@@ -236,14 +236,15 @@ pub(super) async fn send_list(
 
 /// Answers the server until its `SyncDone`: hash requests here, file requests on data
 /// connections of their own. Returns the hashes learnt on the way, for the cache. Paths the
-/// server asks for again with `Dirty` meanwhile (a live session) go into `asked`.
+/// server asks for again with `Dirty` meanwhile (a live session) go into `asked`, one list per
+/// message (an empty one: everything).
 pub(super) async fn serve(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
     listed: Arc<Manifest>,
     report: &mut Report,
-    asked: &mut Vec<RelPath>,
+    asked: &mut Vec<Vec<RelPath>>,
 ) -> Result<Vec<Learned>, ClientError> {
     let root = Root::new(&cfg.root);
     let mut learned: Vec<Learned> = Vec::new();
@@ -307,7 +308,7 @@ pub(super) async fn serve(
                 report.summary = summary;
                 return Ok(learned);
             }
-            ControlMessage::Dirty(paths) => asked.extend(paths),
+            ControlMessage::Dirty(paths) => asked.push(paths),
             ControlMessage::Error(e) => return Err(ClientError::Ended(e)),
             m => return Err(m.unexpected("filerequest, hashrequest or sync:done").into()),
         }
