@@ -73,6 +73,11 @@ pub enum Event {
         dst: RelPath,
     },
     /// Content found locally was moved to a new path (its old path is gone on the client).
+    /// A directory moved whole: what the client renamed.
+    DirMoved {
+        src: RelPath,
+        dst: RelPath,
+    },
     Moved {
         src: RelPath,
         dst: RelPath,
@@ -209,6 +214,7 @@ impl fmt::Display for Event {
             Event::Moved { src, dst } => {
                 write!(f, "Copying file: {src} and renaming to {dst} (moved)")
             }
+            Event::DirMoved { src, dst } => write!(f, "Moving directory: {src} to {dst}"),
             Event::Deleted { path, dir } => {
                 let what = if *dir { "directory" } else { "file" };
                 write!(f, "Deleting {what}: {path}")

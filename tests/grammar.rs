@@ -367,7 +367,18 @@ fn every_arrow_of_the_grammar_is_taken_and_nothing_else() {
             let _ = stopped.await;
         }));
         sessions(port, &client_dir, &server_dir, cache).await;
+        // A live session between batches when the server stops: told so.
+        let mut idle = scripted_with(port, Capabilities::LIVE).await;
+        idle.send_now(&ControlMessage::FileListEnd).await.unwrap();
+        loop {
+            match idle.recv().await.unwrap() {
+                Some(ControlMessage::SyncDone(_)) => break,
+                Some(_) => continue,
+                None => panic!("closed before its sync:done"),
+            }
+        }
         stop.send(()).unwrap();
+        assert!(until_error(&mut idle).await.contains("shutting down"));
         serving.await.unwrap().unwrap();
     });
 

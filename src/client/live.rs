@@ -143,7 +143,9 @@ async fn full_round(
     let listed = Arc::new(Manifest::from_entries(listed).expect("a scan lists a tree"));
     let mut asked = Vec::new();
     let learned = serve(cfg, conn, terms, listed.clone(), &mut report, &mut asked).await?;
-    dirty.ask(asked);
+    for paths in asked {
+        dirty.ask(paths);
+    }
     crate::client::session::remember(cfg, terms.algorithm, learned).await;
     report.elapsed = start.elapsed();
     cfg.events.emit(Event::SyncDone);
@@ -169,7 +171,12 @@ impl Live<'_> {
         match seen {
             Some(Ok(seen)) => {
                 self.dirty.add(seen, &self.cfg.root);
-                Ok(())
+                match self.dirty.root_gone {
+                    true => Err(ClientError::Watch(WatchError::Io(std::io::Error::other(
+                        format!("{} was deleted or moved away", self.cfg.root.display()),
+                    )))),
+                    false => Ok(()),
+                }
             }
             Some(Err(e)) => Err(ClientError::Watch(e)),
             None => Err(ClientError::Watch(WatchError::Io(std::io::Error::other(
@@ -226,7 +233,9 @@ impl Live<'_> {
         let listed = self.acknowledged.clone();
         let cfg = self.cfg;
         serve(cfg, conn, self.terms, listed, &mut report, &mut asked).await?;
-        self.dirty.ask(asked);
+        for paths in asked {
+            self.dirty.ask(paths);
+        }
         report.elapsed = start.elapsed();
         cfg.events.emit(Event::SyncDone);
         log_report(&report);
@@ -387,6 +396,8 @@ struct Dirty {
     everything: bool,
     /// The root directory changed.
     root: bool,
+    /// The root was deleted or moved away: its watches are gone with it.
+    root_gone: bool,
 }
 
 impl Dirty {
@@ -429,6 +440,10 @@ impl Dirty {
 
     /// Paths the server asked for again; an empty list is everything.
     fn ask(&mut self, paths: Vec<RelPath>) {
+        if paths.is_empty() {
+            self.everything = true;
+            return;
+        }
         let now = Instant::now();
         for p in paths {
             let m = self.marks.entry(p).or_default();
@@ -474,5 +489,119 @@ impl Dirty {
         }
         let root = std::mem::take(&mut self.root);
         (!go.is_empty() || root).then_some((go, root))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::core::hash::HashAlgorithm;
+
+    /// `d PATH` or `f PATH CONTENT` items separated by `;`.
+    fn entries(spec: &str) -> Vec<Entry> {
+        spec.split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|item| {
+                let w: Vec<&str> = item.split_whitespace().collect();
+                let kind = match w[0] {
+                    "d" => Kind::Dir,
+                    _ => Kind::File {
+                        size: w[2].len() as u64,
+                        hash: HashAlgorithm::Blake3.of(w[2].as_bytes()),
+                    },
+                };
+                Entry {
+                    path: RelPath::new(w[1]).unwrap(),
+                    kind,
+                    meta: Meta::default(),
+                }
+            })
+            .collect()
+    }
+
+    fn paths(spec: &str) -> Vec<RelPath> {
+        spec.split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|p| RelPath::new(p).unwrap())
+            .collect()
+    }
+
+    /// (held, scopes as `PATH` or `PATH/**`, found, forced, expected `+PATH` / `-PATH`).
+    #[test]
+    fn what_is_sent_is_what_differs_from_the_list_held() {
+        let cases: &[(&str, &str, &str, &str, &str)] = &[
+            ("f a 1", "b", "f b 2", "", "+b"),
+            ("f a 1", "a", "f a 2", "", "+a"),
+            ("f a 1", "a", "f a 1", "", ""),
+            ("f a 1; f b 2", "a", "", "", "-a"),
+            (
+                "",
+                "n/**",
+                "d n; f n/x 1; d n/s; f n/s/y 2",
+                "",
+                "+n +n/s +n/s/y +n/x",
+            ),
+            ("d o; f o/x 1; d o/s; f o/s/y 2", "o/**", "", "", "-o"),
+            ("d d; f d/x 1", "d/**", "f d 9", "", "+d -d/x"),
+            // Asked for again by the server: sent whatever it holds, or removed if absent.
+            ("f a 1", "a", "f a 1", "a", "+a"),
+            ("", "junk", "", "junk", "-junk"),
+        ];
+        for &(held, scopes, found, forced, want) in cases {
+            let held = Manifest::from_entries(entries(held)).unwrap();
+            let scopes: Vec<Scope> = scopes
+                .split(';')
+                .filter(|s| !s.is_empty())
+                .map(|s| Scope {
+                    path: RelPath::new(s.trim().trim_end_matches("/**")).unwrap(),
+                    deep: s.ends_with("/**"),
+                })
+                .collect();
+            let changes = compare(&held, &scopes, entries(found), &paths(forced));
+            let mut got: Vec<String> = changes
+                .upserts
+                .iter()
+                .map(|e| format!("+{}", e.path))
+                .chain(changes.removed.iter().map(|p| format!("-{p}")))
+                .collect();
+            got.sort();
+            assert_eq!(got.join(" "), want, "held {held:?}, scopes {scopes:?}");
+        }
+    }
+
+    #[test]
+    fn writes_not_yet_closed_wait_until_they_settle() {
+        let mut d = Dirty::default();
+        let p = |s| RelPath::new(s).unwrap();
+        let seen = |path, writing| Seen::Path {
+            path: p(path),
+            subtree: false,
+            writing,
+        };
+        d.add(
+            vec![seen("closed", false), seen("open", true)],
+            Path::new("/x"),
+        );
+        let now = Instant::now();
+        let (ready, _) = d.take(now).unwrap();
+        assert_eq!(ready.len(), 1, "{ready:?}");
+        assert_eq!(ready[0].0, p("closed"));
+        // Still being written: held back, and the next batch is due once it has settled.
+        assert!(d.take(now).is_none());
+        let due = d.ready_at().unwrap();
+        assert!(due >= now + WRITING - Duration::from_millis(1), "{due:?}");
+        let (ready, _) = d.take(now + WRITING * 2).unwrap();
+        assert_eq!(ready[0].0, p("open"));
+    }
+
+    #[test]
+    fn an_empty_dirty_from_the_server_is_everything() {
+        let mut d = Dirty::default();
+        d.ask(Vec::new());
+        assert!(d.everything);
     }
 }

@@ -80,6 +80,9 @@ async fn connect(cfg: &Config) -> Result<(ControlConnection<TcpStream>, SocketAd
         .map_err(unreachable)?;
     let peer = stream.peer_addr().map_err(unreachable)?;
     crate::process::set_keepalive(&stream).map_err(unreachable)?;
+    // Messages are flushed when due: Nagle's algorithm would hold a small one back until the
+    // last is acknowledged, which the server may delay up to 40 ms.
+    stream.set_nodelay(true).map_err(unreachable)?;
     Ok((Connection::new(stream), peer))
 }
 
@@ -233,14 +236,15 @@ pub(super) async fn send_list(
 
 /// Answers the server until its `SyncDone`: hash requests here, file requests on data
 /// connections of their own. Returns the hashes learnt on the way, for the cache. Paths the
-/// server asks for again with `Dirty` meanwhile (a live session) go into `asked`.
+/// server asks for again with `Dirty` meanwhile (a live session) go into `asked`, one list per
+/// message (an empty one: everything).
 pub(super) async fn serve(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
     listed: Arc<Manifest>,
     report: &mut Report,
-    asked: &mut Vec<RelPath>,
+    asked: &mut Vec<Vec<RelPath>>,
 ) -> Result<Vec<Learned>, ClientError> {
     let root = Root::new(&cfg.root);
     let mut learned: Vec<Learned> = Vec::new();
@@ -304,7 +308,7 @@ pub(super) async fn serve(
                 report.summary = summary;
                 return Ok(learned);
             }
-            ControlMessage::Dirty(paths) => asked.extend(paths),
+            ControlMessage::Dirty(paths) => asked.push(paths),
             ControlMessage::Error(e) => return Err(ClientError::Ended(e)),
             m => return Err(m.unexpected("filerequest, hashrequest or sync:done").into()),
         }
@@ -322,6 +326,7 @@ async fn open_data(terms: Terms) -> Result<std::net::TcpStream, ProtocolError> {
     data.set_nonblocking(false)?;
     // A server that stops reading must not hold this thread forever.
     crate::process::set_keepalive(&data)?;
+    data.set_nodelay(true)?;
     data.set_write_timeout(Some(DATA_WRITE_TIMEOUT))?;
     Ok(data)
 }

@@ -20,7 +20,8 @@ pub struct LocalCopy {
 
 /// The actions, grouped by the phase that runs them. The executor runs the phases in this
 /// order, which is what makes every case safe:
-/// 1. `copies`: read every local source into a staging area (copies before moves) before
+/// 1. `copies`: read every local source into a staging area (copies before moves, then
+///    `dir_moves`) before
 ///    anything is deleted or overwritten, so a source may be due for deletion, or be
 ///    another copy's target (a swap), and still be read intact;
 /// 2. `deletes`, deepest first: what the client lacks, and whatever stands where the client
@@ -33,6 +34,11 @@ pub struct LocalCopy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub copies: Vec<LocalCopy>,
+    /// Directories the server has where the client has none, whose whole contents are what
+    /// the client has in a directory the server lacks (a directory renamed on the client):
+    /// `(from, to)`, moved whole, taken into the staging area with the copies and put in
+    /// place with them.
+    pub dir_moves: Vec<(RelPath, RelPath)>,
     pub deletes: Vec<RelPath>,
     pub mkdirs: Vec<RelPath>,
     pub symlinks: Vec<(RelPath, String)>,
@@ -44,6 +50,28 @@ pub struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         *self == Plan::default()
+    }
+
+    /// What carrying out this plan changes, given the files that were `received`: the files
+    /// written or given metadata, and the directories whose listing or metadata changed
+    /// (`None`: the top). Flushing these makes the batch durable.
+    pub fn written(&self, received: &[RelPath]) -> (Vec<RelPath>, Vec<Option<RelPath>>) {
+        let files: BTreeSet<RelPath> = (self.copies.iter().map(|c| &c.dst))
+            .chain(received)
+            .chain(self.file_meta.iter().map(|(p, _)| p))
+            .cloned()
+            .collect();
+        let moved_from = (self.copies.iter().filter(|c| c.is_move).map(|c| &c.src))
+            .chain(self.dir_moves.iter().flat_map(|(from, to)| [from, to]));
+        let listed_in: BTreeSet<Option<RelPath>> = (files.iter().chain(moved_from))
+            .chain(&self.deletes)
+            .chain(&self.mkdirs)
+            .chain(self.symlinks.iter().map(|(p, _)| p))
+            .map(RelPath::parent)
+            .chain(self.mkdirs.iter().cloned().map(Some))
+            .chain(self.dir_meta.iter().map(|(p, _)| Some(p.clone())))
+            .collect();
+        (files.into_iter().collect(), listed_in.into_iter().collect())
     }
 }
 
@@ -65,8 +93,13 @@ fn same_category(a: &Kind, b: &Kind) -> bool {
 pub fn plan(client: &Manifest, server: &Manifest) -> Plan {
     let mut p = Plan::default();
     let mut deletes = deletions(client, server);
+    p.dir_moves = find_dir_moves(client, server, &mut deletes);
     // Directories whose listing changes: their mtime must be put back at the end.
     let mut touched: BTreeSet<RelPath> = deletes.iter().filter_map(RelPath::parent).collect();
+    for (_, to) in &p.dir_moves {
+        touched.insert(to.clone());
+        touched.extend(to.parent());
+    }
     let needs_content = walk_client(client, server, &mut p, &mut touched);
     find_content(needs_content, server, &mut p, &mut deletes);
     p.deletes = deletes.into_iter().rev().collect();
@@ -120,7 +153,16 @@ fn walk_client<'a>(
     touched: &mut BTreeSet<RelPath>,
 ) -> Vec<&'a Entry> {
     let mut needs_content = Vec::new();
+    let mut moved = p.dir_moves.iter().map(|(_, to)| to).peekable();
     for c in client.iter() {
+        // What a directory moved whole holds is in place with it.
+        while moved
+            .next_if(|to| **to < c.path && !c.path.is_within(to))
+            .is_some()
+        {}
+        if moved.peek().is_some_and(|to| c.path.is_within(to)) {
+            continue;
+        }
         let s = server
             .get(&c.path)
             .filter(|s| same_category(&s.kind, &c.kind));
@@ -210,14 +252,21 @@ fn find_content(
             .iter()
             .take_while(|(m, _)| *m == hash)
             .map(|(_, p)| *p);
-        // A source due for deletion is preferred: it can be moved rather than copied.
+        // A source due for deletion is preferred: it can be moved rather than copied; one not
+        // yet moved elsewhere, and of the same name, first (files of equal content renamed
+        // together are each moved, not one moved and the rest copied from it).
         let mut chosen = None;
+        let mut rank = 0;
         for src in sources {
-            if deletes.contains(src) {
-                chosen = Some(src);
-                break;
+            let r = match deletes.contains(src) {
+                false => 1,
+                true if moves.contains_key(src) => 2,
+                true if src.file_name() != c.path.file_name() => 3,
+                true => 4,
+            };
+            if r > rank {
+                (chosen, rank) = (Some(src), r);
             }
-            chosen = chosen.or(Some(src));
         }
         match chosen {
             Some(src) => {
@@ -250,12 +299,115 @@ fn find_content(
         .sort_by(|a, b| (a.is_move, &a.dst).cmp(&(b.is_move, &b.dst)));
 }
 
+/// Directories the server would delete that hold exactly what a directory the client has
+/// and the server lacks holds (names, kinds, content, targets, metadata): each pair becomes a
+/// move of the whole directory, and leaves the deletions. Signatures are computed only when
+/// there are both, and then only for those directories.
+fn find_dir_moves(
+    client: &Manifest,
+    server: &Manifest,
+    deletes: &mut BTreeSet<RelPath>,
+) -> Vec<(RelPath, RelPath)> {
+    let gone: Vec<&Entry> = server
+        .iter()
+        .filter(|s| s.kind == Kind::Dir && deletes.contains(&s.path))
+        .collect();
+    if gone.is_empty() {
+        return Vec::new();
+    }
+    let new: Vec<&Entry> = client
+        .iter()
+        .filter(|c| c.kind == Kind::Dir)
+        .filter(|c| !server.get(&c.path).is_some_and(|s| s.kind == Kind::Dir))
+        .collect();
+    if new.is_empty() {
+        return Vec::new();
+    }
+    let mut by_signature: HashMap<ContentHash, Vec<&RelPath>> = HashMap::new();
+    for d in gone {
+        if let Some(sig) = signature(server, &d.path) {
+            by_signature.entry(sig).or_default().push(&d.path);
+        }
+    }
+    let mut moves: Vec<(RelPath, RelPath)> = Vec::new();
+    for c in new {
+        if moves.last().is_some_and(|(_, to)| c.path.is_within(to)) {
+            continue; // inside a directory already moved whole
+        }
+        let Some(sig) = signature(client, &c.path) else {
+            continue;
+        };
+        let Some(from) = by_signature.get_mut(&sig).and_then(Vec::pop) else {
+            continue;
+        };
+        // Not one moved already, nor inside or around one.
+        if moves
+            .iter()
+            .any(|(f, _)| from.is_within(f) || f.is_within(from))
+        {
+            continue;
+        }
+        moves.push((from.clone(), c.path.clone()));
+    }
+    for (from, _) in &moves {
+        let inside: Vec<RelPath> = deletes
+            .range(from.clone()..)
+            .take_while(|d| d.is_within(from))
+            .cloned()
+            .collect();
+        for d in inside {
+            deletes.remove(&d);
+        }
+    }
+    moves
+}
+
+/// What a directory holds, as one hash: every entry below it (its path from there, kind,
+/// content or target, metadata). `None` when something below has no known content (an
+/// unhashed, unreadable or special entry): such a directory is never moved whole.
+fn signature(m: &Manifest, dir: &RelPath) -> Option<ContentHash> {
+    use std::fmt::Write;
+    let below = &m.subtree(dir).get(1..)?;
+    if below.is_empty() {
+        return None; // an empty directory is as cheap to make as to move
+    }
+    let mut h = crate::core::hash::HashAlgorithm::Blake3.hasher();
+    let skip = dir.as_str().len() + 1;
+    // As text, so that no byte layout lives outside the wire layer; NUL ends each field.
+    let mut line = String::new();
+    for e in below.iter() {
+        line.clear();
+        let path = &e.path.as_str()[skip..];
+        let m = e.meta;
+        let _ = write!(
+            line,
+            "{path}\0{:o} {}.{}\0",
+            m.mode, m.mtime_secs, m.mtime_nanos
+        );
+        match &e.kind {
+            Kind::File { size, hash } => {
+                let _ = write!(line, "f {size} {hash}\0");
+            }
+            Kind::Dir => line.push_str("d\0"),
+            Kind::Symlink { target } => {
+                let _ = write!(line, "l {target}\0");
+            }
+            _ => return None,
+        }
+        h.update(line.as_bytes());
+    }
+    Some(h.finish())
+}
+
 impl fmt::Display for Plan {
     /// One line per action, in execution order: the form the table tests compare.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for c in &self.copies {
             let verb = if c.is_move { "move" } else { "copy" };
             writeln!(f, "{verb} {} -> {}", c.src, c.dst)?;
+        }
+        for (from, to) in &self.dir_moves {
+            writeln!(f, "movedir {from} -> {to}")?;
         }
         for d in &self.deletes {
             writeln!(f, "delete {d}")?;
@@ -396,6 +548,39 @@ mod tests {
     }
 
     #[test]
+    fn directories_renamed_move_whole() {
+        // Renamed: one move, nothing inside touched, nothing requested.
+        check(
+            "d new; f new/a 1; d new/s; f new/s/b 2",
+            "d old; f old/a 1; d old/s; f old/s/b 2",
+            "movedir old -> new; dirmeta new 755 0",
+        );
+        // Moved into a directory made for it.
+        check(
+            "d top; d top/old; f top/old/a 1",
+            "d old; f old/a 1",
+            "movedir old -> top/old; mkdir top; dirmeta top/old 755 0; dirmeta top 755 0",
+        );
+        // Not the same contents (a file changed, or one more): file by file.
+        check(
+            "d new; f new/a 2",
+            "d old; f old/a 1",
+            "delete old/a; delete old; mkdir new; request new/a; dirmeta new 755 0",
+        );
+        check(
+            "d new; f new/a 1; f new/b 1",
+            "d old; f old/a 1",
+            "copy old/a -> new/a; move old/a -> new/b; delete old; mkdir new; dirmeta new 755 0",
+        );
+        // Metadata differs inside: not whole.
+        check(
+            "d new; f new/a 1 m=600",
+            "d old; f old/a 1",
+            "move old/a -> new/a; delete old; mkdir new; dirmeta new 755 0",
+        );
+    }
+
+    #[test]
     fn duplicate_md5() {
         // Several targets, one source due for deletion: copy all but the last, which moves it.
         check("f b x; f c x", "f a x", "copy a -> b; move a -> c");
@@ -407,6 +592,17 @@ mod tests {
         check("f a y; f b x", "f a x; f b y", "copy b -> a; copy a -> b");
         // Empty files are content too.
         check("f e1; f e2", "f e1", "copy e1 -> e2");
+        // Files of equal content renamed together: each moved, by name.
+        check(
+            "d n; f n/a x; f n/b x",
+            "d o; f o/a x; f o/b x",
+            "movedir o -> n; dirmeta n 755 0",
+        );
+        check(
+            "f n1 x; f n2 x",
+            "f o1 x; f o2 x",
+            "move o1 -> n1; move o2 -> n2",
+        );
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub async fn run(
         waiting: Mutex::new(HashMap::new()),
         receiving: Mutex::new(HashMap::new()),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        stop: tokio::sync::watch::Sender::new(false),
         per_address: Mutex::new(HashMap::new()),
     });
     let control_limit = Arc::new(Semaphore::new(config.max_connections));
@@ -102,6 +103,9 @@ pub async fn run(
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
+        // Every message is flushed when it is due: Nagle's algorithm would hold a small one
+        // back until the last is acknowledged, which the peer delays up to 40 ms.
+        let _ = stream.set_nodelay(true);
         let limit = if is_data { &data_limit } else { &control_limit };
         let (what, n, per_address) = match is_data {
             true => (
@@ -151,6 +155,8 @@ pub async fn run(
     }
     drop((control, data));
     shared.stopping.store(true, Ordering::SeqCst);
+    // Live sessions waiting for their client's next batch end now.
+    shared.stop.send_replace(true);
     if !tasks.is_empty() {
         info!("shutting down: waiting for {} connection(s)", tasks.len());
         let drain = async { while tasks.join_next().await.is_some() {} };

@@ -19,6 +19,7 @@ use crate::server::session::{
 use crate::store::Store;
 use crate::store::scan;
 use crate::store::watch::{Seen, Watcher};
+
 use crate::wire::{BATCH, Capabilities, ControlConnection, ControlMessage, WireMessage};
 
 /// How long the server's own directory must be quiet before the paths that changed in it are
@@ -32,7 +33,7 @@ pub async fn serve(
     conn: &mut ControlConnection<TcpStream>,
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
     terms: Terms,
-    held: Manifest,
+    (held, watched): (Manifest, Option<Watched>),
 ) -> Result<(), SessionError> {
     let live = terms.capabilities.has(Capabilities::LIVE);
     let mut session = Live {
@@ -40,15 +41,20 @@ pub async fn serve(
         terms,
         held,
         root_meta: None,
-        watcher: if live { watch(shared) } else { None },
+        watcher: watched,
         changed: BTreeSet::new(),
         everything: false,
         quiet_at: None,
     };
     let mut tick = ticks(shared.keepalive);
+    let mut stop = shared.stop.subscribe();
     loop {
         let settle = session.quiet_at;
+        if *stop.borrow_and_update() {
+            return Err(SessionError::ShuttingDown);
+        }
         tokio::select! {
+            _ = stop.changed() => {}
             m = conn.recv() => match m? {
                 None => return Ok(()),
                 Some(ControlMessage::Ping) => {}
@@ -63,32 +69,53 @@ pub async fn serve(
     }
 }
 
-/// Watches the server's directory, or says why not: the session goes on without (changes
-/// made here behind the mirror's back wait for the client's next full rescan).
-fn watch(shared: &Shared) -> Option<Watcher> {
-    match Watcher::new(shared.root.path()) {
-        Ok(w) => Some(w),
+/// What the server's watcher saw, batch by batch, from a task of its own.
+pub type Watched = mpsc::UnboundedReceiver<Vec<Seen>>;
+
+/// Watches the server's directory from now on, on a task of its own (so that nothing is lost
+/// while a batch is served), or says why not: the session goes on without (changes made here
+/// behind the mirror's back then wait for the client's next full rescan). Started before the
+/// session's first scan, so that no change made after it goes unseen.
+pub fn start_watching(shared: &Shared) -> Option<Watched> {
+    let mut watcher = match Watcher::new(shared.root.path()) {
+        Ok(w) => w,
         Err(e) => {
             tracing::warn!(
                 "not watching {} for changes made behind the mirror's back: {e}",
                 shared.root.path().display()
             );
-            None
+            return None;
         }
-    }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match watcher.next().await {
+                Ok(seen) => {
+                    if tx.send(seen).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("stopped watching the server directory: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    Some(rx)
 }
 
 /// The watcher's next batch, or never when there is none.
-async fn next_seen(watcher: &mut Option<Watcher>) -> Option<Vec<Seen>> {
-    match watcher {
-        Some(w) => match w.next().await {
-            Ok(seen) => Some(seen),
-            Err(e) => {
-                tracing::warn!("stopped watching the server directory: {e}");
-                *watcher = None;
-                None
+async fn next_seen(watched: &mut Option<Watched>) -> Option<Vec<Seen>> {
+    match watched {
+        Some(rx) => {
+            let seen = rx.recv().await;
+            if seen.is_none() {
+                *watched = None;
             }
-        },
+            seen
+        }
         None => std::future::pending().await,
     }
 }
@@ -108,7 +135,7 @@ struct Live<'a> {
     held: Manifest,
     /// The client's root metadata, as of its last batch.
     root_meta: Option<Meta>,
-    watcher: Option<Watcher>,
+    watcher: Option<Watched>,
     /// Paths the server's watcher named since they were last looked at.
     changed: BTreeSet<RelPath>,
     /// Events were lost on the server's side: everything must be looked at.

@@ -52,6 +52,8 @@ pub struct Shared {
     pub waiting: Mutex<HashMap<u64, mpsc::Sender<(u32, TcpStream)>>>,
     /// Set when a shutdown begins: a session that gets its turn after that does not start.
     pub stopping: AtomicBool,
+    /// Becomes `true` when a shutdown begins: what live sessions wait on between batches.
+    pub stop: tokio::sync::watch::Sender<bool>,
     /// Data connections being received on blocking threads, which no task abort can stop:
     /// shutting their sockets down is how an abandoned transfer is ended.
     pub receiving: Mutex<HashMap<u64, std::net::TcpStream>>,
@@ -170,6 +172,12 @@ pub async fn session(
         capabilities: terms.capabilities,
     })
     .await?;
+    // Watching starts before the first scan: nothing changed after it goes unseen.
+    let watched = terms
+        .capabilities
+        .has(Capabilities::LIVE)
+        .then(|| crate::server::live::start_watching(shared))
+        .flatten();
     let held = match sync(shared, &mut conn, &mut rx, terms, admission).await {
         Ok(held) => held,
         Err(e) => return Err(refuse(&mut conn, e).await),
@@ -177,7 +185,7 @@ pub async fn session(
     // The folder is free for others between batches: a live session waits for its turn
     // for each one.
     drop(turn);
-    let live = crate::server::live::serve(shared, &mut conn, &mut rx, terms, held);
+    let live = crate::server::live::serve(shared, &mut conn, &mut rx, terms, (held, watched));
     match live.await {
         Ok(()) => Ok(()),
         Err(e) => Err(refuse(&mut conn, e).await),
@@ -351,7 +359,7 @@ pub(super) async fn round(
     // Moved, not copied: the plan has no other use for them.
     let mut requests = std::mem::take(&mut plan.requests);
     requests.extend(outcome.refetch.iter().cloned());
-    let requested = requests.len() as u64;
+    let received: Vec<RelPath> = requests.iter().map(|w| w.path.clone()).collect();
     let batches = batches(requests, terms.transfers);
     let got = fetch(
         shared,
@@ -362,7 +370,7 @@ pub(super) async fn round(
     )
     .await?;
     let done = (plan, outcome, got);
-    let summary = finish(shared, conn, done, (requested, root_meta), terms).await;
+    let summary = finish(shared, conn, done, (received, root_meta), terms).await;
     Ok((summary, client))
 }
 
@@ -557,15 +565,19 @@ async fn plan_and_apply(
         .expect("plan and apply do not panic")
 }
 
+/// Entries a batch may change and still be flushed one `fsync` at a time.
+const FEW: usize = 64;
+
 /// After the fetch: metadata, the hashes of what was received into the cache, one flush; the
 /// session's summary.
 async fn finish(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     (plan, mut outcome, got): (Plan, Outcome, Received),
-    (requested, root_meta): (u64, Option<Meta>),
+    (received, root_meta): (Vec<RelPath>, Option<Meta>),
     terms: Terms,
 ) -> Summary {
+    let requested = received.len() as u64;
     let mut summary = Summary {
         requested,
         received: got.files,
@@ -596,8 +608,18 @@ async fn finish(
         {
             tracing::warn!("failed to save the hash cache: {e}");
         }
-        // An unchanged tree costs no flush: nothing of ours is dirty.
-        if changed && let Err(e) = root.flush() {
+        // An unchanged tree costs no flush: nothing of ours is dirty; a few entries changed
+        // cost an fsync each, not a wait for everything the file system holds.
+        let (files, mut dirs) = plan.written(&received);
+        if root_meta.is_some() {
+            dirs.push(None);
+        }
+        let flushed = match files.len() + dirs.len() {
+            _ if !changed => Ok(()),
+            n if n <= FEW => root.flush_paths(&files, &dirs),
+            _ => root.flush(),
+        };
+        if let Err(e) = flushed {
             tracing::warn!("failed to flush the file system: {e}");
             outcome
                 .failed

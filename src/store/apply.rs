@@ -50,7 +50,7 @@ impl Outcome {
 pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome {
     let mut out = Outcome::default();
     let mut staged: Vec<(&LocalCopy, TempFile)> = Vec::new();
-    let stage = if plan.copies.is_empty() {
+    let stage = if plan.copies.is_empty() && plan.dir_moves.is_empty() {
         None
     } else {
         match root.stage() {
@@ -84,6 +84,20 @@ pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome 
         }
     }
 
+    // Directories moved whole: taken after the copies were read (a copy may come from
+    // inside one), put in place once their new parents exist.
+    let mut taken: Vec<(&RelPath, &RelPath, TempFile)> = Vec::new();
+    for (from, to) in &plan.dir_moves {
+        let res = match &stage {
+            Some(stage) => stage.take(from).map_err(io::Error::other),
+            None => Err(io::Error::other("no staging directory")),
+        };
+        match res {
+            Ok(tmp) => taken.push((from, to, tmp)),
+            Err(e) => out.fail(events, "move directory", from, e),
+        }
+    }
+
     for path in &plan.deletes {
         match root.remove(path) {
             Ok(dir) => {
@@ -101,6 +115,19 @@ pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome 
         match root.mkdir(path) {
             Ok(()) => events.emit(Event::DirCreated { path: path.clone() }),
             Err(e) => out.fail(events, "create directory", path, e),
+        }
+    }
+
+    for (from, to, tmp) in taken {
+        match root.place(tmp, to) {
+            Ok(()) => {
+                events.emit(Event::DirMoved {
+                    src: from.clone(),
+                    dst: to.clone(),
+                });
+                out.renamed += 1;
+            }
+            Err(e) => out.fail(events, "move directory to", to, e),
         }
     }
 

@@ -57,6 +57,10 @@ impl Store for Root {
         Root::set_root_mtime(self, meta.mtime_secs, meta.mtime_nanos)
     }
 
+    fn flush_paths(&self, files: &[RelPath], dirs: &[Option<RelPath>]) -> io::Result<()> {
+        self.sync_paths(files, dirs)
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.sync_filesystem()
     }

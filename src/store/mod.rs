@@ -51,6 +51,12 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn set_root_mtime(&self, meta: &Meta) -> io::Result<()>;
     /// Makes everything written so far durable.
     fn flush(&self) -> io::Result<()>;
+    /// Makes these files and directories (`None`: the top) durable: what a batch that
+    /// changed a few entries needs, rather than everything.
+    fn flush_paths(&self, files: &[RelPath], dirs: &[Option<RelPath>]) -> io::Result<()> {
+        let _ = (files, dirs);
+        self.flush()
+    }
 }
 
 /// A file being written into a [`Store`].

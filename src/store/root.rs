@@ -595,6 +595,54 @@ impl Root {
 
     /// Flushes the whole file system holding the root: one call makes every file written in a
     /// session durable, instead of one fsync per file.
+    /// Makes `files` and `dirs` (`None`: the root) durable, one `fsync` each: for a few
+    /// entries, far cheaper than `syncfs`, which also waits for everyone else's dirty data.
+    /// What is gone is skipped, and so is a symlink (its directory's `fsync` covers it).
+    pub fn sync_paths(&self, files: &[RelPath], dirs: &[Option<RelPath>]) -> io::Result<()> {
+        let skip = |e: &Errno| matches!(*e, Errno::NOENT | Errno::LOOP | Errno::NOTDIR);
+        // An entry this process may not open (mode 000 on a server that is not root) is made
+        // durable the other way: the whole file system.
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        for rel in files {
+            let (parent, name) = match self.parent(rel, false) {
+                Ok(p) => p,
+                Err(_) => continue,
+            };
+            match rustix::fs::openat(parent.fd.as_fd(), name, flags, Mode::empty()) {
+                Ok(fd) => rustix::fs::fdatasync(fd)?,
+                Err(e) if skip(&e) => {}
+                Err(Errno::ACCESS) => return self.sync_filesystem(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for rel in dirs {
+            let fd = match rel {
+                None => rustix::fs::openat(
+                    &*self.opened()?.fd,
+                    ".",
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ),
+                Some(rel) => match self.parent(rel, false) {
+                    Ok((parent, name)) => rustix::fs::openat(
+                        parent.fd.as_fd(),
+                        name,
+                        flags | OFlags::DIRECTORY,
+                        Mode::empty(),
+                    ),
+                    Err(_) => continue,
+                },
+            };
+            match fd {
+                Ok(fd) => rustix::fs::fsync(fd)?,
+                Err(e) if skip(&e) => {}
+                Err(Errno::ACCESS) => return self.sync_filesystem(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     pub fn sync_filesystem(&self) -> io::Result<()> {
         let dir = rustix::fs::openat(
             &*self.opened()?.fd,

@@ -707,4 +707,42 @@ mod tests {
         assert_eq!(listing(&s), ["sock special"]);
         assert!(s.warnings.is_empty());
     }
+
+    #[test]
+    fn a_part_of_the_tree_is_listed_with_its_ancestors() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["a/b/c/f", "a/b/g", "a/x", "top", "n/m/deep"] {
+            let p = d.path().join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, f).unwrap();
+        }
+        let scope = |p: &str, deep| Scope {
+            path: RelPath::new(p).unwrap(),
+            deep,
+        };
+        let scopes = [
+            scope("a/b/c/f", false),
+            scope("a/b", false),
+            scope("n", true),
+            scope("n/m/deep", false),
+            scope("gone", false),
+            scope("top/under-a-file", false),
+        ];
+        let s = scan_paths(d.path(), &scopes, Options::new(HashAlgorithm::Blake3)).unwrap();
+        let paths: Vec<String> = s.entries.iter().map(|e| e.path.to_string()).collect();
+        // Ancestors as they are, the shallow scopes alone, the deep one whole, nothing for
+        // what is gone, and only the file where a directory was expected above a scope.
+        assert_eq!(
+            paths,
+            [
+                "a", "a/b", "a/b/c", "a/b/c/f", "n", "n/m", "n/m/deep", "top"
+            ]
+        );
+        let f = s
+            .entries
+            .iter()
+            .find(|e| e.path.as_str() == "a/b/c/f")
+            .unwrap();
+        assert_eq!(f.hash(), Some(HashAlgorithm::Blake3.of(b"a/b/c/f")));
+    }
 }

@@ -5,6 +5,7 @@
 
 mod checks;
 mod report;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -64,6 +65,16 @@ pub struct Outcome {
     pub kept: Option<PathBuf>,
     /// Checks not run because the profile turned them off.
     pub skipped_checks: usize,
+    /// Why the scenario did not run at all: it needs a feature the profile lacks (`needs`).
+    /// A skipped scenario has neither passed nor failed.
+    pub skipped: Option<String>,
+}
+
+impl Outcome {
+    /// Ran and failed (a skipped scenario has not failed).
+    pub fn failed(&self) -> bool {
+        !self.passed && self.skipped.is_none()
+    }
 }
 
 /// A failed step: what was expected, what happened, and optional detail (a diff, log lines).
@@ -109,6 +120,8 @@ struct Run<'a> {
     daemons: BTreeMap<String, usize>,
     background: BTreeMap<String, usize>,
     last_sync_mark: usize,
+    /// Log positions named by `mark` steps.
+    marks: BTreeMap<String, usize>,
     skipped: usize,
     /// The port clients get while no server has started.
     no_server_port: Option<DeadPort>,
@@ -119,6 +132,20 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
     let started = Instant::now();
     let mut log = String::new();
     let _ = writeln!(log, "=== {} — {} ({})", sc.id, sc.name, show_path(&sc.file));
+    if let Some(why) = cfg.profile.unmet_needs(&sc.needs) {
+        let _ = writeln!(log, "=== {} SKIP: {why}", sc.id);
+        return Outcome {
+            id: sc.id.clone(),
+            passed: false,
+            duration: started.elapsed(),
+            failure: None,
+            run_log: log,
+            logs: Vec::new(),
+            kept: None,
+            skipped_checks: 0,
+            skipped: Some(why),
+        };
+    }
     let logs = vec![
         log_path(&cfg.out_dir, &sc.number_text(), "server"),
         log_path(&cfg.out_dir, &sc.number_text(), "client"),
@@ -135,6 +162,7 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
                 logs,
                 kept: None,
                 skipped_checks: 0,
+                skipped: None,
             };
         }
     };
@@ -154,6 +182,7 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
         daemons: BTreeMap::new(),
         background: BTreeMap::new(),
         last_sync_mark: 0,
+        marks: BTreeMap::new(),
         skipped: 0,
         no_server_port: None,
     };
@@ -196,6 +225,7 @@ pub fn run(sc: &Scenario, cfg: &Config) -> Outcome {
         logs,
         kept,
         skipped_checks: run.skipped,
+        skipped: None,
     }
 }
 
@@ -398,7 +428,7 @@ impl Run<'_> {
                 count,
                 since,
             } => {
-                let from = self.mark(*since);
+                let from = self.mark(since);
                 let watch = self.live_procs_of(side);
                 let side2 = side.clone();
                 let which = move |l: &Line| l.side == side2;
@@ -440,6 +470,18 @@ impl Run<'_> {
                     )),
                 }
             }
+            Action::WaitIdentical { a, b } => self.wait_identical(step, a, b),
+            Action::Pause { side } => self.pause(step, side),
+            Action::Resume { side } => self.resume(side),
+            Action::Mark { name } => {
+                let at = self.hub.line_count();
+                self.marks.insert(name.clone(), at);
+                // In the logs too, so a person reading them sees where "since the mark" starts.
+                for log in ["server", "client"] {
+                    self.hub.note(log, &format!("mark {name:?}"));
+                }
+                Ok(format!("after {} line(s)", at))
+            }
             _ => self.change_files(&step.action),
         }
     }
@@ -452,10 +494,30 @@ impl Run<'_> {
                 fsops::write(&p, content, *mode)?;
                 Ok(describe_file(&p))
             }
-            Action::Append { at, content } => {
+            Action::Append {
+                at,
+                content,
+                times,
+                every,
+            } => {
                 let p = self.path(at);
-                fsops::append(&p, content)?;
-                Ok(describe_file(&p))
+                // The scenario's input spread over time (a log file growing, say), not a wait for
+                // a result: append i happens `every × i` after the first, however long each takes.
+                let first = Instant::now();
+                for i in 0..*times {
+                    let due = first + *every * i;
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    fsops::append(&p, content)?;
+                }
+                let d = describe_file(&p);
+                Ok(if *times > 1 {
+                    format!("{times} appends over {}; {d}", fmt_ms(first.elapsed()))
+                } else {
+                    d
+                })
             }
             Action::Modify {
                 at,
@@ -509,8 +571,9 @@ impl Run<'_> {
                 files,
                 size,
                 seed,
+                flat,
             } => {
-                fsops::generate_files(&self.path(at), *files, *size, *seed)?;
+                fsops::generate_files(&self.path(at), *files, *size, *seed, *flat)?;
                 Ok(format!("{files} files of {size} bytes"))
             }
             Action::Clone { from, to } => {
@@ -521,11 +584,14 @@ impl Run<'_> {
         }
     }
 
-    fn mark(&self, since: Since) -> usize {
+    fn mark(&self, since: &Since) -> usize {
         match since {
             Since::Start => 0,
             Since::LastSync => self.last_sync_mark,
             Since::Now => self.hub.line_count(),
+            // The parser made sure an earlier step sets it; a step that failed before it would
+            // have ended the scenario.
+            Since::Mark(name) => self.marks.get(name).copied().unwrap_or(0),
         }
     }
 
@@ -758,6 +824,10 @@ impl Run<'_> {
                 .or_else(|| self.background.remove(side))
         }
         .ok_or_else(|| anyhow!("nothing of {side} is running"))?;
+        // A paused process would only queue SIGTERM; SIGKILL needs no help.
+        if sig != Signal::KILL {
+            self.hub.resume_if_paused(id);
+        }
         if !self.hub.signal(id, sig) {
             let e = self
                 .hub

@@ -1,5 +1,5 @@
 //! TCP port states as the kernel lists them in `/proc/net/tcp` and `/proc/net/tcp6`, and the run
-//! state of a process tree from `/proc/PID/task/*/stat`.
+//! state of a process (tree) from `/proc/PID/task/*/stat`.
 //!
 //! The harness must learn that a fixed-port server is ready without connecting to it: a
 //! single-threaded server (the original Python one) takes a probe connection for its client and
@@ -138,6 +138,34 @@ pub fn tree_asleep(pid: i32) -> io::Result<Option<bool>> {
     Ok(Some(true))
 }
 
+/// Whether every thread of process `pid` is stopped (state `T`, as SIGSTOP leaves it). `None`
+/// when `pid` is gone or a zombie.
+///
+/// SIGSTOP is delivered asynchronously: each thread stops when it next handles signals. A
+/// scenario that pauses a daemon to pile changes up behind it must know it has stopped first.
+pub fn stopped(pid: i32) -> io::Result<Option<bool>> {
+    let tasks = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(t) => t,
+        Err(_) => return Ok(None),
+    };
+    for task in tasks {
+        let Ok(task) = task else { continue };
+        // A thread that ended while we look is no running thread.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        match parse_stat(&stat) {
+            Some(('T', _)) => {}
+            Some(('Z' | 'X', _)) if task.file_name().to_str() == Some(&pid.to_string()) => {
+                return Ok(None);
+            }
+            Some(('Z' | 'X', _)) => {}
+            _ => return Ok(Some(false)),
+        }
+    }
+    Ok(Some(true))
+}
+
 /// State and parent pid from a `/proc/PID/stat` line: `pid (comm) S ppid …`, where comm may itself
 /// hold spaces and parentheses, so fields are counted from the last `)`.
 fn parse_stat(stat: &str) -> Option<(char, i32)> {
@@ -172,6 +200,29 @@ mod tests {
     #[test]
     fn parses_stat_with_odd_command_names() {
         assert_eq!(parse_stat("42 (a) b (c)) S 7 42 42 0"), Some(('S', 7)));
+    }
+
+    #[test]
+    fn sees_a_process_stopped_and_continued() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let p = rustix::process::Pid::from_raw(pid).unwrap();
+        assert_eq!(stopped(pid).unwrap(), Some(false));
+        rustix::process::kill_process(p, rustix::process::Signal::STOP).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stopped(pid).unwrap() != Some(true) {
+            assert!(std::time::Instant::now() < deadline, "never stopped");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // SIGCONT takes effect as it is sent: the process is no longer stopped at once.
+        rustix::process::kill_process(p, rustix::process::Signal::CONT).unwrap();
+        assert_eq!(stopped(pid).unwrap(), Some(false));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(stopped(pid).unwrap(), None);
     }
 
     #[test]

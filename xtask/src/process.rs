@@ -70,6 +70,9 @@ struct ProcState {
     exit: Option<ExitInfo>,
     open_streams: u8,
     started: Instant,
+    /// Stopped by the harness's SIGSTOP and not continued since (teardown continues it first: a
+    /// stopped process would not act on SIGTERM).
+    paused: bool,
 }
 
 impl ProcState {
@@ -83,6 +86,8 @@ struct State {
     lines: Vec<Line>,
     procs: Vec<ProcState>,
     files: BTreeMap<String, File>,
+    /// Counts every line and every exit: what [`Hub::wait_change`] waits to see move.
+    changes: u64,
 }
 
 /// The processes and output of one scenario run.
@@ -127,6 +132,7 @@ impl Hub {
                 lines: Vec::new(),
                 procs: Vec::new(),
                 files,
+                changes: 0,
             }),
             changed: Condvar::new(),
             t0: Instant::now(),
@@ -204,6 +210,7 @@ impl Hub {
                 exit: None,
                 open_streams: 2,
                 started: Instant::now(),
+                paused: false,
             });
             id
         };
@@ -250,6 +257,7 @@ impl Hub {
             side,
             text,
         });
+        st.changes += 1;
         drop(st);
         self.changed.notify_all();
     }
@@ -266,6 +274,7 @@ impl Hub {
             Err(_) => ExitInfo::Code(-1),
         };
         st.procs[id].exit = Some(exit);
+        st.changes += 1;
         self.footer_if_finished(&mut st, id);
         drop(st);
         self.changed.notify_all();
@@ -309,15 +318,21 @@ impl Hub {
     }
 
     /// Sends `sig` unless the process has already been reaped. Returns whether it was sent.
+    /// SIGSTOP and SIGCONT also record whether the process is paused.
     pub fn signal(&self, id: usize, sig: Signal) -> bool {
         let stamp = self.elapsed();
         let mut st = self.lock();
-        let p = &st.procs[id];
+        let p = &mut st.procs[id];
         if p.exit.is_some() {
             return false;
         }
         // The pid is not reaped yet (see `reap`), so it is still our child, never a recycled pid.
         let sent = Pid::from_raw(p.pid).is_some_and(|pid| kill_process(pid, sig).is_ok());
+        if sent && sig == Signal::STOP {
+            p.paused = true;
+        } else if sent && sig == Signal::CONT {
+            p.paused = false;
+        }
         let (log, name) = (p.log.clone(), p.name.clone());
         if let Some(f) = st.files.get_mut(&log) {
             let _ = writeln!(
@@ -327,6 +342,47 @@ impl Hub {
             );
         }
         sent
+    }
+
+    /// Whether the harness paused the process (SIGSTOP) and has not continued it since.
+    pub fn is_paused(&self, id: usize) -> bool {
+        self.lock().procs[id].paused
+    }
+
+    /// Sends SIGCONT to a process the harness paused, so that a SIGTERM that follows is acted
+    /// on (a stopped process only queues it). Returns whether it was paused.
+    pub fn resume_if_paused(&self, id: usize) -> bool {
+        self.is_paused(id) && self.signal(id, Signal::CONT)
+    }
+
+    /// Processes that run and are not paused: those that can still print or change a file.
+    pub fn active(&self) -> Vec<usize> {
+        let st = self.lock();
+        (0..st.procs.len())
+            .filter(|&i| st.procs[i].exit.is_none() && !st.procs[i].paused)
+            .collect()
+    }
+
+    /// A count of every output line and exit so far, for [`Hub::wait_change`].
+    pub fn changes(&self) -> u64 {
+        self.lock().changes
+    }
+
+    /// Waits until some process printed a line or exited since [`Hub::changes`] returned `seen`,
+    /// or the deadline passes. Returns the count now.
+    pub fn wait_change(&self, seen: u64, deadline: Instant) -> u64 {
+        let mut st = self.lock();
+        loop {
+            let now = Instant::now();
+            if st.changes != seen || now >= deadline {
+                return st.changes;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Waits until the process has exited and its output is read, or the deadline passes.
@@ -433,6 +489,7 @@ impl Hub {
     pub fn stop_all(&self, grace: Duration) -> Vec<String> {
         let ids = self.running();
         for &id in &ids {
+            self.resume_if_paused(id);
             self.signal(id, Signal::TERM);
         }
         let deadline = Instant::now() + grace;
@@ -460,6 +517,10 @@ pub fn signal_name(sig: Signal) -> String {
         "SIGKILL".into()
     } else if sig == Signal::INT {
         "SIGINT".into()
+    } else if sig == Signal::STOP {
+        "SIGSTOP".into()
+    } else if sig == Signal::CONT {
+        "SIGCONT".into()
     } else {
         format!("signal {}", sig.as_raw())
     }
@@ -617,6 +678,55 @@ mod tests {
             describe_command(&cmd),
             r"K='v v' /bin/prog plain 'two words' 'it'\''s'"
         );
+    }
+
+    /// A paused process is continued before teardown's SIGTERM (a stopped process would only
+    /// queue it and be killed after the grace period), and every signal is in its log.
+    #[test]
+    fn teardown_continues_a_paused_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("c.log");
+        let hub = Hub::new(&BTreeMap::from([("c".to_string(), log.clone())])).unwrap();
+        let argv: Vec<String> = ["sleep", "30"].map(String::from).to_vec();
+        let id = hub.spawn("client", "c", &argv, &BTreeMap::new()).unwrap();
+        assert!(hub.signal(id, Signal::STOP));
+        assert!(hub.is_paused(id));
+        assert!(hub.active().is_empty(), "a paused process is not active");
+        let started = Instant::now();
+        let ended = hub.stop_all(Duration::from_secs(20));
+        assert_eq!(ended, ["client#1: killed by signal 15 (SIGTERM)"]);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let text = std::fs::read_to_string(&log).unwrap();
+        let stop = text.find("harness sends SIGSTOP to client#1").expect(&text);
+        let cont = text.find("harness sends SIGCONT to client#1").expect(&text);
+        let term = text.find("harness sends SIGTERM to client#1").expect(&text);
+        assert!(stop < cont && cont < term, "{text}");
+    }
+
+    #[test]
+    fn waits_for_the_next_line_or_exit() {
+        let hub = Hub::new(&BTreeMap::new()).unwrap();
+        let seen = hub.changes();
+        let argv: Vec<String> = ["sh", "-c", "sleep 0.2; echo late"]
+            .map(String::from)
+            .to_vec();
+        let t = Instant::now();
+        let id = hub
+            .spawn("client", "none", &argv, &BTreeMap::new())
+            .unwrap();
+        // The line or the exit, whichever the harness learns of first (the exit may be reaped
+        // before the line is read from the pipe); nothing before the 0.2 s the child sleeps.
+        let now = hub.wait_change(seen, t + Duration::from_secs(10));
+        assert!(now > seen);
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        hub.wait_exit(id, Instant::now() + Duration::from_secs(10));
+        assert_eq!(hub.lines(0, &|_| true)[0].text, "late");
+        assert_eq!(hub.changes(), 2, "one line, one exit");
+        // Nothing more happens: the wait ends at its deadline with the count unchanged.
+        let quiet = hub.changes();
+        let t = Instant::now();
+        assert_eq!(hub.wait_change(quiet, t + Duration::from_millis(50)), quiet);
+        assert!(t.elapsed() >= Duration::from_millis(50));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use crate::pattern::Pattern;
+use crate::scenario::check_features;
 use crate::tree::MtimePrecision;
 
 /// The built-in profile: this repository's `server-sync` and `client-sync`.
@@ -88,6 +89,10 @@ pub struct ClientSpec {
     pub cycle_done: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// What the implementation can do beyond the basics (`"watch"`: see
+    /// [`crate::scenario::FEATURES`]). Scenarios that need a feature not listed are skipped.
+    #[serde(default)]
+    pub features: Vec<String>,
 }
 
 fn exit_word() -> String {
@@ -237,7 +242,28 @@ impl Profile {
         self.sync_done()?;
         self.session_done()?;
         self.cycle_done()?;
+        check_features(&self.client.features).context("client.features")?;
+        if self.client.features.iter().any(|f| f == "watch") && self.client.daemon.is_none() {
+            bail!("client.features has \"watch\", which is about the daemon: give client.daemon");
+        }
         Ok(())
+    }
+
+    /// Why a scenario needing `needs` cannot run with this profile, or `None` when it can.
+    pub fn unmet_needs(&self, needs: &[String]) -> Option<String> {
+        let missing: Vec<&str> = needs
+            .iter()
+            .filter(|n| !self.client.features.contains(n))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "needs {}, which profile {:?} lacks (client.features)",
+            missing.join(", "),
+            self.name
+        ))
     }
 
     /// Fixed ports mean scenarios cannot run side by side.
@@ -464,11 +490,31 @@ mod tests {
                 base("command = [\"{env:lower}/s\"]\nready = \"listen\"\nport = 7"),
                 "environment variable name",
             ),
+            (
+                base("command = [\"s\"]\nready = \"listen\"\nport = 7") + "features = [\"wach\"]\n",
+                "client.features: unknown feature \"wach\" (known: watch)",
+            ),
+            (
+                base("command = [\"s\"]\nready = \"listen\"\nport = 7")
+                    + "features = [\"watch\"]\n",
+                "give client.daemon",
+            ),
         ];
         for (text, want) in cases {
             let err = Profile::parse(&text, "t", Path::new("/"), Path::new("/")).unwrap_err();
             assert!(format!("{err:#}").contains(want), "{err:#}");
         }
+    }
+
+    #[test]
+    fn features_meet_needs() {
+        let ours = Profile::builtin(Path::new("/bin")).unwrap();
+        assert_eq!(ours.unmet_needs(&["watch".into()]), None);
+        assert_eq!(ours.unmet_needs(&[]), None);
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/profiles");
+        let original = Profile::load(&dir.join("python-original.toml"), Path::new("/")).unwrap();
+        let why = original.unmet_needs(&["watch".into()]).unwrap();
+        assert!(why.starts_with("needs watch, which profile "), "{why}");
     }
 
     #[test]

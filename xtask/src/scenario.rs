@@ -6,6 +6,7 @@
 //! typos (unknown keys, a modifier that does not apply to a verb) are reported with the step's
 //! line before anything runs.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +22,11 @@ use crate::tree::{Kind, days_from_civil};
 
 /// Default time limit of a step that waits for something, when neither step nor scenario sets one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Seconds between a client daemon's syncs when `start` sets no `interval`: the product's own
+/// default, long enough that a scenario finishing sooner proves the daemon acted by itself (it
+/// watched), not on its timer.
+pub const DEFAULT_INTERVAL: u64 = 60;
 
 /// A location in one of the scenario's directories, written `side:relative/path`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +62,7 @@ impl fmt::Display for Exit {
 }
 
 /// Where in a log a check or a wait starts looking.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Since {
     /// From the beginning of the scenario.
     Start,
@@ -64,6 +70,34 @@ pub enum Since {
     LastSync,
     /// From the beginning of this step.
     Now,
+    /// From an earlier `{ mark = "NAME" }` step (checked at parse time to exist).
+    Mark(String),
+}
+
+/// Things a scenario may need of an implementation beyond the basics (`needs = ["watch"]`), which
+/// a profile declares it has (`[client] features = ["watch"]`). A scenario whose needs a profile
+/// lacks is skipped with it, not failed. Each with what it promises, for messages and docs.
+pub const FEATURES: &[(&str, &str)] = &[(
+    "watch",
+    "the client daemon mirrors each change as it happens (it watches its directory), and the \
+     server repairs changes made to its own directory while a watching client is connected",
+)];
+
+/// Checks feature names (of a scenario's `needs` or a profile's `features`) against [`FEATURES`].
+pub fn check_features(names: &[String]) -> Result<()> {
+    for n in names {
+        if !FEATURES.iter().any(|(f, _)| f == n) {
+            bail!(
+                "unknown feature {n:?} (known: {})",
+                FEATURES
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// How the final trees are snapshotted.
@@ -90,6 +124,9 @@ pub enum Action {
     Append {
         at: Loc,
         content: Content,
+        /// How many appends (1 unless `times`), the first at once and each next `every` later.
+        times: u32,
+        every: Duration,
     },
     Modify {
         at: Loc,
@@ -131,6 +168,8 @@ pub enum Action {
         files: u64,
         size: u64,
         seed: u64,
+        /// All files in the directory itself, not 100 per subdirectory.
+        flat: bool,
     },
     Clone {
         from: String,
@@ -138,6 +177,7 @@ pub enum Action {
     },
     Start {
         side: String,
+        /// Seconds between a client daemon's syncs (ignored for the server).
         interval: u64,
     },
     Stop {
@@ -165,6 +205,24 @@ pub enum Action {
     WaitSync {
         side: String,
         count: usize,
+    },
+    /// Waits until two trees compare as `identical` does (re-compared on every output line and
+    /// at least every 500 ms), failing at the timeout with the same report.
+    WaitIdentical {
+        a: String,
+        b: String,
+    },
+    /// SIGSTOP to a running process, and wait until it has stopped.
+    Pause {
+        side: String,
+    },
+    /// SIGCONT to a paused process.
+    Resume {
+        side: String,
+    },
+    /// Names the present position in the logs, for `since = "NAME"` in later steps.
+    Mark {
+        name: String,
     },
     Exists {
         at: Loc,
@@ -239,6 +297,9 @@ pub struct Scenario {
     pub file: PathBuf,
     pub timeout: Duration,
     pub snapshot: SnapshotMode,
+    /// Features of [`FEATURES`] the implementation must have (`needs = ["watch"]`); with a
+    /// profile that lacks one, the scenario is skipped.
+    pub needs: Vec<String>,
     pub steps: Vec<Step>,
 }
 
@@ -291,7 +352,9 @@ fn step_sides(a: &Action) -> Vec<String> {
         Action::Rename { from, .. } | Action::Copy { from, .. } => vec![from.side.clone()],
         Action::Clone { from, to } => vec![from.clone(), to.clone()],
         Action::Sync { sides, .. } => sides.clone(),
-        Action::Identical { a, b } => vec![a.clone(), b.clone()],
+        Action::Identical { a, b } | Action::WaitIdentical { a, b } => vec![a.clone(), b.clone()],
+        Action::Mark { .. } => Vec::new(),
+        Action::Pause { side } | Action::Resume { side } => vec![side.clone()],
         Action::Start { side, .. }
         | Action::Stop { side, .. }
         | Action::Kill { side }
@@ -347,6 +410,7 @@ struct RawScenario {
     timeout: Option<f64>,
     #[serde(default)]
     snapshot: SnapshotMode,
+    needs: Option<Spanned<Vec<String>>>,
     steps: Vec<Spanned<RawStep>>,
 }
 
@@ -396,6 +460,10 @@ struct RawStep {
     wait_exit: Option<String>,
     wait: Option<String>,
     wait_sync: Option<String>,
+    wait_identical: Option<Vec<String>>,
+    pause: Option<String>,
+    resume: Option<String>,
+    mark: Option<String>,
     exists: Option<String>,
     absent: Option<String>,
     empty: Option<String>,
@@ -412,6 +480,9 @@ struct RawStep {
     mtime: Option<RawTime>,
     target: Option<String>,
     files: Option<u64>,
+    flat: Option<bool>,
+    times: Option<u32>,
+    every_ms: Option<u64>,
     interval: Option<u64>,
     exit: Option<RawExit>,
     background: Option<bool>,
@@ -449,6 +520,10 @@ impl RawStep {
             ("wait_exit", self.wait_exit.is_some()),
             ("wait", self.wait.is_some()),
             ("wait_sync", self.wait_sync.is_some()),
+            ("wait_identical", self.wait_identical.is_some()),
+            ("pause", self.pause.is_some()),
+            ("resume", self.resume.is_some()),
+            ("mark", self.mark.is_some()),
             ("exists", self.exists.is_some()),
             ("absent", self.absent.is_some()),
             ("empty", self.empty.is_some()),
@@ -473,6 +548,9 @@ impl RawStep {
             ("mtime", self.mtime.is_some()),
             ("target", self.target.is_some()),
             ("files", self.files.is_some()),
+            ("flat", self.flat.is_some()),
+            ("times", self.times.is_some()),
+            ("every_ms", self.every_ms.is_some()),
             ("interval", self.interval.is_some()),
             ("exit", self.exit.is_some()),
             ("background", self.background.is_some()),
@@ -497,14 +575,14 @@ impl RawStep {
 fn allowed_modifiers(verb: &str) -> &'static [&'static str] {
     match verb {
         "write" => &["text", "size", "seed", "mode"],
-        "append" => &["text", "size", "seed"],
+        "append" => &["text", "size", "seed", "times", "every_ms"],
         "modify" => &["text", "size", "seed", "at"],
         "rename" | "copy" => &["to"],
         "mkdir" => &["mode"],
         "chmod" => &["mode"],
         "touch" => &["mtime"],
         "symlink" => &["target"],
-        "generate" => &["files", "size", "seed"],
+        "generate" => &["files", "size", "seed", "flat"],
         "clone" => &["to"],
         "start" => &["interval", "timeout"],
         "stop" => &["exit", "timeout"],
@@ -513,6 +591,8 @@ fn allowed_modifiers(verb: &str) -> &'static [&'static str] {
         "wait_exit" => &["exit", "timeout"],
         "wait" => &["line", "count", "since", "timeout"],
         "wait_sync" => &["count", "timeout"],
+        "wait_identical" => &["timeout"],
+        "pause" => &["timeout"],
         "exists" => &["kind", "md5", "same_as", "size", "mode", "mtime", "target"],
         "log" => &["contains", "lacks", "count", "since"],
         _ => &[],
@@ -536,10 +616,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario> {
         Some(t) => secs(t)?,
         None => DEFAULT_TIMEOUT,
     };
+    let needs = match raw.needs {
+        None => Vec::new(),
+        Some(spanned) => {
+            let line = line_of(text, spanned.span().start);
+            let needs = spanned.into_inner();
+            check_features(&needs).with_context(|| format!("needs (line {line})"))?;
+            needs
+        }
+    };
+    // Mark names set so far, with the step that set each (a `since` must name an earlier one).
+    let mut marks: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut steps = Vec::with_capacity(raw.steps.len());
     for (i, spanned) in raw.steps.into_iter().enumerate() {
         let span = spanned.span();
-        let line = text[..span.start].matches('\n').count() + 1;
+        let line = line_of(text, span.start);
         let source = text[span.clone()]
             .split_whitespace()
             .collect::<Vec<_>>()
@@ -547,8 +638,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario> {
         let number = i + 1;
         let raw_step = spanned.into_inner();
         let step_timeout = raw_step.timeout.map(secs).transpose()?;
-        let action =
-            build(raw_step).with_context(|| format!("step {number} (line {line}): {source}"))?;
+        let action = build(raw_step)
+            .and_then(|a| check_marks(&a, &mut marks, number, line).map(|()| a))
+            .with_context(|| format!("step {number} (line {line}): {source}"))?;
         steps.push(Step {
             number,
             line,
@@ -568,8 +660,45 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario> {
         file: path.to_path_buf(),
         timeout,
         snapshot: raw.snapshot,
+        needs,
         steps,
     })
+}
+
+/// The 1-based line of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text[..at].matches('\n').count() + 1
+}
+
+/// A `mark` sets a name once; a `since` names a mark an earlier step set.
+fn check_marks(
+    a: &Action,
+    marks: &mut BTreeMap<String, (usize, usize)>,
+    number: usize,
+    line: usize,
+) -> Result<()> {
+    match a {
+        Action::Mark { name } => {
+            if let Some((n, l)) = marks.get(name) {
+                bail!("mark {name:?} is already set by step {n} (line {l})");
+            }
+            marks.insert(name.clone(), (number, line));
+        }
+        Action::Wait {
+            since: Since::Mark(name),
+            ..
+        }
+        | Action::Log {
+            since: Since::Mark(name),
+            ..
+        } if !marks.contains_key(name) => {
+            bail!(
+                "since = {name:?} names no earlier {{ mark = {name:?} }} step (`since` is \"start\", \"last-sync\", \"now\" or the name of an earlier mark)"
+            );
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn secs(t: f64) -> Result<Duration> {
@@ -591,9 +720,8 @@ fn build(r: RawStep) -> Result<Action> {
     match verb {
         "write" | "append" | "modify" | "delete" | "rename" | "copy" | "mkdir" | "chmod"
         | "touch" | "symlink" | "mkfifo" | "generate" | "clone" => build_change(verb, &r),
-        "start" | "stop" | "kill" | "sync" | "wait_exit" | "wait" | "wait_sync" => {
-            build_process(verb, &r, count)
-        }
+        "start" | "stop" | "kill" | "sync" | "wait_exit" | "wait" | "wait_sync"
+        | "wait_identical" | "pause" | "resume" | "mark" => build_process(verb, &r, count),
         _ => build_check(verb, &r, count),
     }
 }
@@ -649,15 +777,16 @@ impl RawStep {
         }
     }
 
-    /// Where a log search starts (`since`), which must be one of `allowed` for this verb.
+    /// Where a log search starts (`since`), which must be one of `allowed` for this verb. Any
+    /// other word names a mark; [`parse`] checks that an earlier step set it.
     fn since(&self, allowed: &[Since]) -> Result<Since> {
         let s = match self.since.as_deref() {
             None | Some("start") => Since::Start,
             Some("last-sync") => Since::LastSync,
             Some("now") => Since::Now,
-            Some(other) => bail!("since is \"start\", \"last-sync\" or \"now\", not {other:?}"),
+            Some(name) => Since::Mark(mark_name(name)?),
         };
-        if !allowed.contains(&s) {
+        if !matches!(s, Since::Mark(_)) && !allowed.contains(&s) {
             bail!(
                 "since = {:?} does not apply here",
                 self.since.as_deref().unwrap_or("")
@@ -665,6 +794,43 @@ impl RawStep {
         }
         Ok(s)
     }
+
+    /// `times` appends `every_ms` apart (one, at once, without them).
+    fn repetition(&self) -> Result<(u32, Duration)> {
+        let times = self.times.unwrap_or(1);
+        if times == 0 {
+            bail!("times must be at least 1");
+        }
+        let every = match (times, self.every_ms) {
+            (1, None) => Duration::ZERO,
+            (1, Some(_)) => bail!("`every_ms` needs `times` (2 or more)"),
+            (_, None) => bail!("`times` needs `every_ms`, the time between two appends"),
+            (_, Some(ms)) => Duration::from_millis(ms),
+        };
+        // Appends spread over more than an hour are a typo, not a scenario.
+        if every * (times - 1) > Duration::from_secs(3600) {
+            bail!("times × every_ms must stay within an hour");
+        }
+        Ok((times, every))
+    }
+}
+
+/// A mark's name: a word of letters, digits, `-` and `_`, and not one of the words `since` has
+/// for itself.
+fn mark_name(name: &str) -> Result<String> {
+    if matches!(name, "start" | "last-sync" | "now") {
+        bail!("{name:?} is a word of `since` itself; name the mark otherwise");
+    }
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        bail!(
+            "a mark is named with letters, digits, - and _, not {name:?} (`since` is \"start\", \"last-sync\", \"now\" or the name of an earlier mark)"
+        );
+    }
+    Ok(name.to_string())
 }
 
 /// Steps that change a side's files.
@@ -675,10 +841,15 @@ fn build_change(verb: &str, r: &RawStep) -> Result<Action> {
             content: r.content()?,
             mode: r.mode,
         },
-        "append" => Action::Append {
-            at: loc(r.append.as_deref())?,
-            content: r.content()?,
-        },
+        "append" => {
+            let (times, every) = r.repetition()?;
+            Action::Append {
+                at: loc(r.append.as_deref())?,
+                content: r.content()?,
+                times,
+                every,
+            }
+        }
         "modify" => Action::Modify {
             at: loc(r.modify.as_deref())?,
             offset: r.at.unwrap_or(0),
@@ -721,6 +892,7 @@ fn build_change(verb: &str, r: &RawStep) -> Result<Action> {
             files: r.files.ok_or_else(|| anyhow!("`generate` needs `files`"))?,
             size: r.size.ok_or_else(|| anyhow!("`generate` needs `size`"))?,
             seed: r.seed.unwrap_or(0),
+            flat: r.flat.unwrap_or(false),
         },
         "clone" => {
             let from = side(r.clone.as_deref(), &[SideKind::Client])?;
@@ -752,10 +924,17 @@ fn build_rename_or_copy(verb: &str, r: &RawStep) -> Result<Action> {
 fn build_process(verb: &str, r: &RawStep, count: usize) -> Result<Action> {
     let any_process = &[SideKind::Server, SideKind::Client];
     Ok(match verb {
-        "start" => Action::Start {
-            side: side(r.start.as_deref(), any_process)?,
-            interval: r.interval.unwrap_or(1),
-        },
+        "start" => {
+            let side = side(r.start.as_deref(), any_process)?;
+            if side == "server" && r.interval.is_some() {
+                bail!("`interval` applies to a client daemon, not the server");
+            }
+            let interval = r.interval.unwrap_or(DEFAULT_INTERVAL);
+            if interval == 0 {
+                bail!("interval must be at least 1 second");
+            }
+            Action::Start { side, interval }
+        }
         "stop" => Action::Stop {
             side: side(r.stop.as_deref(), any_process)?,
             exit: r.exit(Exit::Code(0))?,
@@ -781,6 +960,19 @@ fn build_process(verb: &str, r: &RawStep, count: usize) -> Result<Action> {
         "wait_sync" => Action::WaitSync {
             side: side(r.wait_sync.as_deref(), &[SideKind::Client])?,
             count,
+        },
+        "wait_identical" => {
+            let (a, b) = two_sides(r.wait_identical.as_deref(), "wait_identical")?;
+            Action::WaitIdentical { a, b }
+        }
+        "pause" => Action::Pause {
+            side: side(r.pause.as_deref(), any_process)?,
+        },
+        "resume" => Action::Resume {
+            side: side(r.resume.as_deref(), any_process)?,
+        },
+        "mark" => Action::Mark {
+            name: mark_name(r.mark.as_deref().unwrap_or_default())?,
         },
         other => unreachable!("{other} is not a process step"),
     })
@@ -833,13 +1025,10 @@ fn build_check(verb: &str, r: &RawStep, count: usize) -> Result<Action> {
         "empty" => Action::Empty {
             side: side(r.empty.as_deref(), any_side)?,
         },
-        "identical" => match r.identical.as_deref() {
-            Some([a, b]) => Action::Identical {
-                a: side(Some(a), any_side)?,
-                b: side(Some(b), any_side)?,
-            },
-            _ => bail!("`identical` takes two sides, e.g. identical = [\"client\", \"server\"]"),
-        },
+        "identical" => {
+            let (a, b) = two_sides(r.identical.as_deref(), "identical")?;
+            Action::Identical { a, b }
+        }
         "log" => build_log(r, count)?,
         "no_temp" => Action::NoTemp {
             side: side(r.no_temp.as_deref(), &[SideKind::Server, SideKind::Client])?,
@@ -865,6 +1054,15 @@ fn build_log(r: &RawStep, count: usize) -> Result<Action> {
         count,
         since: r.since(&[Since::Start, Since::LastSync])?,
     })
+}
+
+/// The two sides `identical` and `wait_identical` compare.
+fn two_sides(v: Option<&[String]>, verb: &str) -> Result<(String, String)> {
+    let any_side = &[SideKind::Server, SideKind::Client, SideKind::Outside];
+    match v {
+        Some([a, b]) => Ok((side(Some(a), any_side)?, side(Some(b), any_side)?)),
+        _ => bail!("`{verb}` takes two sides, e.g. {verb} = [\"client\", \"server\"]"),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1018,5 +1216,132 @@ steps = [
             let msg = format!("{err:#}");
             assert!(msg.contains(want), "{step}: {msg}");
         }
+    }
+
+    #[test]
+    fn parses_the_steps_for_a_watching_daemon() {
+        let s = parse_str(
+            r#"
+name = "watch"
+needs = ["watch"]
+steps = [
+  { start = "client" },
+  { mark = "before-rename" },
+  { append = "client:f.txt", text = "x\n", times = 5, every_ms = 400 },
+  { append = "client:g.txt", text = "y" },
+  { pause = "client" },
+  { resume = "client" },
+  { wait_identical = ["client", "server"], timeout = 90 },
+  { log = "server", lacks = "Requesting file", since = "before-rename" },
+  { wait = "client", line = "overflow", since = "before-rename" },
+]
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.needs, ["watch"]);
+        let actions: Vec<&Action> = s.steps.iter().map(|s| &s.action).collect();
+        assert!(matches!(actions[0], Action::Start { interval: 60, .. }));
+        match actions[2] {
+            Action::Append { times, every, .. } => {
+                assert_eq!((*times, *every), (5, Duration::from_millis(400)));
+            }
+            a => panic!("{a:?}"),
+        }
+        assert!(matches!(actions[3], Action::Append { times: 1, .. }));
+        assert!(
+            matches!(actions[6], Action::WaitIdentical { a, b } if a == "client" && b == "server")
+        );
+        assert_eq!(s.steps[6].timeout, Some(Duration::from_secs(90)));
+        assert!(
+            matches!(actions[7], Action::Log { since: Since::Mark(m), .. } if m == "before-rename")
+        );
+        assert!(matches!(
+            actions[8],
+            Action::Wait {
+                since: Since::Mark(_),
+                ..
+            }
+        ));
+        // A scenario without `needs` needs nothing.
+        let plain = parse_str("name = \"x\"\nsteps = [ { start = \"server\" } ]\n").unwrap();
+        assert!(plain.needs.is_empty());
+    }
+
+    /// Mistakes in the new keys are reported with the step (or key) and its line.
+    #[test]
+    fn rejects_mistakes_in_the_watch_steps_with_their_line() {
+        let cases = [
+            (
+                r#"{ append = "client:a", text = "x", times = 3 }"#,
+                "step 2 (line 4): { append = \"client:a\", text = \"x\", times = 3 }: `times` needs `every_ms`",
+            ),
+            (
+                r#"{ append = "client:a", text = "x", every_ms = 3 }"#,
+                "`every_ms` needs `times`",
+            ),
+            (
+                r#"{ append = "client:a", text = "x", times = 0, every_ms = 3 }"#,
+                "times must be at least 1",
+            ),
+            (
+                r#"{ write = "client:a", text = "x", times = 2 }"#,
+                "`times` does not apply to `write`",
+            ),
+            (
+                r#"{ wait_identical = ["client"] }"#,
+                "`wait_identical` takes two sides",
+            ),
+            (
+                r#"{ wait_identical = ["client", "server"], count = 2 }"#,
+                "`count` does not apply to `wait_identical`",
+            ),
+            (r#"{ pause = "outside" }"#, "cannot be used here"),
+            (
+                r#"{ resume = "client", timeout = 3 }"#,
+                "`timeout` does not apply to `resume`",
+            ),
+            (r#"{ mark = "now" }"#, "a word of `since` itself"),
+            (r#"{ mark = "a b" }"#, "a mark is named with letters"),
+            (
+                r#"{ log = "server", contains = "x", since = "nowhere" }"#,
+                "step 2 (line 4): { log = \"server\", contains = \"x\", since = \"nowhere\" }: since = \"nowhere\" names no earlier { mark = \"nowhere\" } step",
+            ),
+            (
+                r#"{ start = "server", interval = 1 }"#,
+                "`interval` applies to a client daemon",
+            ),
+            (
+                r#"{ start = "client", interval = 0 }"#,
+                "interval must be at least 1",
+            ),
+        ];
+        for (step, want) in cases {
+            let text = format!("name = \"x\"\nsteps = [\n  {{ mark = \"m\" }},\n  {step},\n]\n");
+            let err = parse_str(&text).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.contains(want), "{step}: {msg}");
+        }
+        // A mark is set once; a `since` must not name a later one.
+        let twice = "name = \"x\"\nsteps = [\n  { mark = \"m\" },\n  { mark = \"m\" },\n]\n";
+        let msg = format!("{:#}", parse_str(twice).unwrap_err());
+        assert!(
+            msg.contains(
+                "step 2 (line 4): { mark = \"m\" }: mark \"m\" is already set by step 1 (line 3)"
+            ),
+            "{msg}"
+        );
+        let later = "name = \"x\"\nsteps = [\n  { log = \"server\", lacks = \"x\", since = \"m\" },\n  { mark = \"m\" },\n]\n";
+        let msg = format!("{:#}", parse_str(later).unwrap_err());
+        assert!(
+            msg.contains("step 1 (line 3)") && msg.contains("names no earlier"),
+            "{msg}"
+        );
+        // An unknown feature in `needs`, with the key's line.
+        let needs = "name = \"x\"\n\nneeds = [\"wach\"]\nsteps = [ { mark = \"m\" } ]\n";
+        let msg = format!("{:#}", parse_str(needs).unwrap_err());
+        assert!(
+            msg.contains("needs (line 3): unknown feature \"wach\" (known: watch)"),
+            "{msg}"
+        );
     }
 }

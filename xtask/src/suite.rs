@@ -31,7 +31,15 @@ pub struct Summary {
 
 impl Summary {
     pub fn failed(&self) -> usize {
-        self.runs.iter().filter(|(_, o)| !o.passed).count()
+        self.runs.iter().filter(|(_, o)| o.failed()).count()
+    }
+
+    /// Runs skipped because the profile lacks a feature the scenario needs.
+    pub fn skipped(&self) -> usize {
+        self.runs
+            .iter()
+            .filter(|(_, o)| o.skipped.is_some())
+            .count()
     }
 }
 
@@ -94,10 +102,10 @@ pub fn run(scenarios: &[Scenario], cfg: &Config, opts: Options) -> Result<Summar
                         };
                         let _ = writeln!(f, "{header}{}", outcome.run_log);
                     }
-                    if !outcome.passed && repeat > 1 {
+                    if outcome.failed() && repeat > 1 {
                         keep_failed_logs(&outcome, rep);
                     }
-                    if repeat == 1 || !outcome.passed {
+                    if repeat == 1 || outcome.failed() {
                         print_line(&outcome, rep, repeat, name_width);
                     }
                     results.lock().unwrap().push((rep, outcome));
@@ -117,7 +125,11 @@ pub fn run(scenarios: &[Scenario], cfg: &Config, opts: Options) -> Result<Summar
 }
 
 fn print_line(o: &Outcome, rep: usize, repeat: usize, width: usize) {
-    let status = if o.passed { "PASS" } else { "FAIL" };
+    let status = match (&o.skipped, o.passed) {
+        (Some(_), _) => "SKIP",
+        (None, true) => "PASS",
+        (None, false) => "FAIL",
+    };
     let rep = if repeat > 1 {
         format!("  (repetition {rep})")
     } else {
@@ -128,8 +140,13 @@ fn print_line(o: &Outcome, rep: usize, repeat: usize, width: usize) {
         .as_ref()
         .map(|p| format!("  kept: {}", p.display()))
         .unwrap_or_default();
+    let why = o
+        .skipped
+        .as_ref()
+        .map(|w| format!("  ({w})"))
+        .unwrap_or_default();
     println!(
-        "{:<width$}  {status}  {:>7.2}s{rep}{kept}",
+        "{:<width$}  {status}  {:>7.2}s{rep}{kept}{why}",
         o.id,
         o.duration.as_secs_f64()
     );
@@ -148,7 +165,7 @@ fn keep_failed_logs(o: &Outcome, rep: usize) {
 }
 
 fn print_summary(scenarios: &[Scenario], s: &Summary, repeat: usize, cfg: &Config) {
-    let failed: Vec<&(usize, Outcome)> = s.runs.iter().filter(|(_, o)| !o.passed).collect();
+    let failed: Vec<&(usize, Outcome)> = s.runs.iter().filter(|(_, o)| o.failed()).collect();
     if repeat > 1 {
         let mut per: BTreeMap<&str, Vec<&Outcome>> = BTreeMap::new();
         for (_, o) in &s.runs {
@@ -162,9 +179,13 @@ fn print_summary(scenarios: &[Scenario], s: &Summary, repeat: usize, cfg: &Confi
             let Some(runs) = per.get(sc.id.as_str()) else {
                 continue;
             };
+            if runs.iter().all(|o| o.skipped.is_some()) {
+                println!("{:<40} skipped", sc.id);
+                continue;
+            }
             let mut times: Vec<f64> = runs.iter().map(|o| o.duration.as_secs_f64()).collect();
             times.sort_by(f64::total_cmp);
-            let fails = runs.iter().filter(|o| !o.passed).count();
+            let fails = runs.iter().filter(|o| o.failed()).count();
             println!(
                 "{:<40} {:>5} {:>6} {:>7.2}s {:>7.2}s {:>7.2}s{}",
                 sc.id,
@@ -192,11 +213,17 @@ fn print_summary(scenarios: &[Scenario], s: &Summary, repeat: usize, cfg: &Confi
         }
     }
     let skipped: usize = s.runs.iter().map(|(_, o)| o.skipped_checks).sum();
+    let not_run = s.skipped();
     println!(
-        "\n{} scenario run(s): {} passed, {} failed in {:.2}s wall{}",
+        "\n{} scenario run(s): {} passed, {} failed{} in {:.2}s wall{}",
         s.runs.len(),
-        s.runs.len() - failed.len(),
+        s.runs.len() - failed.len() - not_run,
         failed.len(),
+        if not_run > 0 {
+            format!(", {not_run} skipped (needs the profile lacks)")
+        } else {
+            String::new()
+        },
         s.wall.as_secs_f64(),
         if skipped > 0 {
             format!(" ({skipped} check(s) skipped by the profile)")

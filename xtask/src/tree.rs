@@ -169,6 +169,18 @@ impl Tree {
         Ok(w.into_tree())
     }
 
+    /// [`Tree::scan`] without reading any file's content (no MD5s): a cheap first look for a
+    /// wait that compares two trees again and again while a sync is under way. Two such trees
+    /// that differ differ in full too; two that match must still be compared in full.
+    pub fn scan_stat(root: &Path) -> Result<Tree> {
+        let mut w = Walk::new(root, false);
+        w.hash = false;
+        if root.exists() {
+            w.dir(root, "")?;
+        }
+        Ok(w.into_tree())
+    }
+
     /// Scans everything under `root`, recording what cannot be read in [`Tree::problems`]
     /// instead of failing (for tests that make entries unreadable on purpose).
     pub fn scan_lenient(root: &Path) -> Tree {
@@ -249,6 +261,8 @@ impl Tree {
 struct Walk {
     root: PathBuf,
     lenient: bool,
+    /// Whether files' MD5s are computed.
+    hash: bool,
     entries: BTreeMap<String, Entry>,
     problems: BTreeMap<String, String>,
 }
@@ -258,6 +272,7 @@ impl Walk {
         Walk {
             root: root.to_path_buf(),
             lenient,
+            hash: true,
             entries: BTreeMap::new(),
             problems: BTreeMap::new(),
         }
@@ -306,7 +321,7 @@ impl Walk {
                     continue;
                 }
             };
-            if entry.kind == Kind::File {
+            if entry.kind == Kind::File && self.hash {
                 match md5_file(&path) {
                     Ok(m) => entry.md5 = Some(m),
                     Err(e) => self.problem(&rel, "unreadable", e)?,

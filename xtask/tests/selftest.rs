@@ -3,6 +3,9 @@
 //! * A client that does nothing (`true`) must make 001 and 004 fail with a readable tree diff.
 //! * The `cp -a` reference profile must pass the scenarios that only describe the end state, which
 //!   also proves those scenarios do not over-specify.
+//! * The steps made for a watching daemon (`wait_identical`, `pause`, `resume`, paced `append`,
+//!   `mark`) work with the reference's polling daemon, and a scenario whose `needs` the profile
+//!   lacks is skipped.
 
 use std::path::{Path, PathBuf};
 
@@ -182,6 +185,27 @@ fn checks_fail_with_a_useful_message() {
             r#"{ empty = "server" }"#,
             "expected: server directory empty",
         ),
+        // With nothing to mirror it (no client daemon), the wait ends at its timeout with the
+        // report `identical` gives.
+        (
+            r#"{ write = "server:x.txt", text = "x\n" }, { wait_identical = ["client", "server"], timeout = 0.3 }"#,
+            "expected: client and server trees identical within 300ms",
+        ),
+        (
+            r#"{ write = "server:x.txt", text = "x\n" }, { wait_identical = ["client", "server"], timeout = 0.3 }"#,
+            "+ x.txt: file only in server",
+        ),
+        // With no process left that could change a tree, it fails at once, saying why.
+        (
+            r#"{ stop = "server" }, { write = "server:x.txt", text = "x\n" }, { wait_identical = ["client", "server"], timeout = 600 }"#,
+            "and no process is left running (or each is paused) to change them",
+        ),
+        (
+            r#"{ mark = "m" }, { log = "client", contains = "sync:done", since = "m" }"#,
+            "expected: 1 line matching \"sync:done\" in the client log since mark \"m\"",
+        ),
+        (r#"{ resume = "server" }"#, "server#1 is not paused"),
+        (r#"{ pause = "client" }"#, "nothing of client is running"),
     ];
     for (steps, want) in cases {
         let text = format!("name = \"negative\"\nsteps = [ {prelude} {steps} ]\n");
@@ -264,4 +288,67 @@ once = ["true"]
             .unwrap()
             .contains("XTASK_SELFTEST_NEVER_SET is not set")
     );
+}
+
+/// `wait_identical`, `pause`, `resume`, appends over time and marks, with the `cp -a` reference
+/// daemon (`interval = 1`): the wait ends once a cycle has copied the changes, and a paused
+/// daemon copies nothing until it is resumed.
+#[test]
+fn wait_identical_pause_and_resume_with_a_polling_reference_daemon() {
+    let mut profile = Profile::load(
+        &root().join("scenarios/profiles/cp-reference.toml"),
+        Path::new("/"),
+    )
+    .unwrap();
+    profile.checks.logs = true;
+    let cfg = config(profile, "watchsteps");
+    let text = r#"
+name = "wait_identical with a polling daemon"
+timeout = 30
+steps = [
+  { start = "server" },
+  { write = "client:a.txt", text = "one\n" },
+  { start = "client", interval = 1 },
+  { wait_identical = ["client", "server"] },
+  { pause = "client" },
+  { mark = "paused" },
+  { append = "client:a.txt", text = "more\n", times = 4, every_ms = 250 },
+  { exists = "server:a.txt", size = 4 },
+  { log = "client", lacks = "sync:done", since = "paused" },
+  { resume = "client" },
+  { wait_identical = ["client", "server"] },
+  { exists = "server:a.txt", size = 24, same_as = "client" },
+  { log = "client", contains = "sync:done", since = "paused" },
+]
+"#;
+    let sc = scenario::parse(Path::new("scenarios/901-watch-steps.toml"), text).unwrap();
+    let o = engine::run(&sc, &cfg);
+    assert!(o.passed, "{}\n{}", o.failure.unwrap_or_default(), o.run_log);
+    // The four appends were spread over at least 750 ms: the step took that long.
+    let append = o
+        .run_log
+        .lines()
+        .find(|l| l.contains("{ append = "))
+        .unwrap();
+    assert!(append.contains("4 appends over "), "{append}");
+    let _ = std::fs::remove_dir_all(&cfg.out_dir);
+}
+
+/// A scenario needing a feature the profile lacks is skipped, not failed, and runs nothing.
+#[test]
+fn unmet_needs_skip_the_scenario() {
+    let profile = Profile::load(
+        &root().join("scenarios/profiles/cp-reference.toml"),
+        Path::new("/"),
+    )
+    .unwrap();
+    let cfg = config(profile, "skip");
+    let text = "name = \"needs watch\"\nneeds = [\"watch\"]\nsteps = [ { start = \"server\" } ]\n";
+    let sc = scenario::parse(Path::new("scenarios/902-needs.toml"), text).unwrap();
+    let o = engine::run(&sc, &cfg);
+    assert!(!o.passed && !o.failed(), "{o:?}");
+    let why = o.skipped.unwrap();
+    assert!(why.starts_with("needs watch, which profile "), "{why}");
+    assert!(o.run_log.contains("SKIP: needs watch"), "{}", o.run_log);
+    assert!(o.logs.is_empty(), "nothing ran, so no logs");
 }

@@ -67,9 +67,9 @@ impl Run<'_> {
                     return Ok("skipped: the profile turns log checks off".into());
                 }
                 if *present {
-                    self.check_log_contains(step, side, pattern, *count, *since)
+                    self.check_log_contains(step, side, pattern, *count, since)
                 } else {
-                    self.check_log_lacks(side, pattern, *since)
+                    self.check_log_lacks(side, pattern, since)
                 }
             }
             Action::NoTemp { side } => self.check_no_temp(side),
@@ -94,7 +94,7 @@ impl Run<'_> {
     }
 
     /// Two sides' trees compared entry by entry (mtimes as precisely as the profile says).
-    fn check_identical(&self, a: &str, b: &str) -> StepResult {
+    pub(super) fn check_identical(&self, a: &str, b: &str) -> StepResult {
         let (ta, tb) = (Tree::scan(self.dir(a))?, Tree::scan(self.dir(b))?);
         let d = tree::diff(&ta, &tb, a, b, self.cfg.profile.checks.mtime);
         if d.is_empty() {
@@ -214,7 +214,7 @@ impl Run<'_> {
         side: &str,
         pattern: &Pattern,
         count: usize,
-        since: Since,
+        since: &Since,
     ) -> StepResult {
         let from = self.mark(since);
         let owned = side.to_string();
@@ -259,7 +259,7 @@ impl Run<'_> {
         })
     }
 
-    fn check_log_lacks(&self, side: &str, pattern: &Pattern, since: Since) -> StepResult {
+    fn check_log_lacks(&self, side: &str, pattern: &Pattern, since: &Since) -> StepResult {
         let from = self.mark(since);
         let hits: Vec<String> = self
             .hub
@@ -284,10 +284,11 @@ impl Run<'_> {
     }
 }
 
-fn since_text(since: Since) -> &'static str {
+fn since_text(since: &Since) -> String {
     match since {
-        Since::Start => "",
-        Since::LastSync => " since the last sync",
-        Since::Now => " since the step began",
+        Since::Start => String::new(),
+        Since::LastSync => " since the last sync".into(),
+        Since::Now => " since the step began".into(),
+        Since::Mark(name) => format!(" since mark {name:?}"),
     }
 }
