@@ -58,8 +58,12 @@ const INITIAL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// How long the bench waits on for a step that has timed out, before it gives up on the tool.
 const LATE_LIMIT: Duration = Duration::from_secs(10 * 60);
 
-/// Between the initial sync and L5: a daemon may still save its cache or free its lists.
-const SETTLE: Duration = Duration::from_secs(3);
+/// After the initial sync a daemon may still save its cache, free its lists or look over its own
+/// writes: L5 waits until each side has used at most 1 % of a core over this span...
+const QUIET_SPAN: Duration = Duration::from_secs(2);
+
+/// ...or this long, after which L5 shows the daemon still busy.
+const QUIET_LIMIT: Duration = Duration::from_secs(120);
 
 /// How long after the server side is identical L4 still counts bytes on the wire: what a tool
 /// sends after its last change (acknowledgements, the end of a session) belongs to the step.
@@ -388,7 +392,19 @@ impl Latency {
         println!(
             "  initial full sync: identical after {initial:.1} s (polled about once a second)"
         );
-        std::thread::sleep(SETTLE);
+        match quiet(&daemons)? {
+            Some(s) => {
+                run.got.insert(Key::Quiet, Got::Value(s));
+                println!("  then quiet after {s:.0} s");
+            }
+            None => {
+                run.got.insert(Key::Quiet, Got::Timeout);
+                println!(
+                    "  still busy {} s after the initial sync",
+                    QUIET_LIMIT.as_secs()
+                );
+            }
+        }
         self.idle(&daemons, run)?;
         daemons.check_running()?;
         self.l1(tool, run)?;
@@ -591,6 +607,25 @@ impl Latency {
     }
 }
 
+/// Waits until each side of the tool has used at most 1 % of a core over [`QUIET_SPAN`]; returns
+/// how long that took, or none when it did not happen within [`QUIET_LIMIT`].
+fn quiet(daemons: &Daemons) -> Result<Option<f64>> {
+    let pids = [daemons.client.pid(), daemons.server_pid()];
+    let allowed = (ticks_per_second() * QUIET_SPAN.as_secs_f64() / 100.0).max(1.0) as u64;
+    let t0 = Instant::now();
+    loop {
+        let before = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
+        std::thread::sleep(QUIET_SPAN);
+        let after = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
+        if (0..2).all(|k| after[k] - before[k] <= allowed) {
+            return Ok(Some(t0.elapsed().as_secs_f64()));
+        }
+        if t0.elapsed() >= QUIET_LIMIT {
+            return Ok(None);
+        }
+    }
+}
+
 /// Waits for a step and records its figure under `key`. A step not identical within
 /// [`STEP_TIMEOUT`] is a timeout; the bench then waits on, untimed, up to [`LATE_LIMIT`] in all,
 /// so that the later steps still start from an identical tree (and a slow tool still gets a
@@ -752,6 +787,13 @@ fn measures(s: &Sizes) -> Vec<Measure> {
             None,
             "–",
         ),
+        row(
+            Key::Quiet,
+            "setup: then both sides quiet (≤ 1 % CPU over 2 s) after".into(),
+            Unit::Seconds,
+            None,
+            "–",
+        ),
     ]
 }
 
@@ -771,12 +813,15 @@ fn method(s: &Sizes) -> Vec<String> {
             "Each tool in turn (the other is not running) mirrors its own copy of the same seeded \
              source (W4's {} × {} files in {} directories, plus L4's directory and the empty \
              directories L1 and L2 write into) into an empty directory; the figures are taken \
-             after its first whole-tree match, {} s of settling, and in the order L5, L1, L2, L3, \
-             L4.",
+             after its first whole-tree match and once each side has used at most 1 % of a core \
+             over {} s (a daemon may still be busy with the initial sync; both waits are setup \
+             rows; after {} s L5 goes ahead and shows the daemon still busy), in the order L5, \
+             L1, L2, L3, L4.",
             thousands(s.many.files),
             size_text(s.many.size),
             thousands(s.many.dirs),
-            SETTLE.as_secs()
+            QUIET_SPAN.as_secs(),
+            QUIET_LIMIT.as_secs()
         ),
         "Identical on the server: the bench polls the server's directory with stat, open and \
          read (no inotify), every 0.5 ms or as long as the last pass took if longer, checking \

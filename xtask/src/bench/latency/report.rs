@@ -21,6 +21,8 @@ pub enum Key {
     L5RssServer,
     /// Setup, no target: from starting the daemons to the first whole-tree match.
     Initial,
+    /// Setup, no target: from then until both sides are quiet.
+    Quiet,
 }
 
 /// A figure of one tool.
