@@ -23,7 +23,7 @@ use crate::store::watch::{Lost, Seen, WatchError, Watcher};
 use crate::wire::{BATCH, Capabilities, ControlConnection, ControlMessage, WireMessage};
 
 /// A batch goes once the tree has been quiet this long...
-const QUIET: Duration = Duration::from_millis(5);
+const QUIET: Duration = Duration::from_millis(2);
 /// ...or this long after its first change, whichever comes first: a steady stream of changes
 /// still goes out in batches.
 const MAX_DELAY: Duration = Duration::from_millis(100);

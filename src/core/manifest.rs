@@ -359,6 +359,9 @@ pub fn normalise(scopes: &[Scope]) -> Vec<Scope> {
     out
 }
 
+/// Changes applied to a manifest in place rather than by a merge into a new list.
+const IN_PLACE: usize = 64;
+
 /// What changed in a tree since a list both sides hold: entries added or changed, and paths
 /// removed (each with everything below it). The delta a watching client sends.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -471,12 +474,33 @@ impl Manifest {
                 return Err(ManifestError::Orphan(u.path.clone()));
             }
         }
-        self.entries = merge(
-            std::mem::take(&mut self.entries),
-            upserts.into_iter(),
-            &removed,
-        );
+        if upserts.len() + removed.len() <= IN_PLACE {
+            self.apply_in_place(upserts, &removed);
+        } else {
+            let old = std::mem::take(&mut self.entries);
+            self.entries = merge(old, upserts.into_iter(), &removed);
+        }
         Ok(())
+    }
+
+    /// [`Manifest::apply`] for a few changes: each a search and a move of the tail, instead of
+    /// a new list (a live batch of one file in a tree of 100,000 entries: microseconds, not the
+    /// milliseconds of allocating and faulting in 8 MB).
+    fn apply_in_place(&mut self, upserts: Vec<Entry>, removed: &[RelPath]) {
+        for r in removed {
+            let start = self.entries.partition_point(|e| e.path < *r);
+            let len = self.entries[start..]
+                .iter()
+                .take_while(|e| e.path.is_within(r))
+                .count();
+            self.entries.drain(start..start + len);
+        }
+        for u in upserts {
+            match self.entries.binary_search_by(|e| e.path.cmp(&u.path)) {
+                Ok(i) => self.entries[i] = u,
+                Err(i) => self.entries.insert(i, u),
+            }
+        }
     }
 }
 
@@ -661,8 +685,19 @@ mod tests {
                     .map(|s| RelPath::new(s.trim()).unwrap())
                     .collect(),
             };
+            let mut merged = m.clone();
             m.apply(&changes).unwrap();
             assert_eq!(listing(&m), after, "{before} + [{upserts}] - [{removed}]");
+            // The same by a merge, as many changes are applied.
+            let mut gone = changes.removed.clone();
+            for u in &changes.upserts {
+                if u.kind != Kind::Dir && merged.get(&u.path).is_some_and(|e| e.kind == Kind::Dir) {
+                    gone.push(u.path.clone());
+                }
+            }
+            gone.sort();
+            merged.entries = merge(merged.entries, changes.upserts.clone().into_iter(), &gone);
+            assert_eq!(merged, m, "{before} + [{upserts}] - [{removed}] by a merge");
             Manifest::from_entries(m.into_entries()).expect("still a tree");
         }
     }
