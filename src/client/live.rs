@@ -151,6 +151,8 @@ async fn full_round(
     cfg.events.emit(Event::SyncDone);
     log_report(&report);
     let listed = Arc::try_unwrap(listed).unwrap_or_else(|shared| (*shared).clone());
+    // The scan's and the transfers' memory is free by now: the session may idle for days.
+    crate::process::release_freed_memory();
     Ok((listed, root))
 }
 

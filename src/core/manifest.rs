@@ -343,16 +343,15 @@ pub fn normalise(scopes: &[Scope]) -> Vec<Scope> {
     v.sort_by(|a, b| a.path.cmp(&b.path).then(b.deep.cmp(&a.deep)));
     v.dedup_by(|later, kept| later.path == kept.path);
     let mut out: Vec<Scope> = Vec::with_capacity(v.len());
+    // Deep scopes kept are disjoint, and one containing a scope sorts before it with only
+    // scopes inside it in between: only the last deep one kept can contain the next.
+    let mut last_deep: Option<RelPath> = None;
     for s in v {
-        // Deep scopes kept are disjoint, and one containing `s` sorts right before it: only
-        // the last deep one can.
-        if out
-            .iter()
-            .rev()
-            .find(|o| o.deep)
-            .is_some_and(|o| s.path.is_within(&o.path))
-        {
+        if last_deep.as_ref().is_some_and(|d| s.path.is_within(d)) {
             continue;
+        }
+        if s.deep {
+            last_deep = Some(s.path.clone());
         }
         out.push(s);
     }
@@ -730,5 +729,21 @@ mod tests {
         );
         assert_eq!(paths(m.subtree(&RelPath::new("a.b").unwrap())), ["a.b"]);
         assert!(m.subtree(&RelPath::new("zz").unwrap()).is_empty());
+    }
+
+    #[test]
+    fn scopes_within_a_deep_one_are_dropped() {
+        let scope = |p: &str| Scope {
+            path: RelPath::new(p.trim_end_matches("/**")).unwrap(),
+            deep: p.ends_with("/**"),
+        };
+        let scopes: Vec<Scope> = ["b/x", "a/b", "a/**", "a/c", "b", "a", "c/**", "c/**"]
+            .map(scope)
+            .to_vec();
+        let got: Vec<String> = normalise(&scopes)
+            .iter()
+            .map(|s| format!("{}{}", s.path, if s.deep { "/**" } else { "" }))
+            .collect();
+        assert_eq!(got, ["a/**", "b", "b/x", "c/**"]);
     }
 }

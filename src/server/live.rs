@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath, Scope};
+use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath, Scope, find_sorted};
 use crate::server::MAX_ENTRIES;
 use crate::server::session::{
     SessionError, Shared, Terms, admit, check_algorithm, done, keepalive, lists, round, ticks,
@@ -153,6 +153,11 @@ impl Live<'_> {
     ) -> Result<(), SessionError> {
         let (changes, root_meta) = read_changes(conn, self.shared.idle).await?;
         check_algorithm(&changes.upserts, self.terms.algorithm)?;
+        // In component order, as a client sends them, so that each is found by a search.
+        let mut changes = changes;
+        if !changes.upserts.is_sorted_by(|a, b| a.path < b.path) {
+            changes.upserts.sort_by(|a, b| a.path.cmp(&b.path));
+        }
         let _turn = turn(self.shared, conn, self.terms).await?;
         // A directory that stays one is looked at alone; anything else with what lies below.
         let scopes: Vec<Scope> = changes
@@ -160,10 +165,7 @@ impl Live<'_> {
             .into_iter()
             .map(|path| {
                 let stays_dir = self.held.get(&path).is_some_and(|e| e.kind == Kind::Dir)
-                    && changes
-                        .upserts
-                        .iter()
-                        .any(|u| u.path == path && u.kind == Kind::Dir);
+                    && find_sorted(&changes.upserts, &path).is_some_and(|u| u.kind == Kind::Dir);
                 Scope {
                     path,
                     deep: !stays_dir,
@@ -211,7 +213,9 @@ impl Live<'_> {
         // Everything was just looked at.
         self.changed.clear();
         self.everything = false;
-        done(self.shared, conn, self.terms, summary).await
+        done(self.shared, conn, self.terms, summary).await?;
+        crate::process::release_freed_memory();
+        Ok(())
     }
 
     /// Lists the scopes on the server's side, pinging the client meanwhile.

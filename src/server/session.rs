@@ -185,6 +185,8 @@ pub async fn session(
     // The folder is free for others between batches: a live session waits for its turn
     // for each one.
     drop(turn);
+    // The first sync's lists and plan are free by now; a live session may idle for days.
+    crate::process::release_freed_memory();
     let live = crate::server::live::serve(shared, &mut conn, &mut rx, terms, (held, watched));
     match live.await {
         Ok(()) => Ok(()),
