@@ -267,7 +267,7 @@ impl Live<'_> {
                 }));
             }
             let scopes = normalise(&scopes);
-            let found = root.list_part(&scopes, scan::Options::new(alg))?;
+            let found = root.list_part(&scopes, None, scan::Options::new(alg))?;
             let forced: Vec<RelPath> = marks
                 .into_iter()
                 .filter(|(_, m)| m.forced)

@@ -229,7 +229,9 @@ impl Live<'_> {
             read_own: true,
             ..scan::Options::new(self.terms.algorithm)
         };
-        let scanning = tokio::task::spawn_blocking(move || root.list_part(&scopes, opts));
+        let cache_file = self.shared.cache_file.clone();
+        let scanning =
+            tokio::task::spawn_blocking(move || root.list_part(&scopes, cache_file, opts));
         let scan = keepalive(self.shared.keepalive, conn, scanning)
             .await
             .expect("scan does not panic")
@@ -285,7 +287,7 @@ impl Live<'_> {
             defer_above: Some(0),
             ..scan::Options::new(self.terms.algorithm)
         };
-        let scan = tokio::task::spawn_blocking(move || root.list_part(&scopes, opts))
+        let scan = tokio::task::spawn_blocking(move || root.list_part(&scopes, None, opts))
             .await
             .expect("scan does not panic")
             .map_err(SessionError::Scan)?;

@@ -215,7 +215,9 @@ fn copy_hashing(
     alg: HashAlgorithm,
 ) -> io::Result<ContentHash> {
     let mut h = alg.hasher();
-    let mut buf = vec![0u8; COPY_BUF];
+    // Sized to the file (most are small): a zeroed 256 KiB per copy cost more than the copy.
+    let len = from.metadata().map_or(COPY_BUF as u64, |m| m.len());
+    let mut buf = vec![0u8; (len as usize).saturating_add(1).clamp(4096, COPY_BUF)];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => break,

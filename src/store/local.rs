@@ -21,8 +21,13 @@ impl Store for Root {
         scan::scan_cached(self.path(), cache_file, opts)
     }
 
-    fn list_part(&self, scopes: &[scan::Scope], opts: scan::Options) -> io::Result<Scan> {
-        scan::scan_paths(self.path(), scopes, opts)
+    fn list_part(
+        &self,
+        scopes: &[scan::Scope],
+        cache_file: Option<PathBuf>,
+        opts: scan::Options,
+    ) -> io::Result<Scan> {
+        scan::scan_paths(self.path(), scopes, cache_file, opts)
     }
 
     fn read(&self, rel: &RelPath) -> io::Result<File> {

@@ -34,7 +34,12 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Lists the tree (its hash cache, if any, in `cache_file`).
     fn list(&self, cache_file: Option<PathBuf>, opts: scan::Options) -> io::Result<Scan>;
     /// Lists part of the tree again: the scopes' paths, their ancestors, and below deep ones.
-    fn list_part(&self, scopes: &[scan::Scope], opts: scan::Options) -> io::Result<Scan>;
+    fn list_part(
+        &self,
+        scopes: &[scan::Scope],
+        cache_file: Option<PathBuf>,
+        opts: scan::Options,
+    ) -> io::Result<Scan>;
     /// Opens the regular file `rel` for reading, never through a symlink.
     fn read(&self, rel: &RelPath) -> io::Result<File>;
     /// A new, empty, private file that will become `rel`.

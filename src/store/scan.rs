@@ -426,8 +426,13 @@ impl Walker<'_, '_> {
 /// ancestors (as they are now), the entry at its path if there is one, and with `deep`
 /// everything below it. Entries come in component order, once each. A scope below an
 /// ancestor that is no longer a directory lists only that ancestor: nothing can be below it.
-/// No hash cache: the paths looked at again are those that just changed.
-pub fn scan_paths(root: &Path, scopes: &[Scope], opts: Options) -> io::Result<Scan> {
+/// The hash cache in `cache_file`, if any, is read (not updated).
+pub fn scan_paths(
+    root: &Path,
+    scopes: &[Scope],
+    cache_file: Option<PathBuf>,
+    opts: Options,
+) -> io::Result<Scan> {
     let mut scan = Scan {
         root: meta_of(&fs::symlink_metadata(root)?),
         ..Scan::default()
@@ -435,7 +440,10 @@ pub fn scan_paths(root: &Path, scopes: &[Scope], opts: Options) -> io::Result<Sc
     let mut pending = Vec::new();
     let own = opts.read_own.then(|| Root::new(root));
     let _restore = own.as_ref().map(Root::restoring_modes);
-    let mut cache = None;
+    // Scopes are visited in component order, as the cache's records are kept: a directory
+    // renamed on the other side is found here without reading its files again.
+    let mut loaded = cache_file.map(|f| HashCache::load(&f, opts.algorithm));
+    let mut cache = loaded.as_mut();
     let mut walker = Walker {
         scan: &mut scan,
         pending: &mut pending,
@@ -525,11 +533,24 @@ fn placeholder(alg: HashAlgorithm) -> ContentHash {
 }
 
 fn hash_reader(f: &mut File, alg: HashAlgorithm) -> io::Result<(u64, ContentHash)> {
+    // One buffer per thread, reused: a fresh 256 KiB zeroed for each small file was most of
+    // the cost of hashing a directory of 1 KiB files.
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|buf| {
+        if buf.len() < READ_SIZE {
+            buf.resize(READ_SIZE, 0);
+        }
+        hash_into(f, alg, buf)
+    })
+}
+
+fn hash_into(f: &mut File, alg: HashAlgorithm, buf: &mut [u8]) -> io::Result<(u64, ContentHash)> {
     let mut h = alg.hasher();
-    let mut buf = vec![0u8; READ_SIZE];
     let mut size = 0u64;
     loop {
-        let n = match f.read(&mut buf) {
+        let n = match f.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -728,7 +749,8 @@ mod tests {
             scope("gone", false),
             scope("top/under-a-file", false),
         ];
-        let s = scan_paths(d.path(), &scopes, Options::new(HashAlgorithm::Blake3)).unwrap();
+        let opts = Options::new(HashAlgorithm::Blake3);
+        let s = scan_paths(d.path(), &scopes, None, opts).unwrap();
         let paths: Vec<String> = s.entries.iter().map(|e| e.path.to_string()).collect();
         // Ancestors as they are, the shallow scopes alone, the deep one whole, nothing for
         // what is gone, and only the file where a directory was expected above a scope.

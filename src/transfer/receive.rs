@@ -454,6 +454,7 @@ mod tests {
         fn list_part(
             &self,
             _: &[crate::store::scan::Scope],
+            _: Option<std::path::PathBuf>,
             _: crate::store::scan::Options,
         ) -> std::io::Result<crate::store::scan::Scan> {
             Err(std::io::ErrorKind::Unsupported.into())
