@@ -172,12 +172,19 @@ impl Live<'_> {
                 }
             })
             .collect();
+        // A directory gone from the client's side is scanned whole here, where its files may
+        // be moved rather than fetched: the hash cache spares reading them. (Loading the cache
+        // costs more than hashing the few files of an ordinary batch.)
+        let dir_gone = changes
+            .removed
+            .iter()
+            .any(|r| self.held.get(r).is_some_and(|e| e.kind == Kind::Dir));
         self.held.apply(&changes)?;
         if self.held.len() > MAX_ENTRIES {
             return Err(SessionError::TooManyEntries);
         }
         self.root_meta = root_meta.or(self.root_meta);
-        let server = self.list_part(conn, scopes.clone()).await?;
+        let server = self.list_part(conn, scopes.clone(), dir_gone).await?;
         // A directory of the client's that is not one here must be made whole.
         let scopes: Vec<Scope> = scopes
             .into_iter()
@@ -218,18 +225,20 @@ impl Live<'_> {
         Ok(())
     }
 
-    /// Lists the scopes on the server's side, pinging the client meanwhile.
+    /// Lists the scopes on the server's side (through the hash cache with `use_cache`),
+    /// pinging the client meanwhile.
     async fn list_part(
         &self,
         conn: &mut ControlConnection<TcpStream>,
         scopes: Vec<Scope>,
+        use_cache: bool,
     ) -> Result<Manifest, SessionError> {
         let root = self.shared.root.clone();
         let opts = scan::Options {
             read_own: true,
             ..scan::Options::new(self.terms.algorithm)
         };
-        let cache_file = self.shared.cache_file.clone();
+        let cache_file = self.shared.cache_file.clone().filter(|_| use_cache);
         let scanning =
             tokio::task::spawn_blocking(move || root.list_part(&scopes, cache_file, opts));
         let scan = keepalive(self.shared.keepalive, conn, scanning)

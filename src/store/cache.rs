@@ -276,14 +276,15 @@ impl HashCache {
         algorithm: HashAlgorithm,
         mut learned: Vec<Learned>,
     ) -> io::Result<()> {
-        let mut cache = HashCache::load(base, algorithm);
         // Callers vouch for their stamps (`settled_at`, or `settled_own_write` for files
-        // this process wrote); both imply this much.
-        learned
-            .retain(|l| l.stamp.settled_own_write(cache.now_ns) && l.hash.algorithm() == algorithm);
+        // this process wrote); both imply this much. Checked before the cache is loaded: a
+        // batch of files just written has nothing to add, and loading verifies the whole file.
+        let now = now_ns();
+        learned.retain(|l| l.stamp.settled_own_write(now) && l.hash.algorithm() == algorithm);
         if learned.is_empty() {
             return Ok(());
         }
+        let mut cache = HashCache::load(base, algorithm);
         // In walk order, one record per path, the last learnt: a file both hashed on request
         // and hashed while sent is learnt twice, and duplicates would make the whole cache
         // unreadable. Sorted as indices, which the stable sort keeps in learning order among
