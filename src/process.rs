@@ -60,6 +60,15 @@ pub fn set_keepalive(sock: impl std::os::fd::AsFd) -> std::io::Result<()> {
     socket2::SockRef::from(&sock).set_tcp_keepalive(&params)
 }
 
+/// Ticks every `every` (at least 1 ms), the first one `every` from now; a tick missed while
+/// the owner was busy is not made up in a burst.
+pub fn ticks(every: Duration) -> tokio::time::Interval {
+    let every = every.max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// Resolves on the first SIGINT, SIGTERM or SIGHUP. SIGHUP (the terminal or the session
 /// going away) is a request to stop like the others: left to its default action it would kill
 /// the process mid-transfer and leave a temporary file in DIR until the next start.

@@ -73,9 +73,10 @@ fn code_lines(text: &str) -> Vec<(usize, &str)> {
     let lines: Vec<&str> = text.lines().collect();
     for (i, line) in lines.iter().enumerate() {
         let t = line.trim_start();
-        let next_is_mod = lines
-            .get(i + 1)
-            .is_some_and(|n| n.trim_start().starts_with("mod "));
+        let next_is_mod = lines.get(i + 1).is_some_and(|n| {
+            let n = n.trim_start();
+            n.starts_with("mod ") || n.starts_with("pub(crate) mod ")
+        });
         if t.starts_with("#[cfg(test)]") && next_is_mod {
             in_tests = true;
         }

@@ -44,22 +44,19 @@ async fn watch(
     watched: &mut tokio::sync::mpsc::UnboundedReceiver<live::Watched>,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Option<String> {
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Backoff::new(interval);
     loop {
         let wait = match live::session(cfg, interval, watched, shutdown.as_mut()).await {
             Ok(Ended::Stopped) => return None,
             Ok(Ended::NotLive) => return Some("the server does not keep sessions open".into()),
             Err(ClientError::Watch(e)) => return Some(format!("stopped watching: {e}")),
-            Err(e) if e.before_session() => {
-                let wait = backoff;
-                backoff = (backoff * 2).min(interval);
-                warn!("{e}; retrying in {} s", wait.as_secs());
-                wait
-            }
             Err(e) => {
-                error!("sync failed: {e}");
-                backoff = Duration::from_secs(1);
-                backoff
+                let wait = backoff.failed(&e, FIRST_RETRY);
+                // A session that had started: the server was there, so it starts over.
+                if !e.before_session() {
+                    backoff.reset();
+                }
+                wait
             }
         };
         crate::process::release_freed_memory();
@@ -77,26 +74,17 @@ async fn poll(
     shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) {
     let mut shutdown = shutdown;
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Backoff::new(interval);
     loop {
         let wait = tokio::select! {
             _ = shutdown.as_mut() => break,
             r = sync_once(cfg) => match r {
                 Ok(report) => {
-                    backoff = Duration::from_secs(1);
+                    backoff.reset();
                     log_report(&report);
                     interval
                 }
-                Err(e) if e.before_session() => {
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(interval);
-                    warn!("{e}; retrying in {} s", wait.as_secs());
-                    wait
-                }
-                Err(e) => {
-                    error!("sync failed: {e}");
-                    interval
-                }
+                Err(e) => backoff.failed(&e, interval),
             },
         };
         // The sync's lists are free by now: do not keep them resident until the next one.
@@ -107,6 +95,42 @@ async fn poll(
         }
     }
     info!("client stopped");
+}
+
+/// The first wait before retrying a server that could not be used.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// How long to wait after a failed sync: a server that could not be reached, did not answer
+/// or turned the client away is retried after 1 s, doubling up to `max`; a failure once the
+/// session had started waits `otherwise`.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: FIRST_RETRY,
+            max,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = FIRST_RETRY;
+    }
+
+    /// Logs the failure and says how long to wait.
+    fn failed(&mut self, e: &ClientError, otherwise: Duration) -> Duration {
+        if !e.before_session() {
+            error!("sync failed: {e}");
+            return otherwise;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        warn!("{e}; retrying in {} s", wait.as_secs());
+        wait
+    }
 }
 
 /// Logs each failed entry and the summary line.

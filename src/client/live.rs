@@ -95,7 +95,7 @@ pub async fn session(
         dirty,
     };
     let mut full_at = Instant::now() + interval;
-    let mut ping = crate::client::session::ticks(cfg.keepalive);
+    let mut ping = crate::process::ticks(cfg.keepalive);
     let mut heard = Instant::now();
     loop {
         let ready = live.dirty.ready_at();
@@ -499,30 +499,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::core::hash::HashAlgorithm;
-
-    /// `d PATH` or `f PATH CONTENT` items separated by `;`.
-    fn entries(spec: &str) -> Vec<Entry> {
-        spec.split(';')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|item| {
-                let w: Vec<&str> = item.split_whitespace().collect();
-                let kind = match w[0] {
-                    "d" => Kind::Dir,
-                    _ => Kind::File {
-                        size: w[2].len() as u64,
-                        hash: HashAlgorithm::Blake3.of(w[2].as_bytes()),
-                    },
-                };
-                Entry {
-                    path: RelPath::new(w[1]).unwrap(),
-                    kind,
-                    meta: Meta::default(),
-                }
-            })
-            .collect()
-    }
+    use crate::core::manifest::tests::tree as entries;
 
     fn paths(spec: &str) -> Vec<RelPath> {
         spec.split(';')

@@ -423,11 +423,3 @@ pub(super) async fn next(
         }
     }
 }
-
-/// Ticks every `every`, the first one `every` from now.
-pub(super) fn ticks(every: Duration) -> tokio::time::Interval {
-    let every = every.max(Duration::from_millis(1));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick
-}

@@ -535,7 +535,7 @@ fn merge(old: Vec<Entry>, upserts: impl Iterator<Item = Entry>, removed: &[RelPa
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn check(input: &str, ok: bool) {
@@ -627,8 +627,9 @@ mod tests {
         );
     }
 
-    /// A tree from `d PATH` / `f PATH CONTENT` items separated by `;`.
-    fn tree(spec: &str) -> Vec<Entry> {
+    /// A tree from `d PATH` / `f PATH CONTENT` items separated by `;` (shared with other
+    /// modules' tests).
+    pub(crate) fn tree(spec: &str) -> Vec<Entry> {
         spec.split(';')
             .map(str::trim)
             .filter(|s| !s.is_empty())

@@ -11,7 +11,8 @@ use tokio::task::JoinSet;
 use crate::core::hash::HashAlgorithm;
 use crate::core::manifest::Wanted;
 use crate::events::Event;
-use crate::server::session::{SessionError, Shared, ticks};
+use crate::process::ticks;
+use crate::server::session::{SessionError, Shared};
 use crate::transfer;
 use crate::wire::{BATCH, BlockingConnection, ControlConnection, ControlMessage, ProtocolError};
 

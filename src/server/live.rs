@@ -13,8 +13,7 @@ use tokio::time::Instant;
 use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath, Scope, find_sorted};
 use crate::server::MAX_ENTRIES;
 use crate::server::session::{
-    SessionError, Shared, Terms, admit, check_algorithm, done, keepalive, lists, round, ticks,
-    wait_turn,
+    SessionError, Shared, Terms, admit, check_algorithm, done, keepalive, lists, round, wait_turn,
 };
 use crate::store::Store;
 use crate::store::scan;
@@ -46,7 +45,7 @@ pub async fn serve(
         everything: false,
         quiet_at: None,
     };
-    let mut tick = ticks(shared.keepalive);
+    let mut tick = crate::process::ticks(shared.keepalive);
     let mut stop = shared.stop.subscribe();
     loop {
         let settle = session.quiet_at;

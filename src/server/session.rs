@@ -645,7 +645,7 @@ pub async fn keepalive<T>(
     work: impl Future<Output = T>,
 ) -> T {
     tokio::pin!(work);
-    let mut tick = ticks(every);
+    let mut tick = crate::process::ticks(every);
     let mut alive = true;
     loop {
         tokio::select! {
@@ -655,11 +655,4 @@ pub async fn keepalive<T>(
             }
         }
     }
-}
-
-/// Ticks every `every`, the first one `every` from now.
-pub fn ticks(every: Duration) -> tokio::time::Interval {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick
 }
