@@ -43,6 +43,13 @@ pub enum Event {
         entries: usize,
         bytes: u64,
     },
+    /// The client sent what changed since the list the server held (the list received is
+    /// that list with the changes applied).
+    ChangesReceived {
+        peer: SocketAddr,
+        upserts: usize,
+        removed: usize,
+    },
     /// The server asks the client to hash large files it may already hold.
     HashesRequested {
         count: usize,
@@ -112,6 +119,12 @@ pub enum Event {
     ListSent {
         entries: usize,
         bytes: u64,
+    },
+    /// Of the list just announced, only what changed since the list the server acknowledged
+    /// last is sent.
+    ChangesSent {
+        upserts: usize,
+        removed: usize,
     },
     FileSending {
         path: RelPath,
@@ -233,6 +246,18 @@ impl fmt::Display for Event {
                 f,
                 "sync:done with {peer}: requested={} received={} copied={} renamed={} deleted={} failed={} bytes={}",
                 c.requested, c.received, c.copied, c.renamed, c.deleted, c.failed, c.bytes
+            ),
+            Event::ChangesReceived {
+                peer,
+                upserts,
+                removed,
+            } => write!(
+                f,
+                "Received changes from {peer} since the last sync: {upserts} entries added or changed, {removed} removed"
+            ),
+            Event::ChangesSent { upserts, removed } => write!(
+                f,
+                "Sending only the changes since the last sync: {upserts} entries added or changed, {removed} removed"
             ),
             Event::ListSent { entries, bytes } => {
                 write!(f, "Sending file list: {entries} entries, {bytes} bytes")

@@ -15,6 +15,7 @@ use server_sync::core::identity::ClientId;
 use server_sync::core::manifest::{Entry, Kind, Meta, RelPath};
 use server_sync::events::{Event, EventSink};
 use server_sync::server;
+use server_sync::wire::list_file::ListId;
 use server_sync::wire::{
     ARROWS, Arrow, Capabilities, Connection, ControlConnection, ControlMessage, Grammar, Side,
     VERSION, tag,
@@ -104,6 +105,10 @@ fn client_config(dir: &Path, port: u16, cache: &Path) -> client::Config {
         keepalive: Duration::ZERO,
         defer_above: 1 << 20,
         cache_file: Some(cache.join("client")),
+        // Lists acknowledged between sessions: re-syncs send changes `Since` the last.
+        acked_file: Some(cache.join("client.sent")),
+        // One client throughout, scripted ones included: the folder mirrors it.
+        client_id: ClientId(1),
         ..client::Config::new(dir, "127.0.0.1", port)
     }
 }
@@ -129,6 +134,14 @@ async fn scripted_with(port: u16, capabilities: Capabilities) -> ControlConnecti
     .await
     .unwrap();
     match conn.recv().await.unwrap() {
+        Some(ControlMessage::Welcome { capabilities, .. })
+            if capabilities.has(Capabilities::DELTA) =>
+        {
+            match conn.recv().await.unwrap() {
+                Some(ControlMessage::Held(_)) => conn,
+                other => panic!("expected held, got {other:?}"),
+            }
+        }
         Some(ControlMessage::Welcome { .. }) => conn,
         other => panic!("expected welcome, got {other:?}"),
     }
@@ -235,7 +248,31 @@ async fn sessions(port: u16, client_dir: &Path, server_dir: &Path, cache: &Path)
     conn.send_now(&ControlMessage::FileListEnd).await.unwrap();
     assert!(until_error(&mut conn).await.contains("parent"));
 
-    // 10. A watching daemon: changes, a removal, the root's mtime, a change behind the
+    // 10. Changes since a list the server does not hold: it asks for the whole list.
+    let mut conn = scripted_with(port, Capabilities::DELTA).await;
+    let (base, result) = (ListId([1; 32]), ListId([2; 32]));
+    conn.send_now(&ControlMessage::Since { base, result })
+        .await
+        .unwrap();
+    conn.send_now(&ControlMessage::FileListEnd).await.unwrap();
+    loop {
+        match conn.recv().await.unwrap() {
+            Some(ControlMessage::Held(None)) => break,
+            Some(ControlMessage::Ping) => continue,
+            other => panic!("expected held, got {other:?}"),
+        }
+    }
+    conn.send_now(&ControlMessage::FileListEnd).await.unwrap();
+    loop {
+        match conn.recv().await.unwrap() {
+            Some(ControlMessage::SyncDone(_)) => break,
+            Some(ControlMessage::Ping) => continue,
+            other => panic!("expected sync:done, got {other:?}"),
+        }
+    }
+    drop(conn);
+
+    // 11. A watching daemon: changes, a removal, the root's mtime, a change behind the
     // mirror's back, full rescans every second.
     live(port, client_dir, server_dir, cache).await;
 }
@@ -360,6 +397,8 @@ fn every_arrow_of_the_grammar_is_taken_and_nothing_else() {
             idle_timeout: Duration::from_millis(500),
             keepalive: Duration::from_millis(1),
             cache_file: Some(cache.join("server")),
+            // A state directory: the folder mirrors one client, and keeps its last list.
+            owner_file: Some(cache.join("state/folder.client")),
             ..server::Config::new(&server_dir)
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -302,19 +302,23 @@ fn the_server_remembers_its_client_across_restarts_in_a_private_file() {
     let err = one_line_error(&out, 1);
     assert!(err.contains("this folder mirrors another client"), "{err}");
 
-    // From one record, named after the served directory like its hash cache, private.
-    let records: Vec<PathBuf> = fs::read_dir(&server_state)
+    // From one record, named after the served directory like its hash cache, private; beside
+    // it, the list last taken from that client, named alike.
+    let mut records: Vec<PathBuf> = fs::read_dir(&server_state)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(records.len(), 1, "{records:?}");
-    let record = &records[0];
+    records.sort();
+    assert_eq!(records.len(), 2, "{records:?}");
+    let record = &records[1];
     assert!(record.to_str().unwrap().ends_with(".client"), "{record:?}");
+    assert_eq!(records[0], record.with_extension("acked"));
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&records[0]), 0o600);
     assert_eq!(
         fs::read_to_string(record).unwrap().trim(),
         id_of(a_state.path())
     );
-    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(record), 0o600);
     assert_eq!(mode(record.parent().unwrap()), 0o700);
 }

@@ -123,8 +123,16 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let acked_file = match state::acked_file(&state_dir, &args.dir, state::Side::Client) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("client-sync: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = client::Config {
         cache_file,
+        acked_file: Some(acked_file),
         client_id,
         take_over: args.take_over,
         transfers: args.transfers as usize,

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::client::session::{Terms, begin, scan_tree, send_list, serve};
+use crate::client::session::{Served, Terms, begin, exchange, scan_tree, serve};
 use crate::client::{ClientError, Config, Report, log_report};
 use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath, Scope, normalise};
 use crate::events::Event;
@@ -20,7 +20,9 @@ use crate::store::Store;
 use crate::store::root::Root;
 use crate::store::scan;
 use crate::store::watch::{Lost, Seen, WatchError, Watcher};
-use crate::wire::{BATCH, Capabilities, ControlConnection, ControlMessage, WireMessage};
+use crate::wire::{
+    BATCH, Capabilities, ControlConnection, ControlMessage, ProtocolError, WireMessage,
+};
 
 /// A batch goes once the tree has been quiet this long...
 const QUIET: Duration = Duration::from_millis(2);
@@ -139,10 +141,16 @@ async fn full_round(
         conn.send(&ControlMessage::Relist).await?;
     }
     let (listed, root) = scan_tree(cfg, conn, terms.algorithm, &mut report).await?;
-    send_list(cfg, conn, &listed, root).await?;
     let listed = Arc::new(Manifest::from_entries(listed).expect("a scan lists a tree"));
     let mut asked = Vec::new();
-    let learned = serve(cfg, conn, terms, listed.clone(), &mut report, &mut asked).await?;
+    // A full rescan goes whole: the list the server keeps between sessions is not the one it
+    // holds in this one.
+    let terms = match again {
+        true => terms.without_held(),
+        false => terms,
+    };
+    let lists = (listed.clone(), root);
+    let learned = exchange(cfg, conn, terms, lists, &mut report, &mut asked).await?;
     for paths in asked {
         dirty.ask(paths);
     }
@@ -234,7 +242,15 @@ impl Live<'_> {
         let mut asked = Vec::new();
         let listed = self.acknowledged.clone();
         let cfg = self.cfg;
-        serve(cfg, conn, self.terms, listed, &mut report, &mut asked).await?;
+        if let Served::WholeList =
+            serve(cfg, conn, self.terms, listed, &mut report, &mut asked).await?
+        {
+            return Err(ProtocolError::Unexpected {
+                got: "held",
+                expected: "filerequest, hashrequest or sync:done",
+            }
+            .into());
+        }
         for paths in asked {
             self.dirty.ask(paths);
         }

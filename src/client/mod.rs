@@ -32,6 +32,9 @@ pub struct Config {
     pub port: u16,
     /// Where the hash cache of `root` is kept; `None` hashes every file on every sync.
     pub cache_file: Option<PathBuf>,
+    /// Where the list the server last acknowledged is kept, so that the next sync sends only
+    /// what changed since; `None` sends the whole list every time.
+    pub acked_file: Option<PathBuf>,
     /// Data connections run at once (the server may allow fewer).
     pub transfers: usize,
     /// Content hashes offered to the server, in order of preference; it picks one.
@@ -69,6 +72,7 @@ impl Config {
             server: server.into(),
             port,
             cache_file: None,
+            acked_file: None,
             transfers: 2,
             hashes: HashAlgorithm::ALL.to_vec(),
             handshake_timeout: HANDSHAKE_TIMEOUT,

@@ -2,6 +2,7 @@
 //! meanwhile), send the list, answer the server's hash and file requests, until `sync:done`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,20 +12,24 @@ use tokio::task::JoinSet;
 use crate::client::{ClientError, Config, Report};
 use crate::core::hash::HashAlgorithm;
 use crate::core::identity::FileId;
-use crate::core::manifest::{Entry, Kind, Manifest, Meta, RelPath};
+use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath};
 use crate::events::Event;
 use crate::store::Store;
 use crate::store::cache::{HashCache, Learned};
 use crate::store::root::Root;
 use crate::store::scan;
+use crate::store::state;
 use crate::transfer::{self, Ticket};
 use crate::wire::control::MAX_CHAIN;
+use crate::wire::list_file::{ListId, list_id};
 use crate::wire::{
     BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure, NESTED_ROOTS,
     OTHER_CLIENT, ProtocolError, VERSION, WireMessage,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The mode bits a server keeps of an entry (see the wire's decoding of `Meta`).
+const NEVER_MIRRORED: u32 = 0o1777;
 /// A data connection the server does not drain for this long is given up.
 const DATA_WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -37,6 +42,15 @@ pub(super) struct Terms {
     pub algorithm: HashAlgorithm,
     /// The optional features both sides support.
     pub capabilities: Capabilities,
+    /// With `DELTA`: the ID of the list the server holds from this client.
+    pub held: Option<ListId>,
+}
+
+impl Terms {
+    /// These terms, as if the server held no list of ours: the whole list goes.
+    pub(super) fn without_held(self) -> Terms {
+        Terms { held: None, ..self }
+    }
 }
 
 /// Runs one complete sync.
@@ -46,10 +60,10 @@ pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     // Scan only now that the session has started: the server walks its own tree meanwhile.
     let mut report = Report::default();
     let (listed, root) = scan_tree(cfg, &mut conn, terms.algorithm, &mut report).await?;
-    send_list(cfg, &mut conn, &listed, root).await?;
     let listed = Arc::new(Manifest::from_entries(listed).expect("a scan lists a tree"));
     let mut asked = Vec::new();
-    let learned = serve(cfg, &mut conn, terms, listed, &mut report, &mut asked).await?;
+    let lists = (listed, root);
+    let learned = exchange(cfg, &mut conn, terms, lists, &mut report, &mut asked).await?;
     remember(cfg, terms.algorithm, learned).await;
     report.elapsed = start.elapsed();
     cfg.events.emit(Event::SyncDone);
@@ -61,6 +75,11 @@ pub(super) async fn begin(
     cfg: &Config,
     capabilities: Capabilities,
 ) -> Result<(ControlConnection<TcpStream>, Terms), ClientError> {
+    // Deltas need a place for the list the server acknowledges.
+    let capabilities = match cfg.acked_file {
+        Some(_) => Capabilities(capabilities.0 | Capabilities::DELTA.0),
+        None => capabilities,
+    };
     crate::store::check_dir(&cfg.root)?;
     let root_chain = root_chain(cfg)?;
     let (mut conn, peer) = connect(cfg).await?;
@@ -139,13 +158,25 @@ async fn handshake(
             hash,
             capabilities: theirs,
             ..
-        } if cfg.hashes.contains(&hash) => Ok(Terms {
-            peer,
-            data_port,
-            token,
-            algorithm: hash,
-            capabilities: theirs.common(capabilities),
-        }),
+        } if cfg.hashes.contains(&hash) => {
+            let capabilities = theirs.common(capabilities);
+            // With deltas, the server says next which of our lists it holds.
+            let held = match capabilities.has(Capabilities::DELTA) {
+                true => match next(conn, wait).await? {
+                    ControlMessage::Held(id) => id,
+                    m => return Err(m.unexpected("held").into()),
+                },
+                false => None,
+            };
+            Ok(Terms {
+                peer,
+                data_port,
+                token,
+                algorithm: hash,
+                capabilities,
+                held,
+            })
+        }
         ControlMessage::Welcome { hash, .. } => {
             Err(ProtocolError::Unrequested(format!("hash algorithm {hash}")).into())
         }
@@ -206,15 +237,132 @@ pub(super) async fn scan_tree(
         }
         _ => true,
     });
+    // As the server reads them (set-user/group-ID bits are never mirrored), so that the list
+    // both sides keep is the same list.
+    for e in &mut scan.entries {
+        e.meta.mode &= NEVER_MIRRORED;
+    }
     Ok((scan.entries, scan.root))
 }
 
-pub(super) async fn send_list(
+/// Sends the list (only what changed since the list the server holds, when this client holds
+/// it too; the whole list otherwise, or when the server asks for it) and serves the server
+/// until its `SyncDone`; then keeps the list as the one acknowledged. Returns the hashes
+/// learnt on the way.
+pub(super) async fn exchange(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
-    listed: &[Entry],
+    terms: Terms,
+    (listed, root): (Arc<Manifest>, Meta),
+    report: &mut Report,
+    asked: &mut Vec<Vec<RelPath>>,
+) -> Result<Vec<Learned>, ClientError> {
+    let acked = cfg
+        .acked_file
+        .clone()
+        .filter(|_| terms.capabilities.has(Capabilities::DELTA));
+    let since = match (&acked, terms.held) {
+        (Some(file), Some(base)) => delta(file.clone(), base, terms, listed.clone()).await,
+        _ => None,
+    };
+    let mut whole = since.is_none();
+    match &since {
+        Some((changes, result)) => {
+            let base = terms.held.expect("a delta has a base");
+            announce(cfg, listed.entries());
+            send_since(cfg, conn, (base, *result), changes, root).await?
+        }
+        None => send_list(cfg, conn, listed.entries(), root).await?,
+    }
+    let learned = loop {
+        match serve(cfg, conn, terms, listed.clone(), report, asked).await? {
+            Served::Done(learned) => break learned,
+            Served::WholeList if !whole => {
+                whole = true;
+                send_list(cfg, conn, listed.entries(), root).await?;
+            }
+            Served::WholeList => {
+                return Err(ProtocolError::Unexpected {
+                    got: "held",
+                    expected: "filerequest, hashrequest or sync:done",
+                }
+                .into());
+            }
+        }
+    };
+    let unchanged = since.is_some_and(|(_, result)| !whole && Some(result) == terms.held);
+    if let Some(file) = acked.filter(|_| !unchanged) {
+        keep(file, terms, listed).await;
+    }
+    Ok(learned)
+}
+
+/// What changed since the list `base`, when this client holds it, and the ID of the list
+/// those changes make.
+async fn delta(
+    file: PathBuf,
+    base: ListId,
+    terms: Terms,
+    listed: Arc<Manifest>,
+) -> Option<(Changes, ListId)> {
+    let comparing = tokio::task::spawn_blocking(move || {
+        let acked = state::read_acked(&file, terms.algorithm, 0).filter(|a| a.id == base)?;
+        let changes = Changes::between(&acked.entries, listed.entries());
+        drop(acked);
+        Some((changes, list_id(listed.entries())))
+    });
+    comparing.await.expect("comparing lists does not panic")
+}
+
+/// Keeps `listed` as the list the server acknowledged. One that cannot be kept costs the next
+/// sync the whole list, nothing else: a warning.
+async fn keep(file: PathBuf, terms: Terms, listed: Arc<Manifest>) {
+    let writing = tokio::task::spawn_blocking(move || {
+        let kept = state::write_acked(&file, terms.algorithm, 0, listed.entries());
+        if kept.is_err() {
+            state::forget_acked(&file);
+        }
+        kept
+    });
+    if let Err(e) = writing.await.expect("writing a list does not panic") {
+        tracing::warn!("{e}; the next sync sends the whole list");
+    }
+}
+
+/// Sends what changed since the list `base`, which makes the list `result`.
+async fn send_since(
+    cfg: &Config,
+    conn: &mut ControlConnection<TcpStream>,
+    (base, result): (ListId, ListId),
+    changes: &Changes,
     root: Meta,
 ) -> Result<(), ClientError> {
+    cfg.events.emit(Event::ChangesSent {
+        upserts: changes.upserts.len(),
+        removed: changes.removed.len(),
+    });
+    conn.send(&ControlMessage::Since { base, result }).await?;
+    for batch in changes.upserts.chunks(BATCH) {
+        conn.send_file_list(batch).await?;
+    }
+    for batch in changes.removed.chunks(BATCH) {
+        conn.send(&ControlMessage::Removed(batch.to_vec())).await?;
+    }
+    conn.send(&ControlMessage::RootMeta(root)).await?;
+    conn.send_now(&ControlMessage::FileListEnd).await?;
+    Ok(())
+}
+
+/// What serving the server ended with.
+pub(super) enum Served {
+    /// Its `SyncDone`, with the hashes learnt on the way, for the cache.
+    Done(Vec<Learned>),
+    /// It cannot use the changes sent (`Held`): it wants the whole list.
+    WholeList,
+}
+
+/// Says what the list holds: its entries, and the bytes of its files.
+fn announce(cfg: &Config, listed: &[Entry]) {
     let bytes: u64 = listed
         .iter()
         .map(|e| match e.kind {
@@ -226,6 +374,15 @@ pub(super) async fn send_list(
         entries: listed.len(),
         bytes,
     });
+}
+
+pub(super) async fn send_list(
+    cfg: &Config,
+    conn: &mut ControlConnection<TcpStream>,
+    listed: &[Entry],
+    root: Meta,
+) -> Result<(), ClientError> {
+    announce(cfg, listed);
     for batch in listed.chunks(BATCH) {
         conn.send_file_list(batch).await?;
     }
@@ -235,7 +392,8 @@ pub(super) async fn send_list(
 }
 
 /// Answers the server until its `SyncDone`: hash requests here, file requests on data
-/// connections of their own. Returns the hashes learnt on the way, for the cache. Paths the
+/// connections of their own. Returns the hashes learnt on the way, for the cache (or that
+/// the server wants the whole list, after changes it could not use). Paths the
 /// server asks for again with `Dirty` meanwhile (a live session) go into `asked`, one list per
 /// message (an empty one: everything).
 pub(super) async fn serve(
@@ -245,7 +403,7 @@ pub(super) async fn serve(
     listed: Arc<Manifest>,
     report: &mut Report,
     asked: &mut Vec<Vec<RelPath>>,
-) -> Result<Vec<Learned>, ClientError> {
+) -> Result<Served, ClientError> {
     let root = Root::new(&cfg.root);
     let mut learned: Vec<Learned> = Vec::new();
     // Data connections in flight, each on its own thread.
@@ -306,7 +464,11 @@ pub(super) async fn serve(
                     learned.extend(sent.expect("send does not panic")?);
                 }
                 report.summary = summary;
-                return Ok(learned);
+                return Ok(Served::Done(learned));
+            }
+            // Only before anything was asked: nothing is in flight.
+            ControlMessage::Held(None) if learned.is_empty() && sending.is_empty() => {
+                return Ok(Served::WholeList);
             }
             ControlMessage::Dirty(paths) => asked.push(paths),
             ControlMessage::Error(e) => return Err(ClientError::Ended(e)),

@@ -1,5 +1,6 @@
 //! The vocabulary both sides share: validated relative paths, entries, and a manifest of a tree.
 
+use std::cmp::Ordering;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -377,6 +378,37 @@ impl Changes {
         self.upserts.is_empty() && self.removed.is_empty()
     }
 
+    /// What turns the list `old` into `new` (both in component order), in one pass over both:
+    /// the entries of `new` that `old` lacks or holds otherwise, and the paths of `old` that
+    /// `new` lacks (one for a whole subtree).
+    pub fn between(old: &[Entry], new: &[Entry]) -> Changes {
+        let mut changes = Changes::default();
+        let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => return changes,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(o), Some(n)) => o.path.cmp(&n.path),
+            };
+            match order {
+                Ordering::Less => {
+                    let o = old.next().expect("peeked");
+                    if !changes.removed.last().is_some_and(|r| o.path.is_within(r)) {
+                        changes.removed.push(o.path.clone());
+                    }
+                }
+                Ordering::Greater => changes.upserts.push(new.next().expect("peeked").clone()),
+                Ordering::Equal => {
+                    let (o, n) = (old.next().expect("peeked"), new.next().expect("peeked"));
+                    if o != n {
+                        changes.upserts.push(n.clone());
+                    }
+                }
+            }
+        }
+    }
+
     /// Every path the changes name, in component order (a path both removed and upserted once).
     pub fn paths(&self) -> Vec<RelPath> {
         let mut all: Vec<RelPath> = self
@@ -699,6 +731,37 @@ pub(crate) mod tests {
             merged.entries = merge(merged.entries, changes.upserts.clone().into_iter(), &gone);
             assert_eq!(merged, m, "{before} + [{upserts}] - [{removed}] by a merge");
             Manifest::from_entries(m.into_entries()).expect("still a tree");
+        }
+    }
+
+    /// (old, new, upserts, removed): one line per case; applying the changes to `old` gives
+    /// `new`.
+    #[test]
+    fn the_changes_between_two_lists_turn_one_into_the_other() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("", "", "", ""),
+            ("f a 1", "f a 1", "", ""),
+            ("f a 1", "f a 2", "f a", ""),
+            ("f a 1; f b 2", "f b 2", "", "a"),
+            ("", "d x; f x/y 1", "d x; f x/y", ""),
+            ("d a; f a/x 1; f a/y 2; f b 3", "f b 3", "", "a"),
+            ("d a; f a/x 1; f b 3", "f a 9; f b 3", "f a", "a/x"),
+            ("f a 1", "d a; f a/n 2", "d a; f a/n", ""),
+            ("d a; d a/b; f a/b/c 1; f a.b 2", "d a; f a.b 2", "", "a/b"),
+            ("d a; f a/x 1", "d c; f c/x 1", "d c; f c/x", "a"),
+        ];
+        let paths = |v: &[RelPath]| v.iter().map(|p| p.as_str()).collect::<Vec<_>>().join("; ");
+        for &(old, new, upserts, removed) in cases {
+            let (old_list, new_list) = (tree(old), tree(new));
+            let changes = Changes::between(&old_list, &new_list);
+            let got = Manifest {
+                entries: changes.upserts.clone(),
+            };
+            assert_eq!(listing(&got), upserts, "{old} -> {new}: upserts");
+            assert_eq!(paths(&changes.removed), removed, "{old} -> {new}: removed");
+            let mut m = Manifest::from_entries(old_list).unwrap();
+            m.apply(&changes).unwrap();
+            assert_eq!(m.into_entries(), new_list, "{old} -> {new}: applied");
         }
     }
 

@@ -75,6 +75,11 @@ pub async fn run(
         data_port: data.local_addr().map(|a| a.port()).unwrap_or(0),
         cache_file: config.cache_file.clone(),
         owner_file: config.owner_file.clone(),
+        // Beside the record of the client: a list is that client's.
+        acked_file: config
+            .owner_file
+            .as_ref()
+            .map(|f| f.with_extension("acked")),
         machine_id: config.machine_id.clone(),
         events: config.events.clone(),
         session: tokio::sync::Mutex::new(()),

@@ -10,10 +10,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath, Scope, find_sorted};
+use crate::core::manifest::{Entry, Kind, Manifest, Meta, RelPath, Scope, find_sorted};
 use crate::server::MAX_ENTRIES;
 use crate::server::session::{
-    SessionError, Shared, Terms, admit, check_algorithm, done, keepalive, lists, round, wait_turn,
+    Acked, SessionError, Shared, Terms, admit, check_algorithm, done, keepalive, lists,
+    read_changes, round, wait_turn,
 };
 use crate::store::Store;
 use crate::store::scan;
@@ -205,7 +206,9 @@ impl Live<'_> {
         data: &mut mpsc::Receiver<(u32, TcpStream)>,
     ) -> Result<(), SessionError> {
         let _turn = turn(self.shared, conn, self.terms).await?;
-        let (client, server, root_meta) = lists(self.shared, conn, self.terms).await?;
+        // The whole list, kept again for the client's next session.
+        let acked = Acked::whole(self.shared, self.terms);
+        let (client, server, root_meta) = lists(self.shared, conn, self.terms, acked).await?;
         self.root_meta = root_meta;
         let (summary, held) = round(
             self.shared,
@@ -351,26 +354,5 @@ fn same_shape(client: Option<&Entry>, server: Option<&Entry>) -> bool {
         // What the client could not read is left as it is here.
         (Kind::Unreadable { .. }, _) => true,
         (a, b) => size(a).is_some() && size(a) == size(b) && c.meta == s.meta,
-    }
-}
-
-/// Reads one batch of changes up to `FileListEnd`.
-async fn read_changes(
-    conn: &mut ControlConnection<TcpStream>,
-    idle: Duration,
-) -> Result<(Changes, Option<Meta>), SessionError> {
-    let mut changes = Changes::default();
-    let mut root = None;
-    loop {
-        match conn.recv_within(idle).await? {
-            ControlMessage::FileList(batch) => changes.upserts.extend(batch),
-            ControlMessage::Removed(paths) => changes.removed.extend(paths),
-            ControlMessage::RootMeta(meta) => root = Some(meta),
-            ControlMessage::FileListEnd => return Ok((changes, root)),
-            m => return Err(m.unexpected("filelist, removed or filelist-end").into()),
-        }
-        if changes.upserts.len() + changes.removed.len() > MAX_ENTRIES {
-            return Err(SessionError::TooManyEntries);
-        }
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::{MutexGuard, mpsc};
 
 use crate::core::hash::HashAlgorithm;
 use crate::core::identity::{Admission, ClientId, FileId, Nesting};
-use crate::core::manifest::{Entry, Kind, Manifest, ManifestError, Meta, RelPath};
+use crate::core::manifest::{Changes, Entry, Kind, Manifest, ManifestError, Meta, RelPath};
 use crate::core::plan::{self, Plan};
 use crate::events::{Counts, Event, Events};
 use crate::server::fetch::{batches, fetch};
@@ -27,6 +27,7 @@ use crate::store::root::Root;
 use crate::store::scan;
 use crate::store::state::{self, StateError};
 use crate::transfer::Received;
+use crate::wire::list_file::{ListId, list_id};
 use crate::wire::{
     BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure,
     MAX_FAILURES_NAMED, NESTED_ROOTS, OTHER_CLIENT, ProtocolError, Summary, VERSION, WireMessage,
@@ -43,6 +44,8 @@ pub struct Shared {
     pub cache_file: Option<PathBuf>,
     /// Where the record of the client this folder mirrors is kept; `None`: any client.
     pub owner_file: Option<PathBuf>,
+    /// Where the list last taken from that client is kept (`DELTA`); `None`: no deltas.
+    pub acked_file: Option<PathBuf>,
     /// This machine's identifier, to recognise a client on the same machine.
     pub machine_id: Option<String>,
     pub events: Events,
@@ -178,7 +181,11 @@ pub async fn session(
         .has(Capabilities::LIVE)
         .then(|| crate::server::live::start_watching(shared))
         .flatten();
-    let held = match sync(shared, &mut conn, &mut rx, terms, admission).await {
+    let acked = match announce_held(shared, &mut conn, terms).await {
+        Ok(a) => a,
+        Err(e) => return Err(refuse(&mut conn, e).await),
+    };
+    let held = match sync(shared, &mut conn, &mut rx, terms, (admission, acked)).await {
         Ok(held) => held,
         Err(e) => return Err(refuse(&mut conn, e).await),
     };
@@ -194,8 +201,71 @@ pub async fn session(
     }
 }
 
-/// The optional features this server offers.
-const SUPPORTED: Capabilities = Capabilities::LIVE;
+impl Shared {
+    /// The optional features this server offers: deltas only where it can keep lists.
+    fn supported(&self) -> Capabilities {
+        match self.acked_file {
+            Some(_) => Capabilities(Capabilities::LIVE.0 | Capabilities::DELTA.0),
+            None => Capabilities::LIVE,
+        }
+    }
+}
+
+/// With `DELTA`: tells the client which of its lists this server holds (`Held`), and starts
+/// reading it, for the changes the client may send against it. `None` without `DELTA`.
+async fn announce_held(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    terms: Terms,
+) -> Result<Option<Acked>, SessionError> {
+    let Some(file) = shared
+        .acked_file
+        .clone()
+        .filter(|_| terms.capabilities.has(Capabilities::DELTA))
+    else {
+        return Ok(None);
+    };
+    let (alg, owner) = (terms.algorithm, terms.client.0);
+    let id = {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || state::acked_id(&file, alg, owner))
+            .await
+            .expect("reading an ID does not panic")
+    };
+    conn.send_now(&ControlMessage::Held(id)).await?;
+    // Read while the client scans: it is needed as soon as its changes arrive.
+    let loading = id.map(|id| {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || {
+            state::read_acked(&file, alg, owner).filter(|found| found.id == id)
+        })
+    });
+    Ok(Some(Acked { file, id, loading }))
+}
+
+impl Acked {
+    /// For a whole list (a full rescan in a live session): kept, but no changes are taken.
+    pub(super) fn whole(shared: &Shared, terms: Terms) -> Option<Acked> {
+        let file = shared.acked_file.clone()?;
+        terms
+            .capabilities
+            .has(Capabilities::DELTA)
+            .then_some(Acked {
+                file,
+                id: None,
+                loading: None,
+            })
+    }
+}
+
+/// The list a server holds from its client, between sessions.
+pub(super) struct Acked {
+    file: PathBuf,
+    /// Its ID, as told to the client.
+    id: Option<ListId>,
+    /// The list itself, being read.
+    loading: Option<tokio::task::JoinHandle<Option<state::AckedList>>>,
+}
 
 /// Tells the client why the session ends, if it still listens; returns the error to report.
 async fn refuse(conn: &mut ControlConnection<TcpStream>, e: SessionError) -> SessionError {
@@ -233,7 +303,7 @@ async fn greet(
                 algorithm,
                 client,
                 take_over,
-                capabilities: capabilities.common(SUPPORTED),
+                capabilities: capabilities.common(shared.supported()),
             })
         }
         ControlMessage::Hello { version, .. } => Err(SessionError::Version(version)),
@@ -338,9 +408,9 @@ async fn sync(
     conn: &mut ControlConnection<TcpStream>,
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
     terms: Terms,
-    admission: Admission,
+    (admission, acked): (Admission, Option<Acked>),
 ) -> Result<Manifest, SessionError> {
-    let (client, server, root_meta) = lists(shared, conn, terms).await?;
+    let (client, server, root_meta) = lists(shared, conn, terms, acked).await?;
     let (mut summary, held) = round(shared, conn, data, terms, (client, server, root_meta)).await?;
     record_client(shared, admission, terms.client, &mut summary).await;
     done(shared, conn, terms, summary).await?;
@@ -407,6 +477,7 @@ pub(super) async fn lists(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
+    acked: Option<Acked>,
 ) -> Result<(Manifest, Manifest, Option<Meta>), SessionError> {
     let (root, cache_file) = (shared.root.clone(), shared.cache_file.clone());
     let opts = scan::Options {
@@ -424,10 +495,9 @@ pub(super) async fn lists(
     let server = keepalive(shared.keepalive, conn, scanning)
         .await
         .expect("scan does not panic");
-    let (entries, root_meta) = listed?;
+    let listed = listed?;
     let server = server?;
-    check_algorithm(&entries, terms.algorithm)?;
-    let client = Manifest::from_entries(entries)?;
+    let (client, root_meta) = client_list(shared, conn, terms, listed, acked).await?;
     shared.events.emit(Event::ListReceived {
         peer: terms.addr,
         entries: client.len(),
@@ -436,17 +506,170 @@ pub(super) async fn lists(
     Ok((client, server, root_meta))
 }
 
-/// Reads the client's file list up to `FileListEnd`, within the session's limits; and the
-/// metadata of its root, if it sent it.
+/// What the client sent as its list.
+enum Listed {
+    /// The whole list, and the metadata of its root if it sent it.
+    Whole(Vec<Entry>, Option<Meta>),
+    /// What changed since the list `base`, making the list `result`.
+    Since {
+        base: ListId,
+        result: ListId,
+        changes: Changes,
+        root: Option<Meta>,
+    },
+}
+
+/// The client's list as a manifest: the whole list it sent, or the list held with its changes
+/// applied, checked against the ID the client announced. Changes that do not fit (the list
+/// held is gone, damaged or another; the result is not the list announced) are answered with
+/// `Held(None)`, and the whole list is read instead. A list new to this server is kept for the
+/// client's next session.
+async fn client_list(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    terms: Terms,
+    listed: Listed,
+    mut acked: Option<Acked>,
+) -> Result<(Manifest, Option<Meta>), SessionError> {
+    let (client, root, id) = match listed {
+        Listed::Whole(entries, root) => (whole(entries, terms)?, root, None),
+        Listed::Since {
+            base,
+            result,
+            changes,
+            root,
+        } => {
+            check_algorithm(&changes.upserts, terms.algorithm)?;
+            let (upserts, removed) = (changes.upserts.len(), changes.removed.len());
+            match fit(acked.as_mut(), (base, result), changes).await {
+                Ok(client) => {
+                    shared.events.emit(Event::ChangesReceived {
+                        peer: terms.addr,
+                        upserts,
+                        removed,
+                    });
+                    (client, root, Some(result))
+                }
+                Err(why) => {
+                    tracing::info!(
+                        "changes from {} since list {base}: {why}; asking for the whole list",
+                        terms.addr
+                    );
+                    conn.send_now(&ControlMessage::Held(None)).await?;
+                    match read_list(conn, shared.idle).await? {
+                        Listed::Whole(entries, root) => (whole(entries, terms)?, root, None),
+                        Listed::Since { .. } => {
+                            return Err(ProtocolError::Unexpected {
+                                got: "since",
+                                expected: "the whole list",
+                            }
+                            .into());
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let client = match acked {
+        // The list held is this very list: nothing to keep.
+        Some(a) if id.is_some() && id == a.id => client,
+        Some(a) => keep(shared, conn, terms, a.file, client).await,
+        None => client,
+    };
+    Ok((client, root))
+}
+
+/// A whole list from the client, checked.
+fn whole(entries: Vec<Entry>, terms: Terms) -> Result<Manifest, SessionError> {
+    check_algorithm(&entries, terms.algorithm)?;
+    Ok(Manifest::from_entries(entries)?)
+}
+
+/// The list held with `changes` applied, when it is the list `base` and the result is the
+/// list `result`; else why not.
+async fn fit(
+    acked: Option<&mut Acked>,
+    (base, result): (ListId, ListId),
+    changes: Changes,
+) -> Result<Manifest, String> {
+    let acked = acked.ok_or("this server keeps no lists")?;
+    if acked.id != Some(base) {
+        return Err("the server holds another list".into());
+    }
+    let loading = acked
+        .loading
+        .take()
+        .ok_or("the list held was read already")?;
+    let entries = loading
+        .await
+        .expect("reading a list does not panic")
+        .ok_or("the list held is gone or damaged")?
+        .entries;
+    let applying = tokio::task::spawn_blocking(move || {
+        let mut m = Manifest::from_entries(entries)
+            .map_err(|e| format!("the list held is not a tree ({e})"))?;
+        m.apply(&changes)
+            .map_err(|e| format!("they do not fit the list held ({e})"))?;
+        if m.len() > MAX_ENTRIES {
+            return Err(format!(
+                "they make a list longer than {MAX_ENTRIES} entries"
+            ));
+        }
+        match list_id(m.entries()) {
+            got if got == result => Ok(m),
+            got => Err(format!("they make the list {got}, not {result}")),
+        }
+    });
+    applying.await.expect("applying changes does not panic")
+}
+
+/// Keeps `client` in `file` as the list acknowledged to the client, for its next session. A
+/// list that cannot be kept costs that session the whole list, nothing else: a warning.
+async fn keep(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    terms: Terms,
+    file: PathBuf,
+    client: Manifest,
+) -> Manifest {
+    let (alg, owner) = (terms.algorithm, terms.client.0);
+    let writing = tokio::task::spawn_blocking(move || {
+        let kept = state::write_acked(&file, alg, owner, client.entries());
+        if kept.is_err() {
+            // An older list left in place would still be told as held.
+            state::forget_acked(&file);
+        }
+        (client, kept)
+    });
+    let (client, kept) = keepalive(shared.keepalive, conn, writing)
+        .await
+        .expect("writing a list does not panic");
+    if let Err(e) = kept {
+        tracing::warn!("{e}; the next session sends the whole list");
+    }
+    client
+}
+
+/// Reads the client's file list up to `FileListEnd` (the whole list, or changes `Since` a
+/// list held), within the session's limits; and the metadata of its root, if it sent it.
 async fn read_list(
     conn: &mut ControlConnection<TcpStream>,
     idle: Duration,
-) -> Result<(Vec<Entry>, Option<Meta>), SessionError> {
+) -> Result<Listed, SessionError> {
     let mut entries = Vec::new();
     let mut root = None;
     let mut bytes = 0usize;
     loop {
         match conn.recv_within(idle).await? {
+            ControlMessage::Since { base, result } if entries.is_empty() && root.is_none() => {
+                let (changes, root) = read_changes(conn, idle).await?;
+                return Ok(Listed::Since {
+                    base,
+                    result,
+                    changes,
+                    root,
+                });
+            }
             ControlMessage::Ping => {}
             ControlMessage::RootMeta(meta) => root = Some(meta),
             ControlMessage::FileList(batch) => {
@@ -456,8 +679,29 @@ async fn read_list(
                 }
                 entries.extend(batch);
             }
-            ControlMessage::FileListEnd => return Ok((entries, root)),
+            ControlMessage::FileListEnd => return Ok(Listed::Whole(entries, root)),
             m => return Err(m.unexpected("filelist").into()),
+        }
+    }
+}
+
+/// Reads one batch of changes up to `FileListEnd`.
+pub(super) async fn read_changes(
+    conn: &mut ControlConnection<TcpStream>,
+    idle: Duration,
+) -> Result<(Changes, Option<Meta>), SessionError> {
+    let mut changes = Changes::default();
+    let mut root = None;
+    loop {
+        match conn.recv_within(idle).await? {
+            ControlMessage::FileList(batch) => changes.upserts.extend(batch),
+            ControlMessage::Removed(paths) => changes.removed.extend(paths),
+            ControlMessage::RootMeta(meta) => root = Some(meta),
+            ControlMessage::FileListEnd => return Ok((changes, root)),
+            m => return Err(m.unexpected("filelist, removed or filelist-end").into()),
+        }
+        if changes.upserts.len() + changes.removed.len() > MAX_ENTRIES {
+            return Err(SessionError::TooManyEntries);
         }
     }
 }

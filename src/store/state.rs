@@ -1,5 +1,6 @@
-//! What a client or server keeps between runs that is not a cache: the client's identity, and
-//! the client each served folder mirrors. Also the facts about directories that tell whether
+//! What a client or server keeps between runs that is not a cache: the client's identity, the
+//! client each served folder mirrors, and the file list both sides last agreed on (the
+//! acknowledged list, so that a re-sync sends only what changed since). Also the facts about directories that tell whether
 //! two roots are nested: the machine's identifier and a directory's chain of (device, inode).
 //!
 //! The state directory is `--state-dir`, by default `$XDG_STATE_HOME/server-sync` or
@@ -13,8 +14,10 @@ use std::path::{Path, PathBuf};
 
 use crate::core::hash::HashAlgorithm;
 use crate::core::identity::{ClientId, FileId};
+use crate::core::manifest::Entry;
 use crate::store::cache::{check_outside, dir_key};
 use crate::store::root::TempFile;
+use crate::wire::list_file::{self, ListId};
 
 /// The client's identity file, in its state directory.
 pub const CLIENT_ID_FILE: &str = "client-id";
@@ -168,6 +171,103 @@ pub fn write_owner(file: &Path, client: ClientId) -> Result<(), StateError> {
         .map_err(write)
 }
 
+/// Which side keeps an acknowledged list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The last list a server took from the client its `dir` mirrors.
+    Server,
+    /// The last list of `dir` a server acknowledged. One per directory, whatever the server:
+    /// a client that syncs one directory to two servers in turn sends each the whole list
+    /// (the lists' IDs tell), which costs time, never correctness.
+    Client,
+}
+
+/// The file holding the list acknowledged for `dir` on `side`, named after `dir` like its
+/// hash cache.
+pub fn acked_file(state_dir: &Path, dir: &Path, side: Side) -> Result<PathBuf, String> {
+    check_outside("state", state_dir, dir)?;
+    let ext = match side {
+        Side::Server => "acked",
+        Side::Client => "sent",
+    };
+    Ok(state_dir.join(format!("{}.{ext}", dir_key(dir))))
+}
+
+/// The ID of the list in `file` when it is `algorithm`'s and `owner`'s, read from its ends
+/// only (the whole file is checked when it is used); `None` when there is none or it is
+/// not usable.
+pub fn acked_id(file: &Path, algorithm: HashAlgorithm, owner: u128) -> Option<ListId> {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(file).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut head = [0u8; list_file::HEAD_LEN];
+    f.read_exact_at(&mut head, 0).ok()?;
+    let head = list_file::ListHead::parse(&head)?;
+    let mut id = [0u8; list_file::ID_LEN];
+    let at = len.checked_sub(list_file::ID_LEN as u64)?;
+    f.read_exact_at(&mut id, at).ok()?;
+    (head.algorithm == algorithm && head.owner == owner && at >= list_file::HEAD_LEN as u64)
+        .then_some(ListId(id))
+}
+
+/// An acknowledged list, as read back.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AckedList {
+    pub id: ListId,
+    pub entries: Vec<Entry>,
+}
+
+/// The list in `file` with its ID, checked whole: `None` when there is none, or it is another
+/// algorithm's or owner's, or damaged (then a warning says so: the sync sends the whole list).
+pub fn read_acked(file: &Path, algorithm: HashAlgorithm, owner: u128) -> Option<AckedList> {
+    let read = fs::File::open(file)
+        .map(|f| io::BufReader::with_capacity(256 << 10, f))
+        .and_then(|r| list_file::read_list(r, algorithm, owner));
+    match read {
+        Ok(found) => found.map(|(id, entries)| AckedList { id, entries }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(
+                "not using the acknowledged list {}: {e}; sending the whole list",
+                file.display()
+            );
+            None
+        }
+    }
+}
+
+/// Replaces the list in `file` by `entries` (of `algorithm`'s hashes, from `owner`),
+/// atomically; returns its ID. Not flushed to disk: a list lost in a crash, or damaged, costs
+/// the next sync the whole list, nothing else.
+pub fn write_acked(
+    file: &Path,
+    algorithm: HashAlgorithm,
+    owner: u128,
+    entries: &[Entry],
+) -> Result<ListId, StateError> {
+    let write = |source| StateError::Write {
+        what: "the acknowledged list",
+        path: file.to_owned(),
+        source,
+    };
+    let dir = file.parent().unwrap_or(Path::new("."));
+    make_dir(dir).map_err(write)?;
+    let mut tmp = TempFile::new_in(dir).map_err(write)?;
+    let out = io::BufWriter::with_capacity(256 << 10, tmp.file());
+    let id = list_file::write_list(out, algorithm, owner, entries).map_err(write)?;
+    tmp.persist_to(file).map_err(write)?;
+    Ok(id)
+}
+
+/// Forgets the list in `file`: the next sync sends the whole list.
+pub fn forget_acked(file: &Path) {
+    if let Err(e) = fs::remove_file(file)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!("failed to remove {}: {e}", file.display());
+    }
+}
+
 /// A state directory, private, with its missing parents.
 fn make_dir(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new()
@@ -245,6 +345,49 @@ mod tests {
         let other = d.path().join("other");
         assert_ne!(owner_file(&d.path().join("state"), &other).unwrap(), file);
         assert!(owner_file(&served.join("state"), &served).is_err());
+    }
+
+    #[test]
+    fn the_acknowledged_list_round_trips_and_damage_is_not_used() {
+        let d = tempfile::tempdir().unwrap();
+        let served = d.path().join("served");
+        let state = d.path().join("state");
+        let file = acked_file(&state, &served, Side::Server).unwrap();
+        let theirs = acked_file(&state, &served, Side::Client).unwrap();
+        assert_ne!(file, theirs);
+        assert_eq!(
+            file,
+            owner_file(&state, &served).unwrap().with_extension("acked")
+        );
+        assert!(acked_file(&served.join("s"), &served, Side::Server).is_err());
+        let b3 = HashAlgorithm::Blake3;
+        assert_eq!(acked_id(&file, b3, 1), None);
+        assert_eq!(read_acked(&file, b3, 1), None);
+        let entries = crate::core::manifest::tests::tree("d a; f a/x 1; f b 2");
+        let id = write_acked(&file, b3, 1, &entries).unwrap();
+        assert_eq!(acked_id(&file, b3, 1), Some(id));
+        assert_eq!(
+            read_acked(&file, b3, 1),
+            Some(AckedList {
+                id,
+                entries: entries.clone()
+            })
+        );
+        assert_eq!(acked_id(&file, b3, 2), None, "another owner's");
+        assert_eq!(
+            acked_id(&file, HashAlgorithm::Md5, 1),
+            None,
+            "another hash's"
+        );
+        assert_eq!(mode(&file), 0o600);
+        // Damaged: its ID still reads, but the list is not used.
+        let mut bytes = fs::read(&file).unwrap();
+        bytes[list_file::HEAD_LEN + 6] ^= 1;
+        fs::write(&file, &bytes).unwrap();
+        assert_eq!(acked_id(&file, b3, 1), Some(id));
+        assert_eq!(read_acked(&file, b3, 1), None);
+        forget_acked(&file);
+        assert_eq!(acked_id(&file, b3, 1), None);
     }
 
     #[test]

@@ -128,7 +128,7 @@ impl Writer<'_> {
             self.entry(e);
         }
     }
-    fn entry(&mut self, e: &Entry) {
+    pub(crate) fn entry(&mut self, e: &Entry) {
         self.str(e.path.as_str());
         match &e.kind {
             Kind::File { size, hash } => {
@@ -258,7 +258,7 @@ impl<'a> Reader<'a> {
         }
         Ok(entries)
     }
-    fn entry(&mut self) -> Result<Entry, ProtocolError> {
+    pub(crate) fn entry(&mut self) -> Result<Entry, ProtocolError> {
         let path = self.path()?;
         let kind = match self.u8()? {
             1 => Kind::File {

@@ -11,6 +11,7 @@ use crate::wire::control::{
     Capabilities, ControlMessage, Failure, MAX_FAILURES_NAMED, Summary, VERSION,
 };
 use crate::wire::data::DataMessage;
+use crate::wire::list_file::ListId;
 use crate::wire::{BlockingConnection, Connection, ControlConnection};
 
 fn p(s: &str) -> RelPath {
@@ -136,6 +137,12 @@ fn every_message_round_trips() {
             meta,
         }]),
         ControlMessage::Ping,
+        ControlMessage::Held(None),
+        ControlMessage::Held(Some(ListId([7; 32]))),
+        ControlMessage::Since {
+            base: ListId([1; 32]),
+            result: ListId([2; 32]),
+        },
     ] {
         round_trip_control(m);
     }

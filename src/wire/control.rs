@@ -6,6 +6,7 @@ use crate::core::identity::{ClientId, FileId};
 use crate::core::manifest::{Entry, MAX_PATH_LEN, Meta, RelPath};
 use crate::wire::WireMessage;
 use crate::wire::codec::{MAX_TEXT, ProtocolError, Reader, Writer, truncate};
+use crate::wire::list_file::{ID_LEN, ListId};
 use crate::wire::tag;
 
 /// Bumped on any incompatible change; the server refuses other versions with an `Error`.
@@ -41,6 +42,9 @@ impl Capabilities {
     /// what changed (`Changes`) or its whole list again (`Relist`), and the server asks for
     /// paths it saw change on its side (`Dirty`).
     pub const LIVE: Capabilities = Capabilities(1);
+    /// Lists acknowledged between sessions: the server says which list it holds from this
+    /// client (`Held`), and the client may send only what changed since (`Since`).
+    pub const DELTA: Capabilities = Capabilities(2);
 
     /// Whether every feature of `other` is in this set.
     pub fn has(self, other: Capabilities) -> bool {
@@ -166,6 +170,17 @@ pub enum ControlMessage {
     /// Server → client, live sessions, between batches: these paths changed on the server's
     /// side; send what the client has there (in mirror mode, the server puts it back).
     Dirty(Vec<RelPath>),
+    /// Server → client, with `DELTA`, right after `Welcome`: the ID of the list this server
+    /// holds from this client (and folder), the last it took; `None` when it holds none. Again
+    /// after a `Since` whose changes do not fit it: send the whole list.
+    Held(Option<ListId>),
+    /// Client → server, with `DELTA`, instead of the whole list: what changed since the list
+    /// `base` follows (`FileList`, `Removed`, `RootMeta`, up to `FileListEnd`), which makes
+    /// the list `result`.
+    Since {
+        base: ListId,
+        result: ListId,
+    },
     /// Either way: the session cannot go on, and why.
     Error(String),
     /// Either way: still here (keeps the peer's idle timer from firing during long work).
@@ -188,6 +203,8 @@ impl ControlMessage {
             ControlMessage::Relist => tag::RELIST,
             ControlMessage::Removed(_) => tag::REMOVED,
             ControlMessage::Dirty(_) => tag::DIRTY,
+            ControlMessage::Held(_) => tag::HELD,
+            ControlMessage::Since { .. } => tag::SINCE,
             ControlMessage::Error(_) => tag::ERROR,
             ControlMessage::Ping => tag::PING,
         }
@@ -268,6 +285,17 @@ impl ControlMessage {
                     w.str(&f.path);
                     w.str(&f.reason);
                 }
+            }
+            ControlMessage::Held(id) => match id {
+                None => w.u8(0),
+                Some(id) => {
+                    w.u8(1);
+                    w.raw(&id.0);
+                }
+            },
+            ControlMessage::Since { base, result } => {
+                w.raw(&base.0);
+                w.raw(&result.0);
             }
             ControlMessage::Error(msg) => w.str(msg),
         }
@@ -378,6 +406,15 @@ impl ControlMessage {
                 }
                 ControlMessage::SyncDone(s)
             }
+            tag::HELD => ControlMessage::Held(match r.u8()? {
+                0 => None,
+                1 => Some(list_id(&mut r)?),
+                _ => return Err(ProtocolError::Malformed("held")),
+            }),
+            tag::SINCE => ControlMessage::Since {
+                base: list_id(&mut r)?,
+                result: list_id(&mut r)?,
+            },
             tag::ERROR => ControlMessage::Error(r.str_max("error", MAX_TEXT)?),
             tag::PING => ControlMessage::Ping,
             t if tag::is_data(t) => return Err(ProtocolError::WrongConnection(tag::name(t))),
@@ -386,6 +423,10 @@ impl ControlMessage {
         r.finish(msg.name())?;
         Ok(msg)
     }
+}
+
+fn list_id(r: &mut Reader) -> Result<ListId, ProtocolError> {
+    Ok(ListId(r.take(ID_LEN)?.try_into().expect("length taken")))
 }
 
 #[cfg(test)]

@@ -22,12 +22,18 @@
 //!                                                                nested roots, another
 //!                                                                client's folder)
 //!             S: Ping         -> greeted     (while the client waits for its turn)
-//!   listing   C: FileList     -> listing     C: Ping  -> listing
+//!   listing   S: Held         -> listing     (DELTA: the ID of the list the server holds
+//!                                             from this client, if any; right after Welcome)
+//!             C: Since        -> changing    (DELTA: changes against the list held follow)
+//!             C: FileList     -> listing     C: Ping  -> listing
 //!             C: RootMeta     -> listing     (the synced directory's own mtime)
 //!             C: FileListEnd  -> planning    S: Error -> end   (invalid or oversized list)
 //!   planning  S: HashRequest  -> hashing     (large files sent unhashed, size known here)
 //!             S: FileRequest  -> fetching    S: SyncDone -> idle  S: Error -> end
 //!             S: Ping         -> planning    (while the server scans, plans, applies)
+//!             S: Held         -> listing     (changes that do not fit the list held, or
+//!                                             do not give the list announced: the whole
+//!                                             list, please)
 //!   hashing   C: Ping         -> hashing     C: HashAnswer -> planning
 //!   fetching  S: FileRequest  -> fetching    S: SyncDone -> idle  S: Error -> end
 //!             S: Ping         -> fetching    (while files arrive, while it flushes)
@@ -36,7 +42,7 @@
 //!             C: Ping         -> idle        S: Ping   -> idle
 //!             S: Dirty        -> idle        (paths changed on the server's side)
 //!             S: Error        -> end         (a Changes or Relist without LIVE, a take-over)
-//!   changing  C: FileList     -> changing    (entries added or changed)
+//!   changing  C: FileList     -> changing    (entries added or changed, after Changes or Since)
 //!             C: Removed      -> changing    (paths gone, with what lies below them)
 //!             C: RootMeta     -> changing    C: FileListEnd -> planning
 //!             S: Error        -> end         (changes that do not fit the list held)
@@ -55,6 +61,7 @@ mod codec_tests;
 pub mod connection;
 pub mod control;
 pub mod data;
+pub mod list_file;
 
 pub use codec::{MAX_FRAME, MAX_TEXT, ProtocolError};
 pub use connection::{BlockingConnection, Connection, ControlConnection, WireMessage};
@@ -90,6 +97,8 @@ pub mod tag {
     pub const RELIST: u8 = 19;
     pub const REMOVED: u8 = 20;
     pub const DIRTY: u8 = 21;
+    pub const HELD: u8 = 22;
+    pub const SINCE: u8 = 23;
 
     /// (tag, name, carried on the data connection)
     const TABLE: &[(u8, &str, bool)] = &[
@@ -114,6 +123,8 @@ pub mod tag {
         (RELIST, "relist", false),
         (REMOVED, "removed", false),
         (DIRTY, "dirty", false),
+        (HELD, "held", false),
+        (SINCE, "since", false),
     ];
 
     pub fn name(tag: u8) -> &'static str {
@@ -188,6 +199,8 @@ pub const ARROWS: &[Arrow] = {
         arrow(Greeted, S, tag::WELCOME, Listing),
         arrow(Greeted, S, tag::ERROR, End),
         arrow(Greeted, S, tag::PING, Greeted),
+        arrow(Listing, S, tag::HELD, Listing),
+        arrow(Listing, C, tag::SINCE, Changing),
         arrow(Listing, C, tag::FILE_LIST, Listing),
         arrow(Listing, C, tag::PING, Listing),
         arrow(Listing, C, tag::ROOT_META, Listing),
@@ -198,6 +211,7 @@ pub const ARROWS: &[Arrow] = {
         arrow(Planning, S, tag::SYNC_DONE, Idle),
         arrow(Planning, S, tag::ERROR, End),
         arrow(Planning, S, tag::PING, Planning),
+        arrow(Planning, S, tag::HELD, Listing),
         arrow(Hashing, C, tag::PING, Hashing),
         arrow(Hashing, C, tag::HASH_ANSWER, Planning),
         arrow(Fetching, S, tag::FILE_REQUEST, Fetching),
