@@ -253,8 +253,18 @@ fn a_write_right_after_placing_is_noticed() {
     w.assert_logged(mark, "Requesting file: a.txt");
     w.assert_mirrored();
 
-    // A file whose own mtime is recent is not trusted at once: hashed again next time.
-    w.apply(&[write("new.txt", "fresh")]);
+    // A file whose own mtime is recent is not trusted at once: hashed again next time. (An
+    // hour ahead: recent whatever the speed of this machine; with nanoseconds, as a file
+    // system that keeps them would give.)
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 3600;
+    w.apply(&[
+        write("new.txt", "fresh"),
+        mtime("new.txt", soon, 123_456_789),
+    ]);
     w.sync_ok();
     let mark = w.mark();
     w.sync_ok();

@@ -306,10 +306,16 @@ async fn delta(
     listed: Arc<Manifest>,
 ) -> Option<(Changes, ListId)> {
     let comparing = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
         let acked = state::read_acked(&file, terms.algorithm, 0).filter(|a| a.id == base)?;
         let changes = Changes::between(&acked.entries, listed.entries());
         drop(acked);
-        Some((changes, list_id(listed.entries())))
+        let result = list_id(listed.entries());
+        tracing::debug!(
+            "compared with the list acknowledged in {:?}",
+            start.elapsed()
+        );
+        Some((changes, result))
     });
     comparing.await.expect("comparing lists does not panic")
 }

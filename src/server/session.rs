@@ -606,6 +606,7 @@ async fn fit(
         .ok_or("the list held is gone or damaged")?
         .entries;
     let applying = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
         let mut m = Manifest::from_entries(entries)
             .map_err(|e| format!("the list held is not a tree ({e})"))?;
         m.apply(&changes)
@@ -615,7 +616,9 @@ async fn fit(
                 "they make a list longer than {MAX_ENTRIES} entries"
             ));
         }
-        match list_id(m.entries()) {
+        let got = list_id(m.entries());
+        tracing::debug!("changes applied to the list held in {:?}", start.elapsed());
+        match got {
             got if got == result => Ok(m),
             got => Err(format!("they make the list {got}, not {result}")),
         }
