@@ -29,6 +29,20 @@ impl Stamp {
             dev: m.dev(),
         }
     }
+
+    /// The same from a raw `fstatat` (the scan's walk): the kernel encodes `st_dev` as glibc's
+    /// `makedev` does for `statx`'s major and minor, which is what [`Stamp::of`] sees, so
+    /// records stay valid whichever call took them.
+    pub fn of_stat(st: &rustix::fs::Stat) -> Stamp {
+        let ns = |secs: i64, nanos: i64| secs.saturating_mul(1_000_000_000) + nanos;
+        Stamp {
+            size: st.st_size as u64,
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec as i64),
+            ino: st.st_ino,
+            dev: st.st_dev,
+        }
+    }
 }
 
 /// Now, in nanoseconds since the epoch, as stamps count.

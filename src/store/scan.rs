@@ -3,10 +3,16 @@
 //! server can delete its own and the client can leave them out) and what could not be read.
 //! Names that are not valid UTF-8 are skipped with a warning.
 
+use std::ffi::{CStr, OsStr};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags, RawDir, Stat};
+use rustix::path::Arg;
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
 pub use crate::core::manifest::Scope;
@@ -72,6 +78,15 @@ pub fn meta_of(m: &Metadata) -> Meta {
     }
 }
 
+/// [`meta_of`] from a raw `fstatat`, as the walk takes them.
+fn meta_of_stat(st: &Stat) -> Meta {
+    Meta {
+        mode: st.st_mode & 0o7777,
+        mtime_secs: st.st_mtime,
+        mtime_nanos: st.st_mtime_nsec as u32,
+    }
+}
+
 /// How a side scans.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
@@ -110,19 +125,21 @@ pub fn scan(root: &Path, mut cache: Option<&mut HashCache>, opts: Options) -> io
         ..Scan::default()
     };
     let mut pending = Vec::new();
-    let top = read_dir_sorted(root)?;
+    let mut walker = Walker::new(root, &mut scan, &mut pending, &mut cache, &opts);
+    // The root may be given as a symlink to the tree: followed, unlike anything below it.
+    let dir = rustix::fs::openat(
+        CWD,
+        root,
+        DIR_FLAGS.difference(OFlags::NOFOLLOW),
+        Mode::empty(),
+    )?;
+    let top = read_names(dir.as_fd(), &mut walker.dents)?;
     let own = opts.read_own.then(|| Root::new(root));
     // Directories opened up for the walk stay so until their files are hashed.
     let _restore = own.as_ref().map(Root::restoring_modes);
-    walk(
-        None,
-        top,
-        &mut scan,
-        &mut pending,
-        &mut cache,
-        &opts,
-        own.as_ref(),
-    );
+    walker.own = own.as_ref();
+    walker.held = 1;
+    walker.walk(Some(dir.as_fd()), &top);
     hash_pending(&mut scan, &pending, root, (opts.algorithm, own.as_ref()));
     Ok(scan)
 }
@@ -246,53 +263,60 @@ fn hash_part(
     (uncacheable, vanished)
 }
 
-fn read_dir_sorted(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
-    let mut v: Vec<fs::DirEntry> = fs::read_dir(dir)?.collect::<io::Result<_>>()?;
-    v.sort_by_key(|e| e.file_name());
-    Ok(v)
+/// How the walk opens a directory to list it and find its entries: never through a symlink
+/// (one swapped in since the `lstat` is not followed).
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// Directories the walk holds open at most, each the one its entries are found from (one
+/// component to look up per entry, where a whole path costs a lookup of every component).
+/// Deeper than that, entries are found by their whole path: a tree that deep is rare, and the
+/// descriptors it would hold could run out (1024 is a usual limit).
+const HELD_DIRS: usize = 64;
+
+/// The getdents buffer: a directory of a few thousand entries in one call.
+const DENTS_SIZE: usize = 64 << 10;
+
+/// The names in a directory, in byte order (which is the component order of the paths they
+/// make), each with its NUL, in one buffer: no allocation per name.
+#[derive(Default)]
+struct Names {
+    buf: Vec<u8>,
+    /// Where each name (with its NUL) is in `buf`, sorted.
+    spans: Vec<(usize, usize)>,
 }
 
-fn walk(
-    parent: Option<&RelPath>,
-    children: Vec<fs::DirEntry>,
-    scan: &mut Scan,
-    pending: &mut Vec<usize>,
-    cache: &mut Option<&mut HashCache>,
-    opts: &Options,
-    own: Option<&Root>,
-) {
-    for ent in children {
-        let name = ent.file_name();
-        let Some(name) = name.to_str() else {
-            scan.warnings.push(format!(
-                "skipping {}: name is not valid UTF-8",
-                ent.path().display()
-            ));
-            continue;
-        };
-        if name.starts_with(TEMP_PREFIX) {
-            continue;
-        }
-        let rel = match parent {
-            None => RelPath::new(name),
-            Some(p) => p.join(name),
-        };
-        let rel = match rel {
-            Ok(r) => r,
-            Err(e) => {
-                scan.warnings.push(format!("skipping {name:?}: {e}"));
-                continue;
-            }
-        };
-        let mut walker = Walker {
-            scan: &mut *scan,
-            pending: &mut *pending,
-            cache: &mut *cache,
-            opts,
-            own,
-        };
-        walker.visit(rel, &ent.path(), true);
+impl Names {
+    fn iter(&self) -> impl Iterator<Item = &CStr> {
+        self.spans.iter().map(|&(start, end)| {
+            CStr::from_bytes_with_nul(&self.buf[start..end]).expect("one NUL, at the end")
+        })
     }
+}
+
+/// Lists the directory `dir` (open for reading), `.` and `..` aside, using `dents` as the
+/// getdents buffer.
+fn read_names(dir: BorrowedFd<'_>, dents: &mut Vec<u8>) -> io::Result<Names> {
+    let mut names = Names::default();
+    let mut raw = RawDir::new(dir, dents.spare_capacity_mut());
+    while let Some(ent) = raw.next() {
+        let ent = ent?;
+        let name = ent.file_name().to_bytes_with_nul();
+        if name != b".\0" && name != b"..\0" {
+            let start = names.buf.len();
+            names.buf.extend_from_slice(name);
+            names.spans.push((start, names.buf.len()));
+        }
+    }
+    // With their NULs: a name that is a prefix of another still sorts first, as NUL is below
+    // every byte a name holds.
+    let buf = &names.buf;
+    names
+        .spans
+        .sort_unstable_by(|a, b| buf[a.0..a.1].cmp(&buf[b.0..b.1]));
+    Ok(names)
 }
 
 /// What a walk carries from entry to entry.
@@ -302,13 +326,89 @@ struct Walker<'a, 'c> {
     cache: &'a mut Option<&'c mut HashCache>,
     opts: &'a Options,
     own: Option<&'a Root>,
+    root: &'a Path,
+    /// The path of the directory being listed ("" for the root), which its entries' paths
+    /// extend: each entry's path is built once, in one allocation.
+    prefix: String,
+    /// How many directories the walk holds open.
+    held: usize,
+    /// The getdents buffer, reused for every directory.
+    dents: Vec<u8>,
 }
 
-impl Walker<'_, '_> {
-    /// Lists the entry at `rel` (found at `path`), and with `deep` everything below it.
-    /// Returns whether it was a directory.
-    fn visit(&mut self, rel: RelPath, path: &Path, deep: bool) -> bool {
-        let scan = &mut *self.scan;
+impl<'a, 'c> Walker<'a, 'c> {
+    fn new(
+        root: &'a Path,
+        scan: &'a mut Scan,
+        pending: &'a mut Vec<usize>,
+        cache: &'a mut Option<&'c mut HashCache>,
+        opts: &'a Options,
+    ) -> Self {
+        Walker {
+            scan,
+            pending,
+            cache,
+            opts,
+            own: None,
+            root,
+            prefix: String::new(),
+            held: 0,
+            dents: Vec::with_capacity(DENTS_SIZE),
+        }
+    }
+
+    /// Lists the entries `names` of the directory at `self.prefix`, and everything below
+    /// them. `dir` is that directory, open; without it (too deep to hold it open), entries
+    /// are found by their whole path.
+    fn walk(&mut self, dir: Option<BorrowedFd<'_>>, names: &Names) {
+        for name in names.iter() {
+            let Ok(utf8) = std::str::from_utf8(name.to_bytes()) else {
+                let mut path = self.root.to_path_buf();
+                if !self.prefix.is_empty() {
+                    path.push(&self.prefix);
+                }
+                path.push(OsStr::from_bytes(name.to_bytes()));
+                self.scan.warnings.push(format!(
+                    "skipping {}: name is not valid UTF-8",
+                    path.display()
+                ));
+                continue;
+            };
+            if utf8.starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let mut path = String::with_capacity(self.prefix.len() + 1 + utf8.len());
+            if !self.prefix.is_empty() {
+                path.push_str(&self.prefix);
+                path.push('/');
+            }
+            path.push_str(utf8);
+            let rel = match RelPath::new(path) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.scan.warnings.push(format!("skipping {utf8:?}: {e}"));
+                    continue;
+                }
+            };
+            match dir {
+                Some(dir) => self.visit(rel, dir, name, true),
+                None => {
+                    let path = rel.to_path(self.root);
+                    self.visit(rel, CWD, &*path, true)
+                }
+            };
+        }
+    }
+
+    /// Lists the entry at `rel`, found as `name` in the directory `dir` (`CWD` with a whole
+    /// path), and with `deep` everything below it. Returns whether it was a directory.
+    fn visit<P: Arg + Copy>(
+        &mut self,
+        rel: RelPath,
+        dir: BorrowedFd<'_>,
+        name: P,
+        deep: bool,
+    ) -> bool {
         let unreadable = |rel: RelPath, e: io::Error| Entry {
             path: rel,
             kind: Kind::Unreadable {
@@ -316,109 +416,145 @@ impl Walker<'_, '_> {
             },
             meta: Meta::default(),
         };
-        let md = match fs::symlink_metadata(path) {
-            Ok(m) => m,
-            // Vanished since read_dir: it is simply not there any more.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+        let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            // Vanished since it was listed: it is simply not there any more.
+            Err(rustix::io::Errno::NOENT) => return false,
             Err(e) => {
-                scan.entries.push(unreadable(rel, e));
+                self.scan.entries.push(unreadable(rel, e.into()));
                 return false;
             }
         };
-        let meta = meta_of(&md);
-        let ft = md.file_type();
-        if ft.is_dir() {
-            if !deep {
-                scan.entries.push(Entry {
-                    path: rel,
-                    kind: Kind::Dir,
-                    meta,
-                });
-                return true;
-            }
-            match read_own_dir(self.own, &rel, &md, path) {
-                Ok(kids) => {
-                    scan.entries.push(Entry {
-                        path: rel.clone(),
+        let meta = meta_of_stat(&st);
+        let kind = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                if deep {
+                    self.list_dir(rel, dir, name, &st, meta);
+                } else {
+                    self.scan.entries.push(Entry {
+                        path: rel,
                         kind: Kind::Dir,
                         meta,
                     });
-                    walk(
-                        Some(&rel),
-                        kids,
-                        scan,
-                        self.pending,
-                        self.cache,
-                        self.opts,
-                        self.own,
-                    );
                 }
-                Err(e) => scan.entries.push(unreadable(rel, e)),
+                return true;
             }
-            return true;
-        }
-        if ft.is_file() {
-            let stamp = Stamp::of(&md);
-            let cached = self
-                .cache
-                .as_deref_mut()
-                .and_then(|c| c.lookup(rel.as_str(), &stamp));
-            let index = scan.entries.len();
-            let size = md.len();
-            let kind = match cached {
-                Some(hash) => {
-                    // Beyond 4 billion entries, simply not cached.
-                    scan.hits.extend(u32::try_from(index).ok());
-                    Kind::File { size, hash }
-                }
-                None if self.opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
-                None => {
-                    self.pending.push(index);
-                    // Cached once hashed, unless it changes meanwhile (see `hash_pending`).
-                    if self.cache.as_deref().is_some_and(|c| c.may_record(&stamp)) {
-                        scan.cacheable.push((index, stamp));
+            FileType::RegularFile => self.file(&rel, &st),
+            FileType::Symlink => match rustix::fs::readlinkat(dir, name, Vec::new()) {
+                Ok(t) => match t.into_string() {
+                    Ok(target) => Kind::Symlink { target },
+                    Err(_) => {
+                        self.scan
+                            .warnings
+                            .push(format!("skipping symlink {rel}: target is not valid UTF-8"));
+                        return false;
                     }
-                    // Filled in by `hash_pending`.
-                    Kind::File {
-                        size,
-                        hash: placeholder(self.opts.algorithm),
-                    }
-                }
-            };
-            scan.entries.push(Entry {
-                path: rel,
-                kind,
-                meta,
-            });
-        } else if ft.is_symlink() {
-            match fs::read_link(path) {
-                Ok(t) => match t.into_os_string().into_string() {
-                    Ok(target) => scan.entries.push(Entry {
-                        path: rel,
-                        kind: Kind::Symlink { target },
-                        meta,
-                    }),
-                    Err(_) => scan
-                        .warnings
-                        .push(format!("skipping symlink {rel}: target is not valid UTF-8")),
                 },
-                Err(e) => scan.entries.push(unreadable(rel, e)),
-            }
-        } else {
-            let what = if ft.is_fifo() {
-                "FIFO"
-            } else if ft.is_socket() {
-                "socket"
-            } else {
-                "device"
-            };
-            scan.entries.push(Entry {
-                path: rel,
-                kind: Kind::Special { what: what.into() },
-                meta,
-            });
-        }
+                Err(e) => {
+                    self.scan.entries.push(unreadable(rel, e.into()));
+                    return false;
+                }
+            },
+            FileType::Fifo => Kind::Special {
+                what: "FIFO".into(),
+            },
+            FileType::Socket => Kind::Special {
+                what: "socket".into(),
+            },
+            _ => Kind::Special {
+                what: "device".into(),
+            },
+        };
+        self.scan.entries.push(Entry {
+            path: rel,
+            kind,
+            meta,
+        });
         false
+    }
+
+    /// The kind of the regular file at `rel`: hashed if the cache vouches for it, else left
+    /// for `hash_pending` (or deferred).
+    fn file(&mut self, rel: &RelPath, st: &Stat) -> Kind {
+        let stamp = Stamp::of_stat(st);
+        let cached = self
+            .cache
+            .as_deref_mut()
+            .and_then(|c| c.lookup(rel.as_str(), &stamp));
+        let index = self.scan.entries.len();
+        let size = stamp.size;
+        match cached {
+            Some(hash) => {
+                // Beyond 4 billion entries, simply not cached.
+                self.scan.hits.extend(u32::try_from(index).ok());
+                Kind::File { size, hash }
+            }
+            None if self.opts.defer_above.is_some_and(|t| size >= t) => Kind::Unhashed { size },
+            None => {
+                self.pending.push(index);
+                // Cached once hashed, unless it changes meanwhile (see `hash_pending`).
+                if self.cache.as_deref().is_some_and(|c| c.may_record(&stamp)) {
+                    self.scan.cacheable.push((index, stamp));
+                }
+                // Filled in by `hash_pending`.
+                Kind::File {
+                    size,
+                    hash: placeholder(self.opts.algorithm),
+                }
+            }
+        }
+    }
+
+    /// Lists the directory at `rel` (`name` in `dir`, whose `lstat` is `st`) and everything
+    /// below it. With `own` (the server scanning its own mirror), a directory this process
+    /// owns but may not list or enter (mode 000 on a server that is not root) is opened up
+    /// first; the scan puts its mode back when it ends.
+    fn list_dir<P: Arg + Copy>(
+        &mut self,
+        rel: RelPath,
+        dir: BorrowedFd<'_>,
+        name: P,
+        st: &Stat,
+        meta: Meta,
+    ) {
+        if let Some(own) = self.own {
+            let euid = rustix::process::geteuid();
+            if !euid.is_root() && st.st_uid == euid.as_raw() && st.st_mode & 0o500 != 0o500 {
+                // Should that fail, listing it says why.
+                let _ = own.open_up_dir(&rel);
+            }
+        }
+        let hold = self.held < HELD_DIRS;
+        let listed = rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty())
+            .map_err(io::Error::from)
+            .and_then(|fd| Ok((read_names(fd.as_fd(), &mut self.dents)?, fd)));
+        let (names, fd) = match listed {
+            Ok(l) => l,
+            Err(e) => {
+                self.scan.entries.push(Entry {
+                    path: rel,
+                    kind: Kind::Unreadable {
+                        reason: e.to_string(),
+                    },
+                    meta: Meta::default(),
+                });
+                return;
+            }
+        };
+        let fd: Option<OwnedFd> = hold.then_some(fd);
+        // Its entries' paths extend this one: `rel` is the prefix and one more name, or (a
+        // scope of `scan_paths`) the prefix is empty.
+        let mark = self.prefix.len();
+        self.prefix.push_str(&rel.as_str()[mark..]);
+        self.scan.entries.push(Entry {
+            path: rel,
+            kind: Kind::Dir,
+            meta,
+        });
+        self.held += usize::from(fd.is_some());
+        self.walk(fd.as_ref().map(|f| f.as_fd()), &names);
+        self.held -= usize::from(fd.is_some());
+        self.prefix.truncate(mark);
     }
 }
 
@@ -444,13 +580,8 @@ pub fn scan_paths(
     // renamed on the other side is found here without reading its files again.
     let mut loaded = cache_file.map(|f| HashCache::load(&f, opts.algorithm));
     let mut cache = loaded.as_mut();
-    let mut walker = Walker {
-        scan: &mut scan,
-        pending: &mut pending,
-        cache: &mut cache,
-        opts: &opts,
-        own: own.as_ref(),
-    };
+    let mut walker = Walker::new(root, &mut scan, &mut pending, &mut cache, &opts);
+    walker.own = own.as_ref();
     // Ancestors already listed, and whether each is a directory.
     let mut listed: std::collections::HashMap<RelPath, bool> = std::collections::HashMap::new();
     for scope in normalise(scopes) {
@@ -461,7 +592,7 @@ pub fn scan_paths(
             let is_dir = match listed.get(&a) {
                 Some(&d) => d,
                 None => {
-                    let d = walker.visit(a.clone(), &a.to_path(root), false);
+                    let d = walker.visit(a.clone(), CWD, &*a.to_path(root), false);
                     listed.insert(a, d);
                     d
                 }
@@ -472,7 +603,8 @@ pub fn scan_paths(
             }
         }
         if below_a_dir && !listed.contains_key(&scope.path) {
-            let d = walker.visit(scope.path.clone(), &scope.path.to_path(root), scope.deep);
+            let path = scope.path.to_path(root);
+            let d = walker.visit(scope.path.clone(), CWD, &*path, scope.deep);
             listed.insert(scope.path, d);
         }
     }
@@ -482,25 +614,6 @@ pub fn scan_paths(
         scan.entries.dedup_by(|a, b| a.path == b.path);
     }
     Ok(scan)
-}
-
-/// Lists the directory `rel` of the walk. With `own` (the server scanning its own mirror), a
-/// directory this process owns but may not list or enter (mode 000 on a server that is not
-/// root) is opened up first; the scan puts its mode back when it ends.
-fn read_own_dir(
-    own: Option<&Root>,
-    rel: &RelPath,
-    md: &Metadata,
-    path: &Path,
-) -> io::Result<Vec<fs::DirEntry>> {
-    if let Some(own) = own {
-        let euid = rustix::process::geteuid();
-        if !euid.is_root() && md.uid() == euid.as_raw() && md.mode() & 0o500 != 0o500 {
-            // Should that fail, listing it says why.
-            let _ = own.open_up_dir(rel);
-        }
-    }
-    read_dir_sorted(path)
 }
 
 /// Size and hash of a file just opened that must not change while it is read: its stamp is
@@ -718,6 +831,76 @@ mod tests {
             b"changed",
         );
         check_cache(|_, c| fs::write(c, "garbage").unwrap(), b"old content");
+    }
+
+    /// Each directory's names are sorted by their bytes, which must give the component order
+    /// of the whole paths (a directory right before its contents, `a` before `a b`).
+    #[test]
+    fn entries_come_in_component_order() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for dir in ["a", "a-", "ab", "Z", "é"] {
+            fs::create_dir(r.join(dir)).unwrap();
+            for f in ["x", "x y", "x.y", "xy", "X"] {
+                fs::write(r.join(dir).join(f), "").unwrap();
+            }
+        }
+        for f in ["a b", "a.b", "a-b", "b", "\u{7f}"] {
+            fs::write(r.join(f), "").unwrap();
+        }
+        let s = scan(r, None, Options::new(HashAlgorithm::Md5)).unwrap();
+        let paths: Vec<&str> = s.entries.iter().map(|e| e.path.as_str()).collect();
+        let mut sorted = paths.clone();
+        sorted.sort_by(|a, b| a.split('/').cmp(b.split('/')));
+        assert_eq!(paths, sorted);
+        assert_eq!(paths.len(), 5 * 6 + 5);
+    }
+
+    /// Below the directories the walk holds open, entries are found by their whole path: all
+    /// of a tree that deep is still listed, in order, and its files hashed.
+    #[test]
+    fn a_tree_deeper_than_the_open_directories_is_listed_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let mut deep = d.path().to_path_buf();
+        let (mut want, mut files) = (Vec::new(), Vec::new());
+        for level in 0..HELD_DIRS + 5 {
+            deep.push("d");
+            fs::create_dir(&deep).unwrap();
+            let content = level.to_string();
+            fs::write(deep.join("f"), &content).unwrap();
+            symlink("f", deep.join("l")).unwrap();
+            let rel = vec!["d"; level + 1].join("/");
+            want.push(format!("{rel} dir"));
+            let hash = HashAlgorithm::Md5.of(content.as_bytes());
+            files.push([
+                format!("{rel}/f file {} {hash}", content.len()),
+                format!("{rel}/l -> f"),
+            ]);
+        }
+        // "d" sorts first: each level's files come after everything deeper.
+        want.extend(files.into_iter().rev().flatten());
+        let s = scan(d.path(), None, Options::new(HashAlgorithm::Md5)).unwrap();
+        assert_eq!(listing(&s), want);
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_skipped_with_a_warning() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("a")).unwrap();
+        fs::write(d.path().join("a").join(OsStr::from_bytes(b"bad\xff")), "").unwrap();
+        fs::write(d.path().join("a/good"), "").unwrap();
+        let s = scan(d.path(), None, Options::new(HashAlgorithm::Md5)).unwrap();
+        let paths: Vec<&str> = s.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a", "a/good"]);
+        let shown = d.path().join("a").join(OsStr::from_bytes(b"bad\xff"));
+        assert_eq!(
+            s.warnings,
+            [format!(
+                "skipping {}: name is not valid UTF-8",
+                shown.display()
+            )]
+        );
     }
 
     #[test]
