@@ -70,7 +70,8 @@ struct Args {
     /// Hash every file on every sync instead of trusting the hash cache
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
-    /// Keep this client's ID here [default: $XDG_STATE_HOME/server-sync or
+    /// Keep this client's ID and the file list the server last acknowledged (a re-sync sends
+    /// only what changed since) here [default: $XDG_STATE_HOME/server-sync or
     /// ~/.local/state/server-sync]
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,

@@ -51,7 +51,8 @@ struct Args {
     /// Hash every file on every sync instead of trusting the hash cache
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
-    /// Keep the record of the client DIR mirrors here [default: $XDG_STATE_HOME/server-sync
+    /// Keep the record of the client DIR mirrors, and the file list last taken from it (its
+    /// re-syncs send only what changed since), here [default: $XDG_STATE_HOME/server-sync
     /// or ~/.local/state/server-sync]
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
