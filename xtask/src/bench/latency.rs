@@ -339,14 +339,28 @@ impl Latency {
                 for d in [&server_cache, &client_cache] {
                     fs::create_dir_all(d)?;
                 }
-                let server = OurServer::start(&self.server_bin, &dst, &server_cache, &server_log)?;
+                // State of this run alone (never the user's ~/.local/state): the product
+                // creates these.
+                let (server_state, client_state) = (
+                    self.work.join("state-server"),
+                    self.work.join("state-client"),
+                );
+                let server = OurServer::start(
+                    &self.server_bin,
+                    &dst,
+                    &server_cache,
+                    &server_state,
+                    &server_log,
+                )?;
                 let mut cmd = Command::new(&self.client_bin);
                 cmd.arg(&src)
                     .args(["--server", "127.0.0.1", "--port"])
                     .arg(server.port.to_string())
                     .arg("-q")
                     .arg("--cache-dir")
-                    .arg(&client_cache);
+                    .arg(&client_cache)
+                    .arg("--state-dir")
+                    .arg(&client_state);
                 cmd.args(self.mode.args());
                 (cmd, ServerSide::Ours(server), server_log)
             }
@@ -800,9 +814,10 @@ fn measures(s: &Sizes) -> Vec<Measure> {
 /// How the figures were obtained, for whoever reads them (latency.md).
 fn method(s: &Sizes) -> Vec<String> {
     vec![
-        "Ours: `server-sync DST --bind 127.0.0.1 --port 0 --data-port 0 -q --cache-dir S`, and \
-         `client-sync SRC --server 127.0.0.1 --port P -q --cache-dir C` as a daemon (no \
-         `--once`). lsyncd: `settings { nodaemon = true, insist = true }` and `sync { \
+        "Ours: `server-sync DST --bind 127.0.0.1 --port 0 --data-port 0 -q --cache-dir S \
+         --state-dir SS`, and `client-sync SRC --server 127.0.0.1 --port P -q --cache-dir C \
+         --state-dir CS` as a daemon (no `--once`); caches and state directories are the \
+         bench's own, fresh each run. lsyncd: `settings { nodaemon = true, insist = true }` and `sync { \
          default.rsync, source = SRC, target = \"rsync://127.0.0.1:P/latency/\", delay = 0, \
          rsync = { archive = true, compress = false } }`, pushing to `rsync --daemon \
          --no-detach` (module with `use chroot = no`, `munge symlinks = no`, `reverse lookup = \

@@ -374,7 +374,15 @@ pub struct OurServer {
 }
 
 impl OurServer {
-    pub fn start(bin: &Path, dir: &Path, cache_dir: &Path, log: &Path) -> Result<OurServer> {
+    /// Starts `server-sync dir` with its hash cache in `cache_dir` and its state (the client it
+    /// mirrors, the list it last acknowledged) in `state_dir`.
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        cache_dir: &Path,
+        state_dir: &Path,
+        log: &Path,
+    ) -> Result<OurServer> {
         let out = open_log(log)?;
         let mut cmd = Command::new(bin);
         cmd.arg(dir)
@@ -389,6 +397,8 @@ impl OurServer {
             ])
             .arg("--cache-dir")
             .arg(cache_dir)
+            .arg("--state-dir")
+            .arg(state_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(out.try_clone()?);

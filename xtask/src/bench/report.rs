@@ -7,8 +7,12 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
-/// Peak RSS allowed to each side of ours on W4 (issue 4).
+/// Peak RSS allowed to each side of ours, on every workload (issue 4).
 pub const RSS_LIMIT_KIB: u64 = 64 * 1024;
+
+/// Bytes on the wire a re-sync of ours may move, as a multiple of rsync's on the same re-sync
+/// (issue 4).
+pub const WIRE_LIMIT: f64 = 1.5;
 
 /// One timed run of one tool.
 #[derive(Clone, Debug)]
@@ -79,6 +83,32 @@ impl ToolRuns {
     }
 }
 
+/// The walk floor of a re-sync ([`super::walk`]): both trees walked at once, one `lstat` per
+/// entry, timed after each pair of the re-sync.
+#[derive(Clone, Debug, Default)]
+pub struct Walks {
+    pub warmup: Option<f64>,
+    pub runs: Vec<f64>,
+    /// Entries below the source and below the destination, at the last walk.
+    pub src_entries: u64,
+    pub dst_entries: u64,
+}
+
+impl Walks {
+    pub fn median_s(&self) -> f64 {
+        median(&self.runs)
+    }
+}
+
+/// What one workload measured for one of our hashes: our runs, rsync's, and for a re-sync the
+/// walk floor.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    pub ours: ToolRuns,
+    pub rsync: ToolRuns,
+    pub walk: Option<Walks>,
+}
+
 /// Median; the mean of the middle two for an even count; NaN for none.
 pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
@@ -128,21 +158,41 @@ pub struct Row {
     pub hash: &'static str,
     pub title: String,
     pub target: Target,
-    /// Our runs and rsync's, or why the workload could not be measured.
-    pub outcome: Result<(ToolRuns, ToolRuns), String>,
+    /// Most bytes on the wire ours may move, as a multiple of rsync's (re-syncs only).
+    pub wire_target: Option<f64>,
+    /// What was measured, or why the workload could not be.
+    pub outcome: Result<Measured, String>,
 }
 
 impl Row {
     /// median(ours) / median(rsync).
     fn ratio(&self) -> Option<f64> {
-        let (o, r) = self.outcome.as_ref().ok()?;
-        Some(o.median_s() / r.median_s())
+        let m = self.outcome.as_ref().ok()?;
+        Some(m.ours.median_s() / m.rsync.median_s())
     }
 
     /// median(ours) / median(rsync + flush): durable against durable.
     fn ratio_flushed(&self) -> Option<f64> {
-        let (o, r) = self.outcome.as_ref().ok()?;
-        Some(o.median_s() / r.median_flushed_s())
+        let m = self.outcome.as_ref().ok()?;
+        Some(m.ours.median_s() / m.rsync.median_flushed_s())
+    }
+
+    /// median(ours) / median(walk floor), for a re-sync.
+    fn ratio_floor(&self) -> Option<f64> {
+        let m = self.outcome.as_ref().ok()?;
+        Some(m.ours.median_s() / m.walk.as_ref()?.median_s())
+    }
+
+    /// median(our loopback bytes) / median(rsync's).
+    fn wire_ratio(&self) -> Option<f64> {
+        let m = self.outcome.as_ref().ok()?;
+        Some(m.ours.lo_bytes() as f64 / m.rsync.lo_bytes() as f64)
+    }
+
+    /// Whether ours moved at most `wire_target` × rsync's bytes; only re-syncs carry that target.
+    fn wire_met(&self) -> Option<bool> {
+        let limit = self.wire_target?;
+        self.wire_ratio().map(|r| r <= limit)
     }
 
     fn target_ratio(&self) -> Option<f64> {
@@ -156,12 +206,10 @@ impl Row {
         self.target_ratio().map(|r| r <= self.target.ratio)
     }
 
-    /// Whether both sides of ours stay under the RSS limit; only W4 carries that target.
+    /// Whether both sides of ours stay under the RSS limit (every workload carries that
+    /// target); `None` when a side's peak is not known.
     fn rss_met(&self) -> Option<bool> {
-        let (o, _) = self.outcome.as_ref().ok()?;
-        if self.id != "W4" {
-            return None;
-        }
+        let o = &self.outcome.as_ref().ok()?.ours;
         let server = o.server_rss_kib().ok()?;
         Some(o.client_rss_kib() <= RSS_LIMIT_KIB && server <= RSS_LIMIT_KIB)
     }
@@ -357,6 +405,14 @@ pub fn bytes(b: u64) -> String {
     }
 }
 
+/// A ratio with two decimals, or `–` when there is none.
+fn ratio(r: Option<f64>) -> String {
+    match r {
+        Some(r) if r.is_finite() => format!("{r:.2}"),
+        _ => "–".into(),
+    }
+}
+
 pub fn met(m: Option<bool>) -> &'static str {
     match m {
         Some(true) => "met",
@@ -392,6 +448,8 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 impl Report {
     /// The results table (stdout and report.md).
     pub fn table(&self) -> String {
+        let rss_target = format!("RSS ≤ {} each", mib(RSS_LIMIT_KIB));
+        let wire_target = format!("bytes ≤ {WIRE_LIMIT} × rsync");
         let header = [
             "id",
             "hash",
@@ -399,16 +457,21 @@ impl Report {
             "ours",
             "rsync",
             "rsync + flush",
+            "walk floor",
             "ours/rsync",
             "ours/(rsync + flush)",
+            "ours/floor",
             "target",
             "time target",
             "ours client RSS",
             "ours server RSS",
+            &rss_target,
             "rsync client RSS",
             "rsync server RSS",
             "loopback ours",
             "loopback rsync",
+            "bytes ours/rsync",
+            &wire_target,
         ];
         let rows: Vec<Vec<String>> = self
             .rows
@@ -416,7 +479,8 @@ impl Report {
             .map(|r| {
                 let mut cells = vec![r.id.to_string(), r.hash.to_string(), r.title.clone()];
                 match &r.outcome {
-                    Ok((o, s)) => {
+                    Ok(m) => {
+                        let (o, s) = (&m.ours, &m.rsync);
                         let server = |t: &ToolRuns| match t.server_rss_kib() {
                             Ok(k) => mib(k),
                             Err(_) => "n/a".into(),
@@ -425,86 +489,125 @@ impl Report {
                             secs(o.median_s()),
                             secs(s.median_s()),
                             secs(s.median_flushed_s()),
-                            format!("{:.2}", r.ratio().unwrap_or(f64::NAN)),
-                            format!("{:.2}", r.ratio_flushed().unwrap_or(f64::NAN)),
+                            m.walk.as_ref().map_or("–".into(), |w| secs(w.median_s())),
+                            ratio(r.ratio()),
+                            ratio(r.ratio_flushed()),
+                            ratio(r.ratio_floor()),
                             r.target.to_string(),
                             met(r.time_met()).into(),
                             mib(o.client_rss_kib()),
                             server(o),
+                            met(r.rss_met()).into(),
                             mib(s.client_rss_kib()),
                             server(s),
                             bytes(o.lo_bytes()),
                             bytes(s.lo_bytes()),
+                            ratio(r.wire_ratio()),
+                            met(r.wire_met()).into(),
                         ]);
                     }
                     Err(_) => {
                         cells.push("FAILED".into());
-                        cells.extend(std::iter::repeat_n("–".to_string(), 4));
+                        cells.extend(std::iter::repeat_n("–".to_string(), 6));
                         cells.push(r.target.to_string());
-                        cells.extend(std::iter::repeat_n("–".to_string(), 7));
+                        cells.extend(std::iter::repeat_n("–".to_string(), 10));
                     }
                 }
+                assert_eq!(cells.len(), header.len());
                 cells
             })
             .collect();
         table(&header, &rows)
     }
 
-    /// Lines under the table: the memory target and any failure.
+    /// Lines under the table: each verdict's detail where it is not met, and the count of each.
     pub fn verdicts(&self) -> String {
         let mut out = String::new();
         for r in &self.rows {
-            if let (Some(m), Ok((o, _))) = (r.rss_met(), &r.outcome) {
+            let m = match &r.outcome {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = writeln!(out, "{} ({}) FAILED: {e}", r.id, r.hash);
+                    continue;
+                }
+            };
+            if r.rss_met() != Some(true) {
                 let _ = writeln!(
                     out,
                     "{} ({}) peak RSS of ours: client {}, server {} (limit {} each): {}",
                     r.id,
                     r.hash,
-                    mib(o.client_rss_kib()),
-                    o.server_rss_kib().map_or_else(|e| e, mib),
+                    mib(m.ours.client_rss_kib()),
+                    m.ours.server_rss_kib().map_or_else(|e| e, mib),
                     mib(RSS_LIMIT_KIB),
-                    met(Some(m))
+                    met(r.rss_met())
                 );
             }
-            if let Err(e) = &r.outcome {
-                let _ = writeln!(out, "{} ({}) FAILED: {e}", r.id, r.hash);
+            if let (Some(limit), Some(false)) = (r.wire_target, r.wire_met()) {
+                let _ = writeln!(
+                    out,
+                    "{} ({}) bytes on the wire: ours {}, rsync {}: {} × rsync's (limit {limit}): {}",
+                    r.id,
+                    r.hash,
+                    bytes(m.ours.lo_bytes()),
+                    bytes(m.rsync.lo_bytes()),
+                    ratio(r.wire_ratio()),
+                    met(r.wire_met())
+                );
             }
         }
-        let time_met = self.rows.iter().filter(|r| r.time_met() == Some(true));
+        // A failed row, or one whose figure is unknown, counts as not met.
+        let count =
+            |f: fn(&Row) -> Option<bool>| self.rows.iter().filter(|r| f(r) == Some(true)).count();
+        let (time, rss, n) = (count(Row::time_met), count(Row::rss_met), self.rows.len());
+        let resyncs: Vec<&Row> = self
+            .rows
+            .iter()
+            .filter(|r| r.wire_target.is_some())
+            .collect();
+        let wire = resyncs
+            .iter()
+            .filter(|r| r.wire_met() == Some(true))
+            .count();
+        let _ = writeln!(out, "time targets met: {time} of {n}");
         let _ = writeln!(
             out,
-            "time targets met: {} of {}",
-            time_met.count(),
-            self.rows.len()
+            "memory targets (peak RSS ≤ {} on each side of ours) met: {rss} of {n}",
+            mib(RSS_LIMIT_KIB)
+        );
+        let _ = writeln!(
+            out,
+            "re-sync bytes on the wire (≤ {WIRE_LIMIT} × rsync's) met: {wire} of {}",
+            resyncs.len()
         );
         out
     }
 
     fn samples_table(&self) -> String {
-        let runs = |t: &ToolRuns| {
-            t.runs
-                .iter()
-                .map(|s| format!("{:.3}", s.wall_s))
-                .collect::<Vec<_>>()
-                .join(", ")
+        let list = |v: &mut dyn Iterator<Item = f64>| {
+            v.map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ")
         };
-        let warm = |t: &ToolRuns| {
-            t.warmup
-                .as_ref()
-                .map_or("–".into(), |s| format!("{:.3}", s.wall_s))
-        };
+        let runs = |t: &ToolRuns| list(&mut t.runs.iter().map(|s| s.wall_s));
+        let flushes = |t: &ToolRuns| list(&mut t.runs.iter().map(|s| s.flush_s));
+        let warm = |w: Option<f64>| w.map_or("–".into(), |w| format!("{w:.3}"));
         let rows: Vec<Vec<String>> = self
             .rows
             .iter()
             .filter_map(|r| {
-                let (o, s) = r.outcome.as_ref().ok()?;
+                let m = r.outcome.as_ref().ok()?;
+                let (o, s) = (&m.ours, &m.rsync);
                 Some(vec![
                     r.id.to_string(),
                     r.hash.to_string(),
                     runs(o),
-                    warm(o),
+                    warm(o.warmup.as_ref().map(|s| s.wall_s)),
                     runs(s),
-                    warm(s),
+                    flushes(s),
+                    warm(s.warmup.as_ref().map(|s| s.wall_s)),
+                    m.walk
+                        .as_ref()
+                        .map_or("–".into(), |w| list(&mut w.runs.iter().copied())),
+                    warm(m.walk.as_ref().and_then(|w| w.warmup)),
                 ])
             })
             .collect();
@@ -515,7 +618,10 @@ impl Report {
                 "ours runs (s)",
                 "ours warm-up",
                 "rsync runs (s)",
+                "flush after each",
                 "rsync warm-up",
+                "walk floor runs (s)",
+                "walk warm-up",
             ],
             &rows,
         )
@@ -582,10 +688,30 @@ impl Report {
                     "warmup_s",
                     t.warmup.as_ref().map_or(J::Null, |s| J::Num(s.wall_s)),
                 ),
+                (
+                    "flush_after_runs_s",
+                    J::Arr(t.runs.iter().map(|s| J::Num(s.flush_s)).collect()),
+                ),
                 ("client_peak_rss_kib", J::Int(t.client_rss_kib())),
                 ("server_peak_rss_kib", server),
                 ("server_peak_rss_note", note),
                 ("loopback_bytes", J::Int(t.lo_bytes())),
+                (
+                    "loopback_bytes_runs",
+                    J::Arr(t.runs.iter().map(|s| J::Int(s.lo_bytes)).collect()),
+                ),
+            ])
+        };
+        let walk = |w: &Walks| {
+            J::Obj(vec![
+                ("median_s", J::Num(w.median_s())),
+                (
+                    "runs_s",
+                    J::Arr(w.runs.iter().map(|s| J::Num(*s)).collect()),
+                ),
+                ("warmup_s", w.warmup.map_or(J::Null, J::Num)),
+                ("source_entries", J::Int(w.src_entries)),
+                ("destination_entries", J::Int(w.dst_entries)),
             ])
         };
         let opt_bool = |b: Option<bool>| b.map_or(J::Null, J::Bool);
@@ -593,9 +719,14 @@ impl Report {
             .rows
             .iter()
             .map(|r| {
-                let (ours, rsync, error) = match &r.outcome {
-                    Ok((o, s)) => (tool(o), tool(s), J::Null),
-                    Err(e) => (J::Null, J::Null, J::Str(e.clone())),
+                let (ours, rsync, floor, error) = match &r.outcome {
+                    Ok(m) => (
+                        tool(&m.ours),
+                        tool(&m.rsync),
+                        m.walk.as_ref().map_or(J::Null, walk),
+                        J::Null,
+                    ),
+                    Err(e) => (J::Null, J::Null, J::Null, J::Str(e.clone())),
                 };
                 J::Obj(vec![
                     ("id", J::Str(r.id.into())),
@@ -617,10 +748,18 @@ impl Report {
                         "ratio_with_flush",
                         r.ratio_flushed().map_or(J::Null, J::Num),
                     ),
+                    (
+                        "ratio_to_walk_floor",
+                        r.ratio_floor().map_or(J::Null, J::Num),
+                    ),
                     ("time_met", opt_bool(r.time_met())),
                     ("rss_met", opt_bool(r.rss_met())),
+                    ("wire_ratio", r.wire_ratio().map_or(J::Null, J::Num)),
+                    ("wire_target_ratio", r.wire_target.map_or(J::Null, J::Num)),
+                    ("wire_met", opt_bool(r.wire_met())),
                     ("ours", ours),
                     ("rsync", rsync),
+                    ("walk_floor", floor),
                     ("error", error),
                 ])
             })
@@ -634,6 +773,7 @@ impl Report {
             ),
             ("bench_wall_s", J::Num(self.wall_s)),
             ("rss_limit_kib", J::Int(RSS_LIMIT_KIB)),
+            ("wire_limit_ratio", J::Num(WIRE_LIMIT)),
             (
                 "machine",
                 J::Obj(vec![
@@ -667,8 +807,9 @@ impl Report {
 
 /// How the figures were obtained, for whoever reads them (report.md and report.json).
 const NOTES: &[&str] = &[
-    "Ours: `client-sync SRC --server 127.0.0.1 --port P --once -q --hash H --cache-dir C` against \
-     a fresh `server-sync DST --bind 127.0.0.1 --port 0 --data-port 0 -q --cache-dir S` per run. \
+    "Ours: `client-sync SRC --server 127.0.0.1 --port P --once -q --hash H --cache-dir C \
+     --state-dir CS` against a fresh `server-sync DST --bind 127.0.0.1 --port 0 --data-port 0 -q \
+     --cache-dir S --state-dir SS` per run. \
      rsync: `rsync -a --delete SRC/ rsync://127.0.0.1:P/bench/DST/` against a fresh `rsync \
      --daemon --no-detach` per run (module with `use chroot = no`, `munge symlinks = no`, \
      `reverse lookup = no`, running as the current user). Only the client is timed: the server \
@@ -699,11 +840,30 @@ const NOTES: &[&str] = &[
      a fresh, empty server cache. A freshly generated source tree is left 2.5 s before its \
      first (warm-up) sync, since files changed less than 2 s before a scan are never cached: \
      that is setup, as a real tree is older than that.",
-    "Re-syncs (W3, W4n, W6) reuse the mirrors and server cache of the last measured initial \
-     sync of the same tree, and run straight after the sync before them, with no pause, as a \
+    "State directories (the client's ID and the list the server last acknowledged, from which \
+     a re-sync sends only what changed): every destination of ours has its own server state \
+     directory SS beside its server cache, created empty with the destination, so an initial \
+     sync starts with fresh server state and a re-sync finds the state its mirror's last sync \
+     left. Every source tree (and hash) has its own client state directory CS, which, like the \
+     client cache, persists for the whole bench: a re-sync's client holds the list the mirror's \
+     server acknowledged in the sync before it, as a script running `--once` would; an initial \
+     sync's client holds the previous run's list, which the fresh server does not, so it sends \
+     the whole list. Both live in the bench's work directory: nothing is shared between \
+     destinations, with other benches, or with the user's own state \
+     (~/.local/state/server-sync).",
+    "Re-syncs (W3, W4n, W6) reuse the mirrors, server caches and server state of the last \
+     measured initial sync of the same tree, and run straight after the sync before them, with no pause, as a \
      script would run them: whatever the 2 s rule leaves uncached at that moment is paid for \
      in the timing. (Our server keeps the hash of every file it received, so an unchanged \
      re-sync straight after a sync need not read the files again.)",
+    "Walk floor (re-syncs): the time to walk the source and our destination with one `lstat` \
+     per entry (`openat` per directory, `getdents64`, `fstatat` relative to the directory, \
+     symlinks not followed, nothing read), the two trees at once on two threads, as client and \
+     server walk theirs; timed until both are done. It is measured by the bench itself right \
+     after each pair of the re-sync (warm-up pair included, as its warm-up), so it sees the same \
+     tree in the same page cache; the median of the measured pairs is shown. `ours/floor` is \
+     how many walks a re-sync of ours costs: any tool that looks at every entry pays the floor \
+     at least. With several hashes, the first hash's destination is walked.",
     "W6: before each pair (warm-up included) a fresh seeded change rewrites 10 files and adds \
      10, and every run of the pair syncs that same change, straight after writing it.",
     "Every run is checked afterwards (outside the timing): the destination must match the \
@@ -715,12 +875,15 @@ const NOTES: &[&str] = &[
      side, `ru_maxrss` of the per-run daemon after it has reaped its session processes, i.e. \
      the largest single process of that session (rsync's receiving side is a generator and a \
      receiver process: their peaks are not added up). The largest over the measured runs is \
-     shown. The clients and the daemon are started and reaped by a small supervisor process \
+     shown. The memory target, at most 64 MiB on each side of ours, applies to every workload; \
+     a side whose peak is not known does not meet it. The clients and the daemon are started and reaped by a small supervisor process \
      (`xtask __bench-run`), not by the bench: `ru_maxrss` includes the resident memory of the \
      process that forked, and the bench itself grows to tens of MiB; the floor this leaves is \
      listed under Machine.",
     "Loopback bytes: delta of `lo` tx_bytes in /proc/net/dev over the client's run: both \
-     directions, TCP/IP headers included; median over the measured runs.",
+     directions, TCP/IP headers included; median over the measured runs. Re-syncs (W3, W4n, \
+     W6) carry a target of their own on it: ours at most 1.5 × rsync's bytes (`bytes \
+     ours/rsync`).",
 ];
 
 /// A JSON value, just enough for the report.
@@ -808,6 +971,110 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    fn runs(wall_s: f64, rss_kib: u64, lo_bytes: u64) -> ToolRuns {
+        let s = Sample {
+            wall_s,
+            client_rss_kib: rss_kib,
+            server_rss_kib: Ok(rss_kib),
+            lo_bytes,
+            flush_s: 0.5,
+        };
+        ToolRuns {
+            warmup: Some(s.clone()),
+            runs: vec![s.clone(), s],
+        }
+    }
+
+    fn row(id: &'static str, ours: ToolRuns, rsync: ToolRuns, walk: Option<f64>) -> Row {
+        Row {
+            id,
+            hash: "blake3",
+            title: format!("{id} workload"),
+            target: Target {
+                ratio: 0.3,
+                against: Baseline::Rsync,
+            },
+            wire_target: walk.map(|_| WIRE_LIMIT),
+            outcome: Ok(Measured {
+                ours,
+                rsync,
+                walk: walk.map(|s| Walks {
+                    warmup: Some(s),
+                    runs: vec![s, s],
+                    src_entries: 10,
+                    dst_entries: 10,
+                }),
+            }),
+        }
+    }
+
+    #[test]
+    fn verdicts_on_every_row_and_wire_on_resyncs() {
+        // An initial sync within every target but memory; a re-sync over the wire limit.
+        let w1 = row(
+            "W1",
+            runs(0.1, 65 * 1024, 1000),
+            runs(1.0, 1024, 1000),
+            None,
+        );
+        let w3 = row(
+            "W3",
+            runs(0.2, 1024, 1600),
+            runs(1.0, 1024, 1000),
+            Some(0.05),
+        );
+        assert_eq!(w1.rss_met(), Some(false));
+        assert_eq!(w1.wire_met(), None);
+        assert_eq!(w1.ratio_floor(), None);
+        assert_eq!(w3.rss_met(), Some(true));
+        assert_eq!(w3.wire_ratio(), Some(1.6));
+        assert_eq!(w3.wire_met(), Some(false));
+        assert_eq!(w3.ratio_floor(), Some(4.0));
+        assert_eq!(w3.ratio_flushed(), Some(0.2 / 1.5));
+        let failed = Row {
+            outcome: Err("boom".into()),
+            ..row("W6", ToolRuns::default(), ToolRuns::default(), Some(0.1))
+        };
+        let report = Report {
+            quick: true,
+            pairs: 2,
+            hashes: vec!["blake3"],
+            machine: Machine::read(Path::new("/"), Path::new("/"), String::new(), None),
+            rows: vec![w1, w3, failed],
+            wall_s: 1.0,
+        };
+        let v = report.verdicts();
+        assert!(
+            v.contains("W1 (blake3) peak RSS of ours: client 65.0 MiB"),
+            "{v}"
+        );
+        assert!(!v.contains("W3 (blake3) peak RSS"), "{v}");
+        assert!(v.contains("W3 (blake3) bytes on the wire"), "{v}");
+        assert!(v.contains("W6 (blake3) FAILED: boom"), "{v}");
+        assert!(v.contains("time targets met: 2 of 3"), "{v}");
+        assert!(v.contains("met: 1 of 3\n"), "{v}");
+        assert!(
+            v.contains("re-sync bytes on the wire (≤ 1.5 × rsync's) met: 0 of 2"),
+            "{v}"
+        );
+        // Every row has every column (the table asserts it), the floor only on re-syncs.
+        let t = report.table();
+        let header = t.lines().next().unwrap();
+        for col in [
+            "rsync + flush",
+            "walk floor",
+            "ours/floor",
+            "bytes ours/rsync",
+        ] {
+            assert!(header.contains(col), "{header}");
+        }
+        assert!(t.lines().nth(3).unwrap().contains("| 0.050 s "), "{t}");
+        let j = report.json();
+        assert!(j.contains("\"ratio_to_walk_floor\": 4.0"), "{j}");
+        assert!(j.contains("\"wire_met\": false"), "{j}");
+        assert!(j.contains("\"median_with_flush_s\": 1.5"), "{j}");
     }
 
     #[test]
