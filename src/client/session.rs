@@ -274,6 +274,14 @@ pub(super) async fn exchange(
         }
         None => send_list(cfg, conn, listed.entries(), root).await?,
     }
+    let unchanged = since
+        .as_ref()
+        .is_some_and(|(_, result)| Some(*result) == terms.held);
+    // Written while the server works, put in place only once it has acknowledged the list.
+    let staging = acked.filter(|_| !unchanged).map(|file| {
+        let (listed, alg) = (listed.clone(), terms.algorithm);
+        tokio::task::spawn_blocking(move || state::stage_acked(&file, alg, 0, listed.entries()))
+    });
     let learned = loop {
         match serve(cfg, conn, terms, listed.clone(), report, asked).await? {
             Served::Done(learned) => break learned,
@@ -290,9 +298,14 @@ pub(super) async fn exchange(
             }
         }
     };
-    let unchanged = since.is_some_and(|(_, result)| !whole && Some(result) == terms.held);
-    if let Some(file) = acked.filter(|_| !unchanged) {
-        keep(file, terms, listed).await;
+    if let Some(staging) = staging {
+        let kept = staging
+            .await
+            .expect("writing a list does not panic")
+            .and_then(state::StagedList::persist);
+        if let Err(e) = kept {
+            tracing::warn!("{e}; the next sync sends the whole list");
+        }
     }
     Ok(learned)
 }
@@ -322,21 +335,6 @@ async fn delta(
         Some((changes, result))
     });
     comparing.await.expect("comparing lists does not panic")
-}
-
-/// Keeps `listed` as the list the server acknowledged. One that cannot be kept costs the next
-/// sync the whole list, nothing else: a warning.
-async fn keep(file: PathBuf, terms: Terms, listed: Arc<Manifest>) {
-    let writing = tokio::task::spawn_blocking(move || {
-        let kept = state::write_acked(&file, terms.algorithm, 0, listed.entries());
-        if kept.is_err() {
-            state::forget_acked(&file);
-        }
-        kept
-    });
-    if let Err(e) = writing.await.expect("writing a list does not panic") {
-        tracing::warn!("{e}; the next sync sends the whole list");
-    }
 }
 
 /// Sends what changed since the list `base`, which makes the list `result`.

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::core::manifest::{Entry, Kind, Manifest, Meta, RelPath, Scope, find_sorted};
 use crate::server::MAX_ENTRIES;
 use crate::server::session::{
-    Acked, SessionError, Shared, Terms, admit, check_algorithm, done, keepalive, lists,
+    Acked, SessionError, Shared, Terms, admit, check_algorithm, done, keep_later, keepalive, lists,
     read_changes, round, wait_turn,
 };
 use crate::store::Store;
@@ -208,21 +208,15 @@ impl Live<'_> {
         let _turn = turn(self.shared, conn, self.terms).await?;
         // The whole list, kept again for the client's next session.
         let acked = Acked::whole(self.shared, self.terms);
-        let (client, server, root_meta) = lists(self.shared, conn, self.terms, acked).await?;
-        self.root_meta = root_meta;
-        let (summary, held) = round(
-            self.shared,
-            conn,
-            data,
-            self.terms,
-            (client, server, root_meta),
-        )
-        .await?;
-        self.held = held;
+        let lists = lists(self.shared, conn, self.terms, acked).await?;
+        self.root_meta = lists.root;
+        let keep_after = lists.keep_after.clone();
+        let (summary, held) = round(self.shared, conn, data, self.terms, lists.planned()).await?;
         // Everything was just looked at.
         self.changed.clear();
         self.everything = false;
         done(self.shared, conn, self.terms, summary).await?;
+        self.held = keep_later(self.shared, conn, self.terms, keep_after, held).await;
         crate::process::release_freed_memory();
         Ok(())
     }

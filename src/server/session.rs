@@ -410,11 +410,43 @@ async fn sync(
     terms: Terms,
     (admission, acked): (Admission, Option<Acked>),
 ) -> Result<Manifest, SessionError> {
-    let (client, server, root_meta) = lists(shared, conn, terms, acked).await?;
-    let (mut summary, held) = round(shared, conn, data, terms, (client, server, root_meta)).await?;
+    let lists = lists(shared, conn, terms, acked).await?;
+    let keep_after = lists.keep_after.clone();
+    let (mut summary, held) = round(shared, conn, data, terms, lists.planned()).await?;
     record_client(shared, admission, terms.client, &mut summary).await;
     done(shared, conn, terms, summary).await?;
-    Ok(held)
+    Ok(keep_later(shared, conn, terms, keep_after, held).await)
+}
+
+/// Keeps `held` in `file` (if any) once the client has its `SyncDone`: its wait is not
+/// lengthened by it, and the turn is still this session's, so the next finds it written.
+pub(super) async fn keep_later(
+    shared: &Shared,
+    conn: &mut ControlConnection<TcpStream>,
+    terms: Terms,
+    file: Option<PathBuf>,
+    held: Manifest,
+) -> Manifest {
+    match file {
+        Some(file) => keep(shared, conn, terms, file, held).await,
+        None => held,
+    }
+}
+
+/// The two lists of a round, and where the client's is to be kept once it is served.
+pub(super) struct Lists {
+    pub client: Manifest,
+    pub server: Manifest,
+    pub root: Option<Meta>,
+    /// Where to keep the client's list after `SyncDone` (see [`keep_later`]).
+    pub keep_after: Option<PathBuf>,
+}
+
+impl Lists {
+    /// What [`round`] plans.
+    pub fn planned(self) -> (Manifest, Manifest, Option<Meta>) {
+        (self.client, self.server, self.root)
+    }
 }
 
 /// One batch's work, from the two lists to the summary: hashes asked where they matter, the
@@ -478,7 +510,7 @@ pub(super) async fn lists(
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
     acked: Option<Acked>,
-) -> Result<(Manifest, Manifest, Option<Meta>), SessionError> {
+) -> Result<Lists, SessionError> {
     let (root, cache_file) = (shared.root.clone(), shared.cache_file.clone());
     let opts = scan::Options {
         read_own: true,
@@ -497,13 +529,18 @@ pub(super) async fn lists(
         .expect("scan does not panic");
     let listed = listed?;
     let server = server?;
-    let (client, root_meta) = client_list(shared, conn, terms, listed, acked).await?;
+    let (client, root, keep_after) = client_list(shared, conn, terms, listed, acked).await?;
     shared.events.emit(Event::ListReceived {
         peer: terms.addr,
         entries: client.len(),
         bytes: client.file_bytes(),
     });
-    Ok((client, server, root_meta))
+    Ok(Lists {
+        client,
+        server,
+        root,
+        keep_after,
+    })
 }
 
 /// What the client sent as its list.
@@ -523,14 +560,15 @@ enum Listed {
 /// applied, checked against the ID the client announced. Changes that do not fit (the list
 /// held is gone, damaged or another; the result is not the list announced) are answered with
 /// `Held(None)`, and the whole list is read instead. A list new to this server is kept for the
-/// client's next session.
+/// client's next session: now when the session may change it (files sent unhashed, whose
+/// hashes the server may ask for), else once it is served (the file to keep it in is returned).
 async fn client_list(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
     listed: Listed,
     mut acked: Option<Acked>,
-) -> Result<(Manifest, Option<Meta>), SessionError> {
+) -> Result<(Manifest, Option<Meta>, Option<PathBuf>), SessionError> {
     let (client, root, id) = match listed {
         Listed::Whole(entries, root) => (whole(entries, terms)?, root, None),
         Listed::Since {
@@ -570,13 +608,18 @@ async fn client_list(
             }
         }
     };
-    let client = match acked {
-        // The list held is this very list: nothing to keep.
-        Some(a) if id.is_some() && id == a.id => client,
-        Some(a) => keep(shared, conn, terms, a.file, client).await,
-        None => client,
+    let unhashed = || {
+        client
+            .iter()
+            .any(|e| matches!(e.kind, Kind::Unhashed { .. }))
     };
-    Ok((client, root))
+    match acked {
+        // The list held is this very list: nothing to keep.
+        Some(a) if id.is_some() && id == a.id => Ok((client, root, None)),
+        Some(a) if unhashed() => Ok((keep(shared, conn, terms, a.file, client).await, root, None)),
+        Some(a) => Ok((client, root, Some(a.file))),
+        None => Ok((client, root, None)),
+    }
 }
 
 /// A whole list from the client, checked.

@@ -245,6 +245,42 @@ pub fn write_acked(
     owner: u128,
     entries: &[Entry],
 ) -> Result<ListId, StateError> {
+    let staged = stage_acked(file, algorithm, owner, entries)?;
+    let id = staged.id;
+    staged.persist()?;
+    Ok(id)
+}
+
+/// A list written beside the file it is to replace, not yet in place (see [`stage_acked`]).
+pub struct StagedList {
+    pub id: ListId,
+    tmp: TempFile,
+    file: PathBuf,
+}
+
+impl StagedList {
+    /// Puts the list in place, atomically.
+    pub fn persist(self) -> Result<(), StateError> {
+        let file = self.file;
+        self.tmp
+            .persist_to(&file)
+            .map_err(|source| StateError::Write {
+                what: "the acknowledged list",
+                path: file.clone(),
+                source,
+            })
+    }
+}
+
+/// Writes `entries` as [`write_acked`] does, but leaves them beside `file` until
+/// [`StagedList::persist`]: so a list can be written while its sync runs, and kept only if it
+/// ends well (dropped, it leaves nothing behind).
+pub fn stage_acked(
+    file: &Path,
+    algorithm: HashAlgorithm,
+    owner: u128,
+    entries: &[Entry],
+) -> Result<StagedList, StateError> {
     let write = |source| StateError::Write {
         what: "the acknowledged list",
         path: file.to_owned(),
@@ -255,8 +291,11 @@ pub fn write_acked(
     let mut tmp = TempFile::new_in(dir).map_err(write)?;
     let out = io::BufWriter::with_capacity(256 << 10, tmp.file());
     let id = list_file::write_list(out, algorithm, owner, entries).map_err(write)?;
-    tmp.persist_to(file).map_err(write)?;
-    Ok(id)
+    Ok(StagedList {
+        id,
+        tmp,
+        file: file.to_owned(),
+    })
 }
 
 /// Forgets the list in `file`: the next sync sends the whole list.
