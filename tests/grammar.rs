@@ -133,7 +133,14 @@ async fn scripted_with(port: u16, capabilities: Capabilities) -> ControlConnecti
     })
     .await
     .unwrap();
-    match conn.recv().await.unwrap() {
+    // Pinged while the session before (or its leftovers) holds the turn.
+    let welcome = loop {
+        match conn.recv().await.unwrap() {
+            Some(ControlMessage::Ping) => continue,
+            other => break other,
+        }
+    };
+    match welcome {
         Some(ControlMessage::Welcome { capabilities, .. })
             if capabilities.has(Capabilities::DELTA) =>
         {
@@ -178,7 +185,8 @@ async fn sessions(port: u16, client_dir: &Path, server_dir: &Path, cache: &Path)
             format!("file {i}").as_bytes(),
         );
     }
-    write(client_dir, "big", &vec![7u8; 4 << 20]);
+    // Large enough that hashing it outlasts a timer tick: the client pings while it hashes.
+    write(client_dir, "big", &vec![7u8; 32 << 20]);
     sparse(client_dir, "sparse");
     write(client_dir, "vanish", b"here for the list only");
     let cfg = client::Config {
