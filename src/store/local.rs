@@ -1,6 +1,6 @@
 //! The local-disk store: [`Store`] and [`Staged`] implemented by [`Root`] and [`TempFile`].
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io;
 use std::path::PathBuf;
 
@@ -10,12 +10,13 @@ use crate::core::stamp::Stamp;
 use crate::events::EventSink;
 use crate::store::apply::{self, Outcome};
 use crate::store::cache::now_ns;
-use crate::store::root::{Root, RootError, TempFile};
+use crate::store::root::{Dirs, Root, RootError, TempFile};
 use crate::store::scan::{self, Scan};
 use crate::store::{Staged, Store};
 
 impl Store for Root {
     type Staged = TempFile;
+    type Dirs = Dirs;
 
     fn list(&self, cache_file: Option<PathBuf>, opts: scan::Options) -> io::Result<Scan> {
         scan::scan_cached(self.path(), cache_file, opts)
@@ -30,21 +31,19 @@ impl Store for Root {
         scan::scan_paths(self.path(), scopes, cache_file, opts)
     }
 
-    fn read(&self, rel: &RelPath) -> io::Result<File> {
-        self.open_read(rel)
+    fn read(&self, rel: &RelPath, dirs: &mut Dirs) -> io::Result<(File, Metadata)> {
+        self.open_read_in(rel, dirs)
     }
 
-    fn stage(&self, rel: &RelPath) -> Result<TempFile, RootError> {
-        self.temp_for(rel)
+    fn stage(&self, rel: &RelPath, dirs: &mut Dirs) -> Result<TempFile, RootError> {
+        self.temp_in(rel, dirs)
     }
 
     fn commit(&self, staged: TempFile, rel: &RelPath) -> Result<Option<Stamp>, RootError> {
         // The descriptor outlives the rename, so the stamp read from it after the rename
         // (which moves ctime) is that of the very file committed, whatever happens to the path.
-        let mut staged = staged;
-        let fd = staged.file().try_clone().ok();
-        self.place(staged, rel)?;
-        Ok(fd
+        let file = self.place_keeping(staged, rel)?;
+        Ok(file
             .and_then(|f| f.metadata().ok())
             .map(|m| Stamp::of(&m))
             .filter(|s| s.settled_own_write(now_ns())))

@@ -10,7 +10,7 @@ pub mod scan;
 pub mod state;
 pub mod watch;
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +30,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// A file being written for an entry: not part of the tree until committed, gone if
     /// dropped uncommitted.
     type Staged: Staged + Send;
+    /// What a thread that reads or stages file after file keeps from one to the next (for
+    /// [`Root`], the directory it last reached: files of one directory come together).
+    type Dirs: Default + Send;
 
     /// Lists the tree (its hash cache, if any, in `cache_file`).
     fn list(&self, cache_file: Option<PathBuf>, opts: scan::Options) -> io::Result<Scan>;
@@ -40,10 +43,10 @@ pub trait Store: Clone + Send + Sync + 'static {
         cache_file: Option<PathBuf>,
         opts: scan::Options,
     ) -> io::Result<Scan>;
-    /// Opens the regular file `rel` for reading, never through a symlink.
-    fn read(&self, rel: &RelPath) -> io::Result<File>;
+    /// Opens the regular file `rel` for reading, never through a symlink; with its metadata.
+    fn read(&self, rel: &RelPath, dirs: &mut Self::Dirs) -> io::Result<(File, Metadata)>;
     /// A new, empty, private file that will become `rel`.
-    fn stage(&self, rel: &RelPath) -> Result<Self::Staged, RootError>;
+    fn stage(&self, rel: &RelPath, dirs: &mut Self::Dirs) -> Result<Self::Staged, RootError>;
     /// Makes a staged file `rel`, atomically replacing what was there. Returns the stamp it
     /// has in place when the hash cache may trust it at once.
     fn commit(&self, staged: Self::Staged, rel: &RelPath) -> Result<Option<Stamp>, RootError>;

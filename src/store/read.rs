@@ -29,18 +29,26 @@ pub struct SparseReader {
     /// The end of the data region `pos` is in, once known.
     data_end: Option<u64>,
     look_for_holes: bool,
+    /// A read came back short at or past the size: the end, without reading again to see it.
+    ended: bool,
 }
 
 impl SparseReader {
     pub fn new(file: File) -> io::Result<SparseReader> {
         let size = file.metadata()?.len();
-        Ok(SparseReader {
+        Ok(SparseReader::with_size(file, size))
+    }
+
+    /// A reader for `file`, whose size (as `fstat` told when it was opened) is `size`.
+    pub fn with_size(file: File, size: u64) -> SparseReader {
+        SparseReader {
             file,
             pos: 0,
             size,
             data_end: None,
             look_for_holes: size >= SPARSE_ABOVE,
-        })
+            ended: false,
+        }
     }
 
     pub fn file(&self) -> &File {
@@ -49,6 +57,9 @@ impl SparseReader {
 
     /// The next segment; a `Data` segment's bytes are in `buf[..n]`.
     pub fn next(&mut self, buf: &mut [u8]) -> io::Result<Segment> {
+        if self.ended {
+            return Ok(Segment::End);
+        }
         if self.look_for_holes
             && self.pos < self.size
             && self.data_end.is_none_or(|e| e <= self.pos)
@@ -72,6 +83,10 @@ impl SparseReader {
                 Ok(0) => return Ok(Segment::End),
                 Ok(n) => {
                     self.pos += n as u64;
+                    // A regular file reads short only at its end. Only past the size it had
+                    // is that trusted, so a file system that reads short anywhere (some FUSE
+                    // ones) is read on; a small file costs one read, not two.
+                    self.ended = n < limit && self.pos >= self.size;
                     return Ok(Segment::Data(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -146,5 +161,20 @@ mod tests {
         std::fs::write(&dense, vec![1u8; 3 << 20]).unwrap();
         let (content, holes) = read_all(File::open(&dense).unwrap());
         assert_eq!((content.len(), holes), (3 << 20, 0));
+
+        // A small file: one short read, which is the end.
+        let small = d.path().join("small");
+        std::fs::write(&small, b"small").unwrap();
+        let mut r = SparseReader::with_size(File::open(&small).unwrap(), 5);
+        let mut buf = [0u8; 64];
+        assert_eq!(r.next(&mut buf).unwrap(), Segment::Data(5));
+        assert_eq!(r.next(&mut buf).unwrap(), Segment::End);
+        // Grown since it was measured: read on to its end.
+        let mut r = SparseReader::with_size(File::open(&small).unwrap(), 2);
+        let (mut got, mut small_buf) = (Vec::new(), [0u8; 3]);
+        while let Segment::Data(n) = r.next(&mut small_buf).unwrap() {
+            got.extend_from_slice(&small_buf[..n]);
+        }
+        assert_eq!(got, b"small");
     }
 }

@@ -13,11 +13,11 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec};
@@ -100,9 +100,30 @@ struct Opened {
 }
 
 /// The directory holding an entry, with its path below the root ("" for the root).
+#[derive(Clone)]
 struct Parent {
     fd: Arc<OwnedFd>,
     rel: String,
+}
+
+/// The directory a thread last reached an entry in, kept for the next entry there: files of
+/// one directory come one after the other in a request (and in a send), and each would
+/// otherwise open that directory again (`openat2`, `close`). For one [`Root`] (another's is
+/// not used). The handle was opened beneath the root without following a symlink, like any
+/// other; what it refers to is the directory that was at that path then, wherever a local
+/// process may move it since (as for a temp file, which is reached through its directory's
+/// handle until it is placed): a symlink put in its place is never followed.
+#[derive(Default)]
+pub struct Dirs {
+    /// The root it was reached from, and the directory.
+    last: Option<(Arc<Inner>, Parent)>,
+}
+
+impl std::fmt::Debug for Dirs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.last.as_ref().map(|(_, p)| p.rel.as_str());
+        f.debug_struct("Dirs").field("held", &held).finish()
+    }
 }
 
 /// A warning given once per process, however often its cause is met.
@@ -239,6 +260,26 @@ impl Root {
         Ok((parent, name))
     }
 
+    /// [`Root::parent`], through `dirs`: the directory that holds `rel` is opened only when it
+    /// is not the one `dirs` holds, and then held instead.
+    fn parent_in<'r>(
+        &self,
+        rel: &'r RelPath,
+        dirs: &mut Dirs,
+        open_up: bool,
+    ) -> Result<(Parent, &'r str), RootError> {
+        let (dir, name) = split(rel);
+        if let Some((root, held)) = &dirs.last
+            && Arc::ptr_eq(root, &self.inner)
+            && held.rel == dir
+        {
+            return Ok((held.clone(), name));
+        }
+        let (parent, name) = self.parent(rel, open_up)?;
+        dirs.last = Some((self.inner.clone(), parent.clone()));
+        Ok((parent, name))
+    }
+
     /// Opens `dir` one component at a time, never following a symlink, making each directory of
     /// our own that we may not search searchable by its owner (a directory mirrored with mode
     /// 000 on a server that is not root). [`Root::restore_modes`] puts the modes back.
@@ -328,9 +369,41 @@ impl Root {
         .map_err(|e| RootError::io(rel, e))
     }
 
+    /// [`Root::temp_for`] for a received file, its directory reached through `dirs`.
+    pub fn temp_in(&self, rel: &RelPath, dirs: &mut Dirs) -> Result<TempFile, RootError> {
+        let (parent, _) = self.parent_in(rel, dirs, true)?;
+        let made = match self.temp_at(&parent, rel) {
+            // The directory held since an earlier file was removed meanwhile: look again.
+            Err(e) if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => {
+                dirs.last = None;
+                let (parent, _) = self.parent_in(rel, dirs, true)?;
+                self.temp_at(&parent, rel)
+            }
+            r => r,
+        };
+        made.map_err(|e| RootError::io(rel, e))
+    }
+
+    fn temp_at(&self, parent: &Parent, rel: &RelPath) -> io::Result<TempFile> {
+        let path = self.dir.join(&parent.rel);
+        self.in_parent(parent, WRITE, || {
+            TempFile::create_at(&parent.fd, &path, Some(rel.clone()))
+        })
+    }
+
     /// Moves a finished temporary file onto `rel`, replacing what was there (a file or a
     /// symlink; never following it).
-    pub fn place(&self, mut tmp: TempFile, rel: &RelPath) -> Result<(), RootError> {
+    pub fn place(&self, tmp: TempFile, rel: &RelPath) -> Result<(), RootError> {
+        self.place_keeping(tmp, rel).map(drop)
+    }
+
+    /// [`Root::place`], handing back the file's descriptor when it had one open: still the
+    /// very file placed, whatever happens to the path (to read its stamp in place).
+    pub fn place_keeping(
+        &self,
+        mut tmp: TempFile,
+        rel: &RelPath,
+    ) -> Result<Option<File>, RootError> {
         // A temp file made for this entry is already in its directory: renamed within that
         // directory's descriptor, without resolving any path again.
         let (parent, name) = if tmp.target.as_ref() == Some(rel) {
@@ -342,7 +415,7 @@ impl Root {
         } else {
             self.open_parent(rel)?
         };
-        drop(tmp.file.take());
+        let file = tmp.file.take();
         self.in_parent(&parent, WRITE, || {
             Ok(rustix::fs::renameat(
                 &*tmp.dir,
@@ -353,7 +426,7 @@ impl Root {
         })
         .map_err(|e| RootError::io(rel, e))?;
         tmp.forget();
-        Ok(())
+        Ok(file)
     }
 
     /// Removes a file, symlink or (empty) directory; a missing entry is not an error.
@@ -447,6 +520,20 @@ impl Root {
     pub fn open_read(&self, rel: &RelPath) -> io::Result<File> {
         let (parent, name) = self.parent(rel, false).map_err(RootError::into_io)?;
         regular(rustix::fs::openat(&*parent.fd, name, READ, Mode::empty())?)
+    }
+
+    /// [`Root::open_read`], the directory reached through `dirs`; with the file's metadata,
+    /// read once.
+    pub fn open_read_in(&self, rel: &RelPath, dirs: &mut Dirs) -> io::Result<(File, Metadata)> {
+        let (parent, name) = self
+            .parent_in(rel, dirs, false)
+            .map_err(RootError::into_io)?;
+        let file = File::from(rustix::fs::openat(&*parent.fd, name, READ, Mode::empty())?);
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        Ok((file, meta))
     }
 
     /// Like [`Root::open_read`], but a file this process owns and may not read (mode 0000 on a
@@ -874,6 +961,21 @@ fn temp_name() -> String {
     format!("{TEMP_PREFIX}{:016x}", crate::process::random_u64())
 }
 
+/// A temp name for a file, without a system call: a random starting point drawn once per
+/// process, then a counter, scrambled (splitmix64, a bijection: no two alike). Names need not
+/// be secret, only new (the file is created exclusively, and a name someone else took is
+/// replaced by a [`temp_name`]).
+fn next_temp_name() -> String {
+    static NEXT: OnceLock<AtomicU64> = OnceLock::new();
+    let n = NEXT
+        .get_or_init(|| AtomicU64::new(crate::process::random_u64()))
+        .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+    let mut z = n;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    format!("{TEMP_PREFIX}{:016x}", z ^ (z >> 31))
+}
+
 /// The modification time to set, the access time left alone.
 fn timestamps(secs: i64, nanos: u32) -> rustix::fs::Timestamps {
     rustix::fs::Timestamps {
@@ -923,15 +1025,25 @@ impl TempFile {
     }
 
     fn create_at(dir: &Arc<OwnedFd>, dir_path: &Path, target: Option<RelPath>) -> io::Result<Self> {
-        let name = temp_name();
         // Private while it fills: the final mode is applied only once the content is verified,
         // and until then another local user must not be able to open a 0600 file's data.
-        let fd = rustix::fs::openat(
-            &**dir,
-            name.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )?;
+        let create = |name: &str| {
+            rustix::fs::openat(
+                &**dir,
+                name,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+        };
+        let mut name = next_temp_name();
+        let fd = match create(&name) {
+            // Taken (a name someone guessed from the ones before): a random one.
+            Err(Errno::EXIST) => {
+                name = temp_name();
+                create(&name)?
+            }
+            r => r?,
+        };
         Ok(TempFile {
             dir: dir.clone(),
             path: dir_path.join(&name),
@@ -975,21 +1087,26 @@ impl TempFile {
         Ok(())
     }
 
-    /// Gives the finished file its final permission bits and mtime before it becomes visible.
+    /// Gives the finished file its final permission bits and mtime before it becomes visible:
+    /// through its descriptor while it is open (`fchmod`, `futimens`), by name otherwise.
     pub fn set_meta(&self, meta: &Meta) -> io::Result<()> {
+        let times = timestamps(meta.mtime_secs, meta.mtime_nanos);
         match &self.file {
-            Some(f) => rustix::fs::fchmod(f, Mode::from_raw_mode(meta.mode))?,
+            Some(f) => {
+                rustix::fs::fchmod(f, Mode::from_raw_mode(meta.mode))?;
+                rustix::fs::futimens(f, &times)?;
+            }
             None => {
                 set_mode_at(self.dir.as_fd(), &self.name, meta.mode)?;
+                rustix::fs::utimensat(
+                    &*self.dir,
+                    self.name.as_str(),
+                    &times,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
             }
         }
-        let times = timestamps(meta.mtime_secs, meta.mtime_nanos);
-        Ok(rustix::fs::utimensat(
-            &*self.dir,
-            self.name.as_str(),
-            &times,
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?)
+        Ok(())
     }
 
     /// Renames the finished file to `target`; from then on it is no longer temporary.
@@ -1120,6 +1237,60 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_held_directory_serves_its_files_and_is_looked_up_again_once_gone() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("d")).unwrap();
+        let r = Root::new(root.path());
+        let mut dirs = Dirs::default();
+        let put = |dirs: &mut Dirs, rel: &str, content: &[u8]| {
+            let mut t = r.temp_in(&p(rel), dirs).unwrap();
+            t.file().write_all(content).unwrap();
+            t.set_meta(&Meta {
+                mode: 0o640,
+                mtime_secs: 1_000_000_000,
+                mtime_nanos: 5,
+            })
+            .unwrap();
+            let placed = r.place_keeping(t, &p(rel)).unwrap().unwrap();
+            let m = placed.metadata().unwrap();
+            assert_eq!(
+                (m.mode() & 0o7777, m.mtime(), m.mtime_nsec()),
+                (0o640, 1_000_000_000, 5)
+            );
+        };
+        put(&mut dirs, "d/a", b"a");
+        put(&mut dirs, "d/b", b"b");
+        put(&mut dirs, "top", b"top");
+        // The directory held is replaced by another of the same name: the next file goes
+        // into the new one, looked up again.
+        put(&mut dirs, "d/c", b"c");
+        fs::rename(root.path().join("d"), root.path().join("old")).unwrap();
+        fs::remove_dir_all(root.path().join("old")).unwrap();
+        fs::create_dir(root.path().join("d")).unwrap();
+        put(&mut dirs, "d/e", b"e");
+        assert_eq!(fs::read(root.path().join("d/e")).unwrap(), b"e");
+        assert_eq!(fs::read_dir(root.path().join("d")).unwrap().count(), 1);
+        // Read through held directories too, with the metadata, once.
+        let (mut f, m) = r.open_read_in(&p("d/e"), &mut dirs).unwrap();
+        let mut s = String::new();
+        io::Read::read_to_string(&mut f, &mut s).unwrap();
+        assert_eq!((s.as_str(), m.len()), ("e", 1));
+        fs::create_dir(root.path().join("d/sub")).unwrap();
+        let err = r.open_read_in(&p("d/sub"), &mut dirs).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        // Another root's held directory is not used.
+        let other = tempfile::tempdir().unwrap();
+        fs::create_dir(other.path().join("d")).unwrap();
+        let mut t = Root::new(other.path())
+            .temp_in(&p("d/x"), &mut dirs)
+            .unwrap();
+        t.file().write_all(b"x").unwrap();
+        drop(t);
+        assert_eq!(fs::read_dir(other.path().join("d")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(root.path().join("d")).unwrap().count(), 2);
     }
 
     #[test]
@@ -1516,6 +1687,8 @@ mod tests {
                 mtime_secs: 2_000,
                 mtime_nanos: 0,
             };
+            // Held from one write to the next, as a receiving thread holds it.
+            let mut dirs = Dirs::default();
             for i in 0..5_000 {
                 if Instant::now() > deadline {
                     break;
@@ -1523,6 +1696,10 @@ mod tests {
                 let victim = p("d/victim");
                 let (sub, link) = (p(&format!("d/sub{i}")), p(&format!("d/link{i}")));
                 if let Ok(mut t) = r.temp_for(&victim) {
+                    t.file().write_all(b"inside").unwrap();
+                    done += usize::from(r.place(t, &victim).is_ok());
+                }
+                if let Ok(mut t) = r.temp_in(&victim, &mut dirs) {
                     t.file().write_all(b"inside").unwrap();
                     done += usize::from(r.place(t, &victim).is_ok());
                 }

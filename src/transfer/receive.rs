@@ -50,6 +50,8 @@ struct Incoming<'a, T> {
     sent: u64,
     /// Bytes already handed to writeback.
     flushed: u64,
+    /// Whether the file ends in a hole so far (skipped, so not yet part of its length).
+    hole_at_end: bool,
     error: Option<String>,
 }
 
@@ -71,6 +73,7 @@ impl<T: Staged> Incoming<'_, T> {
 
     fn write(&mut self, data: &[u8]) {
         let Some(t) = self.sink.as_mut() else { return };
+        self.hole_at_end = false;
         let written = t.write_all(data).and_then(|()| {
             // Large files: have the kernel start writing back now, so the session's final
             // flush does not wait for the whole file.
@@ -89,6 +92,7 @@ impl<T: Staged> Incoming<'_, T> {
     /// A hole: left unwritten, so the file stays sparse on this side too.
     fn skip(&mut self, n: u64) {
         let Some(t) = self.sink.as_mut() else { return };
+        self.hole_at_end |= n > 0;
         if let Err(e) = t.skip(n) {
             self.error = Some(format!("failed to seek: {e}"));
             self.sink = None;
@@ -112,13 +116,15 @@ pub fn receive<R: Read, S: Store>(
     let mut pending: HashMap<&RelPath, &Wanted> = wanted.iter().map(|r| (&r.path, r)).collect();
     let mut out = Received::default();
     let mut cur: Option<Incoming<S::Staged>> = None;
+    // Files of a request come sorted, so directory by directory: each is reached once.
+    let mut dirs = S::Dirs::default();
     while let Some(msg) = conn.recv()? {
         match (msg, cur.as_mut()) {
             (DataMessage::FileBegin { path }, None) => {
                 let want = pending
                     .remove(&path)
                     .ok_or_else(|| ProtocolError::Unrequested(path.as_str().to_owned()))?;
-                cur = Some(begin(store, want, algorithm));
+                cur = Some(begin(store, &mut dirs, want, algorithm));
             }
             (DataMessage::Chunk(data), Some(inc)) => {
                 let n = data.len() as u64;
@@ -186,10 +192,11 @@ pub fn receive<R: Read, S: Store>(
 
 fn begin<'a, S: Store>(
     store: &S,
+    dirs: &mut S::Dirs,
     want: &'a Wanted,
     algorithm: HashAlgorithm,
 ) -> Incoming<'a, S::Staged> {
-    let (sink, error) = match store.stage(&want.path) {
+    let (sink, error) = match store.stage(&want.path, dirs) {
         Ok(t) => (Some(t), None),
         Err(e) => (
             None,
@@ -203,6 +210,7 @@ fn begin<'a, S: Store>(
         len: 0,
         sent: 0,
         flushed: 0,
+        hole_at_end: false,
         error,
     }
 }
@@ -247,9 +255,12 @@ fn finish<S: Store>(
             want.algorithm()
         ));
     }
-    // A trailing hole was skipped, not written: the length makes it part of the file.
-    tmp.set_len(inc.len)
-        .map_err(|e| format!("failed to set the length: {e}"))?;
+    // A trailing hole was skipped, not written: the length makes it part of the file. (A
+    // staged file starts empty, so one that ends in data has its length already.)
+    if inc.hole_at_end {
+        tmp.set_len(inc.len)
+            .map_err(|e| format!("failed to set the length: {e}"))?;
+    }
     tmp.set_meta(&inc.want.meta)
         .map_err(|e| format!("failed to set metadata: {e}"))?;
     let stamp = store
@@ -444,6 +455,7 @@ mod tests {
 
     impl Store for Memory {
         type Staged = MemoryFile;
+        type Dirs = ();
         fn list(
             &self,
             _: Option<std::path::PathBuf>,
@@ -459,10 +471,18 @@ mod tests {
         ) -> std::io::Result<crate::store::scan::Scan> {
             Err(std::io::ErrorKind::Unsupported.into())
         }
-        fn read(&self, _: &RelPath) -> std::io::Result<std::fs::File> {
+        fn read(
+            &self,
+            _: &RelPath,
+            _: &mut (),
+        ) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
             Err(std::io::ErrorKind::Unsupported.into())
         }
-        fn stage(&self, _: &RelPath) -> Result<MemoryFile, crate::store::root::RootError> {
+        fn stage(
+            &self,
+            _: &RelPath,
+            _: &mut (),
+        ) -> Result<MemoryFile, crate::store::root::RootError> {
             Ok(MemoryFile {
                 data: Vec::new(),
                 pos: 0,

@@ -6,7 +6,7 @@ use std::io::{BufWriter, Write};
 use bytes::BytesMut;
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
-use crate::core::manifest::{Entry, Kind, RelPath, find_sorted};
+use crate::core::manifest::{Entry, Kind, RelPath};
 use crate::events::{Event, EventSink};
 use crate::store::Store;
 use crate::store::cache::{Learned, Stamp, now_ns};
@@ -51,13 +51,17 @@ pub fn send<W: Write, S: Store>(
     })?;
     let mut out = Sent::default();
     let mut buf = vec![0u8; CHUNK_SIZE];
+    // Requests come sorted, so directory by directory: each is reached once, and each path is
+    // found in the list a step or two after the one before.
+    let mut dirs = S::Dirs::default();
+    let mut at = 0;
     for path in paths {
         conn.send(&DataMessage::FileBegin { path: path.clone() })?;
         events.emit(Event::FileSending { path: path.clone() });
-        let res = match find_sorted(listed, path) {
+        let res = match find_from(listed, &mut at, path) {
             Some(e) if e.is_file() => {
                 let hash = matches!(e.kind, Kind::Unhashed { .. }).then_some(algorithm);
-                send_one(&mut conn, store, path, &mut buf, hash)
+                send_one(&mut conn, (store, &mut dirs), path, &mut buf, hash)
             }
             _ => Err(SendError::File("not a file this client offered".into())),
         };
@@ -92,6 +96,19 @@ pub fn send<W: Write, S: Store>(
     Ok(out)
 }
 
+/// The entry for `path` in `listed` (in component order), looked for first just after where
+/// the last one was found: requests come in list order, so in a tree of small files the next
+/// requested entry is one or two further on, and a search is only the fallback.
+fn find_from<'a>(listed: &'a [Entry], at: &mut usize, path: &RelPath) -> Option<&'a Entry> {
+    let mut near = listed.get(*at..).unwrap_or_default().iter().take(4);
+    let i = match near.position(|e| e.path == *path) {
+        Some(k) => *at + k,
+        None => listed.binary_search_by(|e| e.path.cmp(path)).ok()?,
+    };
+    *at = i + 1;
+    Some(&listed[i])
+}
+
 /// One file sent: the bytes that crossed the network and, when it was hashed on the way, its
 /// hash and (when it may be cached) its stamp.
 struct SentFile {
@@ -119,16 +136,16 @@ impl From<ProtocolError> for SendError {
 /// meanwhile is aborted, to be sent whole next cycle.
 fn send_one<W: Write, S: Store>(
     conn: &mut BlockingConnection<W>,
-    store: &S,
+    (store, dirs): (&S, &mut S::Dirs),
     path: &RelPath,
     buf: &mut [u8],
     hash: Option<HashAlgorithm>,
 ) -> Result<SentFile, SendError> {
     let failed = |what: &str, e: std::io::Error| SendError::File(format!("failed to {what}: {e}"));
-    let file = store.read(path).map_err(|e| failed("open", e))?;
+    let (file, meta) = store.read(path, dirs).map_err(|e| failed("open", e))?;
     let opened = now_ns();
-    let before = Stamp::of(&file.metadata().map_err(|e| failed("stat", e))?);
-    let mut reader = SparseReader::new(file).map_err(|e| failed("stat", e))?;
+    let before = Stamp::of(&meta);
+    let mut reader = SparseReader::with_size(file, before.size());
     let mut hasher = hash.map(|alg| Hasher::new(alg, before.size().max(THREAD_ABOVE)));
     let mut sent = 0u64;
     loop {
@@ -167,4 +184,46 @@ fn send_one<W: Write, S: Store>(
         sent,
         hashed: Some((hasher.finish(), cacheable)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::manifest::Meta;
+
+    #[test]
+    fn paths_are_found_near_the_last_or_searched_for() {
+        let entry = |path: &str, dir: bool| Entry {
+            path: RelPath::new(path).unwrap(),
+            kind: if dir {
+                Kind::Dir
+            } else {
+                Kind::File {
+                    size: 0,
+                    hash: HashAlgorithm::Blake3.of(b""),
+                }
+            },
+            meta: Meta::default(),
+        };
+        let listed = [
+            entry("a", true),
+            entry("a/1", false),
+            entry("a/2", false),
+            entry("b", true),
+            entry("b/1", false),
+            entry("c", false),
+        ];
+        let mut at = 0;
+        let mut find = |p: &str| {
+            find_from(&listed, &mut at, &RelPath::new(p).unwrap()).map(|e| e.path.to_string())
+        };
+        for p in ["a/1", "a/2", "b/1", "c"] {
+            assert_eq!(find(p).as_deref(), Some(p));
+        }
+        // Out of order, or not listed at all.
+        assert_eq!(find("a/1").as_deref(), Some("a/1"));
+        assert_eq!(find("a/3"), None);
+        assert_eq!(find("c").as_deref(), Some("c"));
+        assert_eq!(find("d"), None);
+    }
 }
