@@ -22,7 +22,7 @@ use crate::server::route::Registration;
 use crate::server::{MAX_ENTRIES, MAX_LIST_BYTES, MAX_TRANSFERS};
 use crate::store::Store;
 use crate::store::apply::Outcome;
-use crate::store::cache::HashCache;
+use crate::store::cache::{HashCache, Learned};
 use crate::store::root::Root;
 use crate::store::scan;
 use crate::store::state::{self, StateError};
@@ -412,9 +412,9 @@ async fn sync(
 ) -> Result<Manifest, SessionError> {
     let lists = lists(shared, conn, terms, acked).await?;
     let keep_after = lists.keep_after.clone();
-    let (mut summary, held) = round(shared, conn, data, terms, lists.planned()).await?;
-    record_client(shared, admission, terms.client, &mut summary).await;
-    done(shared, conn, terms, summary).await?;
+    let (mut finished, held) = round(shared, conn, data, terms, lists.planned()).await?;
+    record_client(shared, admission, terms.client, &mut finished.summary).await;
+    done(shared, conn, terms, finished).await?;
     Ok(keep_later(shared, conn, terms, keep_after, held).await)
 }
 
@@ -457,7 +457,7 @@ pub(super) async fn round(
     data: &mut mpsc::Receiver<(u32, TcpStream)>,
     terms: Terms,
     (client, server, root_meta): (Manifest, Manifest, Option<Meta>),
-) -> Result<(Summary, Manifest), SessionError> {
+) -> Result<(Finished, Manifest), SessionError> {
     let client = hash_where_it_matters(shared, conn, client, &server, terms).await?;
     let (outcome, mut plan, client) = plan_and_apply(shared, conn, client, server).await;
     // Moved, not copied: the plan has no other use for them.
@@ -474,16 +474,18 @@ pub(super) async fn round(
     )
     .await?;
     let done = (plan, outcome, got);
-    let summary = finish(shared, conn, done, (received, root_meta), terms).await;
-    Ok((summary, client))
+    let finished = finish(shared, conn, done, (received, root_meta)).await;
+    Ok((finished, client))
 }
 
 /// Ends a batch: `SyncDone` to the client, `sync:done` in the log.
+/// Then the hashes of what was received and verified go into the cache (they need not be read
+/// again next session), still in this session's turn but no longer in the client's wait.
 pub(super) async fn done(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
-    summary: Summary,
+    Finished { summary, learned }: Finished,
 ) -> Result<(), SessionError> {
     conn.send_now(&ControlMessage::SyncDone(summary.clone()))
         .await?;
@@ -499,6 +501,16 @@ pub(super) async fn done(
             bytes: summary.bytes,
         },
     });
+    if let Some(file) = shared.cache_file.clone().filter(|_| !learned.is_empty()) {
+        let alg = terms.algorithm;
+        let caching = tokio::task::spawn_blocking(move || HashCache::remember(&file, alg, learned));
+        if let Err(e) = keepalive(shared.keepalive, conn, caching)
+            .await
+            .expect("caching does not panic")
+        {
+            tracing::warn!("failed to save the hash cache: {e}");
+        }
+    }
     Ok(())
 }
 
@@ -793,6 +805,13 @@ async fn hash_where_it_matters(
     server: &Manifest,
     terms: Terms,
 ) -> Result<Manifest, SessionError> {
+    // Most lists have none: the server's sizes are not gathered for nothing.
+    if !client
+        .iter()
+        .any(|e| matches!(e.kind, Kind::Unhashed { .. }))
+    {
+        return Ok(client);
+    }
     let sizes: HashSet<u64> = server
         .iter()
         .filter_map(|e| match e.kind {
@@ -860,15 +879,14 @@ async fn plan_and_apply(
 /// Entries a batch may change and still be flushed one `fsync` at a time.
 const FEW: usize = 64;
 
-/// After the fetch: metadata, the hashes of what was received into the cache, one flush; the
-/// session's summary.
+/// After the fetch: metadata, one flush; the session's summary, and the hashes learnt on the
+/// way (cached once the client has its `SyncDone`: see [`done`]).
 async fn finish(
     shared: &Shared,
     conn: &mut ControlConnection<TcpStream>,
     (plan, mut outcome, got): (Plan, Outcome, Received),
     (received, root_meta): (Vec<RelPath>, Option<Meta>),
-    terms: Terms,
-) -> Summary {
+) -> Finished {
     let requested = received.len() as u64;
     let mut summary = Summary {
         requested,
@@ -881,7 +899,7 @@ async fn finish(
     };
     outcome.failed.extend(got.failed);
     let (root, events) = (shared.root.clone(), shared.events.clone());
-    let (cache_file, learned) = (shared.cache_file.clone(), got.learned);
+    let learned = got.learned;
     let changed = requested > 0 || !plan.is_empty() || !outcome.refetch.is_empty();
     let finishing = tokio::task::spawn_blocking(move || {
         root.finish(&plan, &mut outcome, &*events);
@@ -893,12 +911,6 @@ async fn finish(
             outcome
                 .failed
                 .push(Failure::new(".", format!("failed to set the mtime: {e}")));
-        }
-        // What was just received and verified need not be read again next session.
-        if let Some(file) = cache_file.filter(|_| !learned.is_empty())
-            && let Err(e) = HashCache::remember(&file, terms.algorithm, learned)
-        {
-            tracing::warn!("failed to save the hash cache: {e}");
         }
         // An unchanged tree costs no flush: nothing of ours is dirty; a few entries changed
         // cost an fsync each, not a wait for everything the file system holds.
@@ -923,7 +935,13 @@ async fn finish(
         .await
         .expect("apply does not panic");
     summary.set_failures(outcome.failed);
-    summary
+    Finished { summary, learned }
+}
+
+/// A batch done: what to tell the client, and what to cache after.
+pub(super) struct Finished {
+    pub summary: Summary,
+    learned: Vec<Learned>,
 }
 
 /// Awaits `work`, pinging the client every `every` to say the server is still at it. A
