@@ -7,6 +7,7 @@
 
 mod support;
 
+use server_sync::wire::list_file::{ListId, list_id};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -1104,4 +1105,75 @@ fn a_hostile_server_request_with_parent_paths_is_refused() {
         "the client connected to send data"
     );
     w.assert_contained();
+}
+
+/// A client that knows the ID of the list the server holds (it is told) but sends changes
+/// that do not make the list it announces, or that do not fit the list at all: the server
+/// uses neither, asks for the whole list, and the mirror is as the honest client left it.
+#[test]
+fn changes_that_do_not_make_the_list_announced_are_not_used() {
+    let w = victim_world(&[]);
+    let before = tree(&w.server_dir);
+    let mut listed = entries_of(&w.client);
+    listed.sort_by(|a, b| a.path.cmp(&b.path));
+    let honest = list_id(&listed);
+    let lies: [(ListId, Vec<Entry>); 3] = [
+        // Announces the unchanged list, but slips a change in.
+        (honest, vec![file_entry("victim", NEW)]),
+        // Announces some other list for no change.
+        (ListId([7; 32]), Vec::new()),
+        // A change whose parent does not exist.
+        (ListId([8; 32]), vec![file_entry("no/such/dir", NEW)]),
+    ];
+    for (result, upserts) in lies {
+        let mut control = Peer::connect(w.port());
+        control.send(&hello_with(client_id(&w), Capabilities::DELTA));
+        let base = match (control.recv(), control.recv()) {
+            (
+                Ok(Some(ControlMessage::Welcome { .. })),
+                Ok(Some(ControlMessage::Held(Some(id)))),
+            ) => id,
+            other => panic!("expected welcome and held, got {other:?}"),
+        };
+        assert_eq!(base, honest, "the server holds what the client sent");
+        control.send(&ControlMessage::Since { base, result });
+        control.send(&ControlMessage::FileList(upserts));
+        control.send(&ControlMessage::FileListEnd);
+        loop {
+            match control.recv() {
+                Ok(Some(ControlMessage::Ping)) => continue,
+                Ok(Some(ControlMessage::Held(None))) => break,
+                other => panic!("expected the whole list to be asked for, got {other:?}"),
+            }
+        }
+        drop(control);
+        assert_eq!(tree(&w.server_dir), before, "nothing changed");
+    }
+    still_safe_and_serving(&w);
+}
+
+/// A `Hello` from `client` offering `capabilities`.
+fn hello_with(client: ClientId, capabilities: Capabilities) -> ControlMessage {
+    match hello(client, VERSION) {
+        ControlMessage::Hello {
+            version,
+            transfers,
+            hashes,
+            machine,
+            root_chain,
+            client,
+            take_over,
+            ..
+        } => ControlMessage::Hello {
+            version,
+            transfers,
+            hashes,
+            capabilities,
+            machine,
+            root_chain,
+            client,
+            take_over,
+        },
+        _ => unreachable!(),
+    }
 }
