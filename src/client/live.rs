@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::client::session::{Served, Terms, begin, exchange, read_acked, scan_tree, serve};
+use crate::client::session::{Served, Terms, begin, exchange, scan_tree, serve};
 use crate::client::{ClientError, Config, Report, log_report};
 use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath, Scope, normalise};
 use crate::events::Event;
@@ -146,11 +146,10 @@ async fn full_round(
         true => terms.without_held(),
         false => terms,
     };
-    let reading = read_acked(cfg, terms);
     let (listed, root) = scan_tree(cfg, conn, terms.algorithm, &mut report).await?;
     let listed = Arc::new(Manifest::from_entries(listed).expect("a scan lists a tree"));
     let mut asked = Vec::new();
-    let lists = (listed.clone(), root, reading);
+    let lists = (listed.clone(), root);
     let learned = exchange(cfg, conn, terms, lists, &mut report, &mut asked).await?;
     for paths in asked {
         dirty.ask(paths);

@@ -2,6 +2,7 @@
 //! meanwhile), send the list, answer the server's hash and file requests, until `sync:done`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use crate::store::scan;
 use crate::store::state;
 use crate::transfer::{self, Ticket};
 use crate::wire::control::MAX_CHAIN;
-use crate::wire::list_file::{ListId, list_id};
+use crate::wire::list_file::{self, EncodedList, ListId};
 use crate::wire::{
     BATCH, Capabilities, Connection, ControlConnection, ControlMessage, Failure, NESTED_ROOTS,
     OTHER_CLIENT, ProtocolError, VERSION, WireMessage,
@@ -56,13 +57,12 @@ impl Terms {
 pub async fn sync_once(cfg: &Config) -> Result<Report, ClientError> {
     let start = Instant::now();
     let (mut conn, terms) = begin(cfg, Capabilities::NONE).await?;
-    let reading = read_acked(cfg, terms);
     // Scan only now that the session has started: the server walks its own tree meanwhile.
     let mut report = Report::default();
     let (listed, root) = scan_tree(cfg, &mut conn, terms.algorithm, &mut report).await?;
     let listed = Arc::new(Manifest::from_entries(listed).expect("a scan lists a tree"));
     let mut asked = Vec::new();
-    let lists = (listed, root, reading);
+    let lists = (listed, root);
     let learned = exchange(cfg, &mut conn, terms, lists, &mut report, &mut asked).await?;
     remember(cfg, terms.algorithm, learned).await;
     report.elapsed = start.elapsed();
@@ -253,7 +253,7 @@ pub(super) async fn exchange(
     cfg: &Config,
     conn: &mut ControlConnection<TcpStream>,
     terms: Terms,
-    (listed, root, reading): (Arc<Manifest>, Meta, Option<Reading>),
+    (listed, root): (Arc<Manifest>, Meta),
     report: &mut Report,
     asked: &mut Vec<Vec<RelPath>>,
 ) -> Result<Vec<Learned>, ClientError> {
@@ -261,8 +261,8 @@ pub(super) async fn exchange(
         .acked_file
         .clone()
         .filter(|_| terms.capabilities.has(Capabilities::DELTA));
-    let since = match (reading, terms.held) {
-        (Some(reading), Some(base)) => delta(reading, base, listed.clone()).await,
+    let since = match (&acked, terms.held) {
+        (Some(file), Some(base)) => delta(file.clone(), base, terms, listed.clone()).await,
         _ => None,
     };
     let mut whole = since.is_none();
@@ -310,51 +310,46 @@ pub(super) async fn exchange(
     Ok(learned)
 }
 
-/// The list this client kept, being read (while it scans).
-pub(super) type Reading = tokio::task::JoinHandle<Option<state::AckedList>>;
-
-/// Starts reading the list this client kept, when the server holds one of ours: it is
-/// compared with the scan as soon as that ends.
-pub(super) fn read_acked(cfg: &Config, terms: Terms) -> Option<Reading> {
-    let file = cfg
-        .acked_file
-        .clone()
-        .filter(|_| terms.capabilities.has(Capabilities::DELTA))?;
-    let base = terms.held?;
-    let alg = terms.algorithm;
-    Some(tokio::task::spawn_blocking(move || {
-        state::read_acked(&file, alg, 0).filter(|a| a.id == base)
-    }))
-}
-
-/// What changed since the list `base`, when this client holds it (`reading`), and the ID of
-/// the list those changes make.
-async fn delta(reading: Reading, base: ListId, listed: Arc<Manifest>) -> Option<(Changes, ListId)> {
-    let result = {
-        let listed = listed.clone();
-        tokio::task::spawn_blocking(move || list_id(listed.entries()))
-            .await
-            .expect("hashing a list does not panic")
-    };
-    // Nothing changed: the server holds this very list, whatever this side kept.
-    if result == base {
-        reading.abort();
-        return Some((Changes::default(), result));
-    }
-    let acked = reading.await.expect("reading a list does not panic")?;
+/// What changed since the list `base`, when this client kept it, and the ID of the list those
+/// changes make. Compared as the wire encodes both lists, byte for byte: nothing is decoded,
+/// and an unchanged list costs only its ID.
+async fn delta(
+    file: PathBuf,
+    base: ListId,
+    terms: Terms,
+    listed: Arc<Manifest>,
+) -> Option<(Changes, ListId)> {
     let comparing = tokio::task::spawn_blocking(move || {
         let start = Instant::now();
-        let changes = Changes::between(&acked.entries, listed.entries());
+        let encoded = EncodedList::of(listed.entries());
+        let result = encoded.id();
+        // Nothing changed: the server holds this very list, whatever this side kept.
+        if result == base {
+            return Some((Changes::default(), result));
+        }
+        let (_, kept) =
+            state::read_acked_bytes(&file, terms.algorithm, 0).filter(|(id, _)| *id == base)?;
+        let (upserts, removed) = list_file::differences(&kept, listed.entries(), &encoded)
+            .inspect_err(|e| tracing::warn!("{e}; sending the whole list"))
+            .ok()?;
+        let changes = Changes {
+            upserts: upserts
+                .into_iter()
+                .map(|i| listed.entries()[i].clone())
+                .collect(),
+            removed: removed
+                .into_iter()
+                .map(RelPath::new)
+                .collect::<Result<_, _>>()
+                .ok()?,
+        };
         tracing::debug!(
             "compared with the list acknowledged in {:?}",
             start.elapsed()
         );
-        changes
+        Some((changes, result))
     });
-    Some((
-        comparing.await.expect("comparing lists does not panic"),
-        result,
-    ))
+    comparing.await.expect("comparing lists does not panic")
 }
 
 /// Sends what changed since the list `base`, which makes the list `result`.

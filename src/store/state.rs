@@ -236,6 +236,28 @@ pub fn read_acked(file: &Path, algorithm: HashAlgorithm, owner: u128) -> Option<
     }
 }
 
+/// The list in `file` as its entries' bytes (see `list_file::read_list_bytes`), checked
+/// against its ID: for comparing with a new list without decoding either. `None` as for
+/// [`read_acked`].
+pub fn read_acked_bytes(
+    file: &Path,
+    algorithm: HashAlgorithm,
+    owner: u128,
+) -> Option<(ListId, Vec<u8>)> {
+    let read = fs::File::open(file).and_then(|f| list_file::read_list_bytes(f, algorithm, owner));
+    match read {
+        Ok(found) => found,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(
+                "not using the acknowledged list {}: {e}; sending the whole list",
+                file.display()
+            );
+            None
+        }
+    }
+}
+
 /// Replaces the list in `file` by `entries` (of `algorithm`'s hashes, from `owner`),
 /// atomically; returns its ID. Not flushed to disk: a list lost in a crash, or damaged, costs
 /// the next sync the whole list, nothing else.

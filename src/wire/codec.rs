@@ -281,6 +281,30 @@ impl<'a> Reader<'a> {
         let meta = self.meta()?;
         Ok(Entry { path, kind, meta })
     }
+    /// The next entry's path and its whole encoding, without decoding the rest of it.
+    pub(crate) fn entry_span(&mut self) -> Result<(&'a str, &'a [u8]), ProtocolError> {
+        let start = self.buf;
+        let path = self.str("path")?;
+        match self.u8()? {
+            1 => {
+                self.u64()?;
+                let alg = HashAlgorithm::from_id(self.u8()?)
+                    .ok_or(ProtocolError::Malformed("hash algorithm"))?;
+                self.take(alg.digest_len())?;
+            }
+            2 => {}
+            3..=5 => {
+                self.bytes()?;
+            }
+            6 => {
+                self.u64()?;
+            }
+            _ => return Err(ProtocolError::Malformed("entry kind")),
+        }
+        self.take(4 + 8 + 4)?;
+        let len = start.len() - self.buf.len();
+        Ok((path, &start[..len]))
+    }
     pub(crate) fn meta(&mut self) -> Result<Meta, ProtocolError> {
         let meta = Meta {
             // Permission bits and the sticky bit, never set-user/group-ID: a peer must not be

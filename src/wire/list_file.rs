@@ -13,9 +13,9 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 use crate::core::hash::HashAlgorithm;
-use crate::core::manifest::Entry;
+use crate::core::manifest::{Entry, cmp_components};
 use crate::wire::BATCH;
-use crate::wire::codec::{Reader, Writer};
+use crate::wire::codec::{ProtocolError, Reader, Writer};
 
 const MAGIC: &[u8; 8] = b"SSACKED1";
 /// Magic, algorithm, owner, count.
@@ -83,6 +83,97 @@ pub fn list_id<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> ListId {
     h.finish()
 }
 
+/// A list's entries as the wire encodes them, one after the other, with where each ends:
+/// compared with a kept list byte for byte, and hashed into its ID, without decoding either.
+pub struct EncodedList {
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
+}
+
+impl EncodedList {
+    /// `entries`, encoded.
+    pub fn of(entries: &[Entry]) -> EncodedList {
+        let mut bytes = Vec::with_capacity(entries.len() * 80);
+        let mut ends = Vec::with_capacity(entries.len());
+        for e in entries {
+            Writer(&mut bytes).entry(e);
+            ends.push(bytes.len() as u32);
+        }
+        EncodedList { bytes, ends }
+    }
+
+    pub fn id(&self) -> ListId {
+        ListId(*blake3::hash(&self.bytes).as_bytes())
+    }
+
+    /// The encoding of entry `i`.
+    fn entry(&self, i: usize) -> &[u8] {
+        let start = match i {
+            0 => 0,
+            i => self.ends[i - 1] as usize,
+        };
+        &self.bytes[start..self.ends[i] as usize]
+    }
+}
+
+/// What differs between a kept list (`kept`, a list file's entry bytes: see
+/// [`read_list_bytes`]) and the list `now` (encoded as `encoded`), in one pass over both: the
+/// indices in `now` of the entries `kept` lacks or holds otherwise, and the paths of `kept`
+/// that `now` lacks (one for a whole subtree). The same as `Changes::between` on the decoded
+/// lists, without decoding them.
+pub fn differences(
+    kept: &[u8],
+    now: &[Entry],
+    encoded: &EncodedList,
+) -> io::Result<(Vec<usize>, Vec<String>)> {
+    use std::cmp::Ordering;
+    let bad = |e: ProtocolError| damaged(&e.to_string());
+    let mut reader = Reader { buf: kept };
+    let mut next_kept = move || -> io::Result<Option<(&str, &[u8])>> {
+        match reader.buf.is_empty() {
+            true => Ok(None),
+            false => reader.entry_span().map(Some).map_err(bad),
+        }
+    };
+    let (mut upserts, mut removed) = (Vec::new(), Vec::<String>::new());
+    let mut old = next_kept()?;
+    let mut i = 0;
+    loop {
+        let order = match (old, now.get(i)) {
+            (None, None) => return Ok((upserts, removed)),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((path, _)), Some(n)) => cmp_components(path, n.path.as_str()),
+        };
+        match order {
+            Ordering::Less => {
+                let (path, _) = old.expect("compared");
+                let covered = removed.last().is_some_and(|r| {
+                    path.len() > r.len()
+                        && path.starts_with(r.as_str())
+                        && path.as_bytes()[r.len()] == b'/'
+                });
+                if !covered {
+                    removed.push(path.to_owned());
+                }
+                old = next_kept()?;
+            }
+            Ordering::Greater => {
+                upserts.push(i);
+                i += 1;
+            }
+            Ordering::Equal => {
+                let (_, bytes) = old.expect("compared");
+                if bytes != encoded.entry(i) {
+                    upserts.push(i);
+                }
+                old = next_kept()?;
+                i += 1;
+            }
+        }
+    }
+}
+
 /// What the head of a list file says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListHead {
@@ -137,6 +228,47 @@ pub fn write_list<W: Write>(
     out.write_all(&id.0)?;
     out.flush()?;
     Ok(id)
+}
+
+/// Reads a list file's entries as bytes, checked: of `algorithm`'s hashes, from `owner`, the
+/// ID at its end the one they hash to (each entry's layout is checked as it is compared).
+/// `Ok(None)` when it is another algorithm's or owner's.
+pub fn read_list_bytes<R: Read>(
+    mut r: R,
+    algorithm: HashAlgorithm,
+    owner: u128,
+) -> io::Result<Option<(ListId, Vec<u8>)>> {
+    let mut head = [0u8; HEAD_LEN];
+    r.read_exact(&mut head)?;
+    let head = ListHead::parse(&head).ok_or_else(|| damaged("not a list file"))?;
+    if head.algorithm != algorithm || head.owner != owner {
+        return Ok(None);
+    }
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest)?;
+    let Some(body_len) = rest.len().checked_sub(ID_LEN) else {
+        return Err(damaged("truncated"));
+    };
+    let id: [u8; ID_LEN] = rest[body_len..].try_into().expect("ID_LEN bytes");
+    rest.truncate(body_len);
+    // Blocks: a length, then entries; kept as the entries alone.
+    let mut entries = Vec::with_capacity(rest.len());
+    let mut at = 0;
+    while at < rest.len() {
+        let len = rest
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or_else(|| damaged("truncated block"))?;
+        let block = rest
+            .get(at + 4..at + 4 + len)
+            .ok_or_else(|| damaged("truncated block"))?;
+        entries.extend_from_slice(block);
+        at += 4 + len;
+    }
+    if *blake3::hash(&entries).as_bytes() != id {
+        return Err(damaged("its entries do not match its ID"));
+    }
+    Ok(Some((ListId(id), entries)))
 }
 
 fn damaged(what: &str) -> io::Error {
@@ -231,6 +363,42 @@ mod tests {
         assert_ne!(list_id(&tree("f a 1; f b 1")), list_id(&tree("f a 1")));
     }
 
+    /// The byte comparison finds what `Changes::between` finds.
+    #[test]
+    fn differences_by_bytes_are_the_changes_between_the_lists() {
+        use crate::core::manifest::Changes;
+        let lists = [
+            "",
+            "f a 1",
+            "f a 2",
+            "f a 1; f b 2",
+            "d x; f x/y 1",
+            "d a; f a/x 1; f a/y 2; f b 3",
+            "d a; f a/x 1; f b 3",
+            "f a 9; f b 3",
+            "d a; f a/n 2",
+            "d a; d a/b; f a/b/c 1; f a.b 2",
+            "d a; f a.b 2",
+            "d c; f c/x 1",
+        ];
+        for old in lists {
+            for new in lists {
+                let (old_list, new_list) = (tree(old), tree(new));
+                let mut file = Vec::new();
+                write_list(&mut file, B3, 0, &old_list).unwrap();
+                let (_, kept) = read_list_bytes(&file[..], B3, 0).unwrap().unwrap();
+                let encoded = EncodedList::of(&new_list);
+                assert_eq!(encoded.id(), list_id(&new_list));
+                let (upserts, removed) = differences(&kept, &new_list, &encoded).unwrap();
+                let want = Changes::between(&old_list, &new_list);
+                let got: Vec<Entry> = upserts.iter().map(|&i| new_list[i].clone()).collect();
+                assert_eq!(got, want.upserts, "{old} -> {new}");
+                let want: Vec<&str> = want.removed.iter().map(|p| p.as_str()).collect();
+                assert_eq!(removed, want, "{old} -> {new}");
+            }
+        }
+    }
+
     #[test]
     fn every_damage_is_refused() {
         let entries = big(40);
@@ -250,5 +418,13 @@ mod tests {
         let mut longer = file.clone();
         longer.push(0);
         assert!(read_list(&longer[..], B3, 7).is_err());
+        for at in HEAD_LEN..file.len() {
+            let mut bad = file.clone();
+            bad[at] ^= 0x40;
+            assert!(
+                !matches!(read_list_bytes(&bad[..], B3, 7), Ok(Some(_))),
+                "byte {at} flipped, read as bytes"
+            );
+        }
     }
 }
