@@ -265,7 +265,7 @@ pub(super) async fn exchange(
         (Some(file), Some(base)) => delta(file.clone(), base, terms, listed.clone()).await,
         _ => None,
     };
-    let mut whole = since.is_none();
+    let whole = since.is_none();
     match &since {
         Some((changes, result)) => {
             let base = terms.held.expect("a delta has a base");
@@ -282,9 +282,26 @@ pub(super) async fn exchange(
         let (listed, alg) = (listed.clone(), terms.algorithm);
         tokio::task::spawn_blocking(move || state::stage_acked(&file, alg, 0, listed.entries()))
     });
-    let learned = loop {
+    let learned = serve_to_the_end(cfg, conn, terms, (listed, root, whole), report, asked).await?;
+    if let Some(staging) = staging {
+        keep(staging).await;
+    }
+    Ok(learned)
+}
+
+/// Serves the server until its `SyncDone`, sending the whole list once if it asks for it
+/// after changes it could not use (`whole`: the whole list went already).
+async fn serve_to_the_end(
+    cfg: &Config,
+    conn: &mut ControlConnection<TcpStream>,
+    terms: Terms,
+    (listed, root, mut whole): (Arc<Manifest>, Meta, bool),
+    report: &mut Report,
+    asked: &mut Vec<Vec<RelPath>>,
+) -> Result<Vec<Learned>, ClientError> {
+    loop {
         match serve(cfg, conn, terms, listed.clone(), report, asked).await? {
-            Served::Done(learned) => break learned,
+            Served::Done(learned) => return Ok(learned),
             Served::WholeList if !whole => {
                 whole = true;
                 send_list(cfg, conn, listed.entries(), root).await?;
@@ -297,17 +314,19 @@ pub(super) async fn exchange(
                 .into());
             }
         }
-    };
-    if let Some(staging) = staging {
-        let kept = staging
-            .await
-            .expect("writing a list does not panic")
-            .and_then(state::StagedList::persist);
-        if let Err(e) = kept {
-            tracing::warn!("{e}; the next sync sends the whole list");
-        }
     }
-    Ok(learned)
+}
+
+/// Puts the list written meanwhile in place: the server has acknowledged it. One that cannot
+/// be kept costs the next sync the whole list, nothing else: a warning.
+async fn keep(staging: tokio::task::JoinHandle<Result<state::StagedList, state::StateError>>) {
+    let kept = staging
+        .await
+        .expect("writing a list does not panic")
+        .and_then(state::StagedList::persist);
+    if let Err(e) = kept {
+        tracing::warn!("{e}; the next sync sends the whole list");
+    }
 }
 
 /// What changed since the list `base`, when this client kept it, and the ID of the list those
