@@ -1371,6 +1371,34 @@ fn daemon_client_syncs_on_its_interval_and_stops_on_sigterm() {
     assert!(client.stdout.text().matches("sync:done").count() >= 2);
 }
 
+/// A watching daemon's batch is planned over the paths it names, but content the mirror holds
+/// anywhere else is still copied locally, not fetched (the seed's case 005, live). The interval
+/// is long: no full rescan comes by to do it instead.
+#[test]
+fn a_watching_daemon_copies_known_content_locally() {
+    let w = World::start(&[]);
+    w.apply(&[mkdir("d"), write("d/a.txt", "the same content\n")]);
+    let mut cmd = Command::new(CLIENT_BIN);
+    cmd.arg(&w.client)
+        .args(["--server", "127.0.0.1", "--port", &w.port().to_string()])
+        .args(["--interval", "3600"]);
+    isolate(&mut cmd, w.home.path());
+    let mut client = Proc::spawn(cmd);
+    assert!(
+        client.stdout.wait_count("sync:done", 1, WAIT),
+        "no first sync\n{}",
+        client.report()
+    );
+    let mark = w.mark();
+    w.apply(&[write("b.txt", "the same content\n")]);
+    w.server()
+        .wait_for_log("Copying file: d/a.txt and renaming to b.txt", WAIT);
+    w.server().wait_for_log_count("sync:done", 2, WAIT);
+    w.assert_not_logged(mark, "Requesting file: b.txt");
+    w.assert_mirrored();
+    assert_eq!(client.terminate().code(), Some(0), "{}", client.report());
+}
+
 #[test]
 fn daemon_client_retries_until_the_server_comes_up() {
     let w = World::new();

@@ -3,14 +3,15 @@
 //! mirror's back (in mirror mode the client is the source of truth: such a path is asked for
 //! again with `Dirty`, and the client's answer puts it back).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::core::manifest::{Entry, Kind, Manifest, Meta, RelPath, Scope, find_sorted};
+use crate::core::hash::ContentHash;
+use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath, Scope, find_sorted};
 use crate::server::MAX_ENTRIES;
 use crate::server::session::{
     Acked, SessionError, Shared, Terms, admit, check_algorithm, done, keep_later, keepalive, lists,
@@ -172,6 +173,10 @@ impl Live<'_> {
                 }
             })
             .collect();
+        // Files the mirror holds with content the batch needs are looked at too, wherever they
+        // are: the plan copies from them instead of fetching (the seed's local copy).
+        let mut scopes = scopes;
+        scopes.extend(content_sources(&self.held, &changes));
         // A directory gone from the client's side is scanned whole here, where its files may
         // be moved rather than fetched: the hash cache spares reading them. (Loading the cache
         // costs more than hashing the few files of an ordinary batch.)
@@ -306,6 +311,30 @@ impl Live<'_> {
         }
         Ok(conn.flush().await?)
     }
+}
+
+/// Paths of the list `held` (what the mirror holds) with the content of a file that `changes`
+/// add or change, one per content: a part of the tree planned alone would not see them.
+fn content_sources(held: &Manifest, changes: &Changes) -> Vec<Scope> {
+    let mut wanted: HashSet<ContentHash> = changes.upserts.iter().filter_map(Entry::hash).collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let mut sources = Vec::new();
+    for e in held.iter() {
+        if let Some(h) = e.hash()
+            && wanted.remove(&h)
+        {
+            sources.push(Scope {
+                path: e.path.clone(),
+                deep: false,
+            });
+            if wanted.is_empty() {
+                break;
+            }
+        }
+    }
+    sources
 }
 
 /// Waits for this session's turn for one batch, and checks that the folder still mirrors
