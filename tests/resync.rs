@@ -67,27 +67,22 @@ fn a_resync_sends_only_what_changed() {
     );
 }
 
+/// The client's list lost (its state directory wiped), or the server's.
 #[test]
-fn a_lost_acknowledgement_on_the_client_sends_the_whole_list() {
-    let w = synced();
-    fs::remove_file(state_file(&w, "sent")).unwrap();
-    w.apply(&[write("d/b", "beta 2")]);
-    let out = stdout(&w.sync_ok());
-    assert!(out.contains(WHOLE) && !out.contains(CHANGES), "{out}");
-    w.assert_mirrored();
-    // Kept again: the next one is a delta.
-    assert!(stdout(&w.sync_ok()).contains(CHANGES));
-}
-
-#[test]
-fn server_state_deleted_sends_the_whole_list() {
-    let w = synced();
-    fs::remove_file(state_file(&w, "acked")).unwrap();
-    w.apply(&[write("d/b", "beta 2")]);
-    let out = stdout(&w.sync_ok());
-    assert!(out.contains(WHOLE) && !out.contains(CHANGES), "{out}");
-    w.assert_mirrored();
-    assert!(stdout(&w.sync_ok()).contains(CHANGES));
+fn a_lost_list_on_either_side_sends_the_whole_list() {
+    for ext in ["sent", "acked"] {
+        let w = synced();
+        fs::remove_file(state_file(&w, ext)).unwrap();
+        w.apply(&[write("d/b", "beta 2")]);
+        let out = stdout(&w.sync_ok());
+        assert!(
+            out.contains(WHOLE) && !out.contains(CHANGES),
+            "{ext}: {out}"
+        );
+        w.assert_mirrored();
+        // Kept again: the next one is a delta.
+        assert!(stdout(&w.sync_ok()).contains(CHANGES), "{ext}");
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::client::session::{Served, Terms, begin, exchange, scan_tree, serve};
+use crate::client::session::{Served, Terms, begin, exchange, scan_tree, send_changes, serve};
 use crate::client::{ClientError, Config, Report, log_report};
 use crate::core::manifest::{Changes, Entry, Kind, Manifest, Meta, RelPath, Scope, normalise};
 use crate::events::Event;
@@ -20,9 +20,7 @@ use crate::store::Store;
 use crate::store::root::Root;
 use crate::store::scan;
 use crate::store::watch::{Lost, Seen, WatchError, Watcher};
-use crate::wire::{
-    BATCH, Capabilities, ControlConnection, ControlMessage, ProtocolError, WireMessage,
-};
+use crate::wire::{Capabilities, ControlConnection, ControlMessage, ProtocolError, WireMessage};
 
 /// A batch goes once the tree has been quiet this long...
 const QUIET: Duration = Duration::from_millis(2);
@@ -237,7 +235,7 @@ impl Live<'_> {
         Arc::make_mut(&mut self.acknowledged)
             .apply(&changes)
             .expect("changes from a scan keep the list a tree");
-        send_batch(conn, &changes, root).await?;
+        send_changes(conn, &ControlMessage::Changes, &changes, root).await?;
         let mut report = Report::default();
         let mut asked = Vec::new();
         let listed = self.acknowledged.clone();
@@ -333,22 +331,13 @@ fn compare(
                     .unwrap_or_default(),
             ),
         };
-        for e in now {
-            let same = was
-                .binary_search_by(|w| w.path.cmp(&e.path))
-                .is_ok_and(|i| was[i] == *e);
-            if !same || is_forced(&e.path) {
-                changes.upserts.push(e.clone());
-            }
-        }
-        for w in was {
-            let gone = now.binary_search_by(|e| e.path.cmp(&w.path)).is_err();
-            // One path removed covers what lies below it.
-            let covered = changes.removed.last().is_some_and(|r| w.path.is_within(r));
-            if gone && !covered {
-                changes.removed.push(w.path.clone());
-            }
-        }
+        let between = Changes::between(was, now);
+        changes.upserts.extend(between.upserts);
+        changes.removed.extend(between.removed);
+        // Sent again whatever they hold: the server asked.
+        changes
+            .upserts
+            .extend(now.iter().filter(|e| is_forced(&e.path)).cloned());
         if now.is_empty() && was.is_empty() && is_forced(&s.path) {
             changes.removed.push(s.path.clone());
         }
@@ -358,24 +347,6 @@ fn compare(
     changes.removed.sort();
     changes.removed.dedup();
     changes
-}
-
-/// Sends one batch of changes.
-async fn send_batch(
-    conn: &mut ControlConnection<TcpStream>,
-    changes: &Changes,
-    root: Meta,
-) -> Result<(), ClientError> {
-    conn.send(&ControlMessage::Changes).await?;
-    for batch in changes.upserts.chunks(BATCH) {
-        conn.send_file_list(batch).await?;
-    }
-    for batch in changes.removed.chunks(BATCH) {
-        conn.send(&ControlMessage::Removed(batch.to_vec())).await?;
-    }
-    conn.send(&ControlMessage::RootMeta(root)).await?;
-    conn.send_now(&ControlMessage::FileListEnd).await?;
-    Ok(())
 }
 
 /// Drops what the watcher has already sent, without waiting: a scan follows.

@@ -383,7 +383,19 @@ async fn send_since(
         upserts: changes.upserts.len(),
         removed: changes.removed.len(),
     });
-    conn.send(&ControlMessage::Since { base, result }).await?;
+    let opening = ControlMessage::Since { base, result };
+    send_changes(conn, &opening, changes, root).await
+}
+
+/// Sends `changes` after `opening` (`Since` between sessions, `Changes` in a live one): the
+/// entries added or changed, the paths removed, the root's metadata, the end of the list.
+pub(super) async fn send_changes(
+    conn: &mut ControlConnection<TcpStream>,
+    opening: &ControlMessage,
+    changes: &Changes,
+    root: Meta,
+) -> Result<(), ClientError> {
+    conn.send(opening).await?;
     for batch in changes.upserts.chunks(BATCH) {
         conn.send_file_list(batch).await?;
     }

@@ -157,16 +157,14 @@ pub fn write_owner(file: &Path, client: ClientId) -> Result<(), StateError> {
         path: file.to_owned(),
         source,
     };
-    let dir = file.parent().unwrap_or(Path::new("."));
-    make_dir(dir).map_err(write)?;
-    let mut tmp = TempFile::new_in(dir).map_err(write)?;
+    let mut tmp = temp_beside(file).map_err(write)?;
     tmp.file()
         .write_all(format!("{client}\n").as_bytes())
         .and_then(|()| tmp.file().sync_all())
         .map_err(write)?;
     tmp.persist_to(file).map_err(write)?;
     // The rename too: a record lost in a crash would let another client in.
-    fs::File::open(dir)
+    fs::File::open(file.parent().unwrap_or(Path::new(".")))
         .and_then(|d| d.sync_all())
         .map_err(write)
 }
@@ -220,20 +218,8 @@ pub struct AckedList {
 /// The list in `file` with its ID, checked whole: `None` when there is none, or it is another
 /// algorithm's or owner's, or damaged (then a warning says so: the sync sends the whole list).
 pub fn read_acked(file: &Path, algorithm: HashAlgorithm, owner: u128) -> Option<AckedList> {
-    let read = fs::File::open(file)
-        .map(|f| io::BufReader::with_capacity(256 << 10, f))
-        .and_then(|r| list_file::read_list(r, algorithm, owner));
-    match read {
-        Ok(found) => found.map(|(id, entries)| AckedList { id, entries }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => {
-            tracing::warn!(
-                "not using the acknowledged list {}: {e}; sending the whole list",
-                file.display()
-            );
-            None
-        }
-    }
+    let read = fs::File::open(file).and_then(|f| list_file::read_list(f, algorithm, owner));
+    usable(file, read).map(|(id, entries)| AckedList { id, entries })
 }
 
 /// The list in `file` as its entries' bytes (see `list_file::read_list_bytes`), checked
@@ -245,6 +231,12 @@ pub fn read_acked_bytes(
     owner: u128,
 ) -> Option<(ListId, Vec<u8>)> {
     let read = fs::File::open(file).and_then(|f| list_file::read_list_bytes(f, algorithm, owner));
+    usable(file, read)
+}
+
+/// What was read of the list in `file`, if it can be used: a missing file is no list; any
+/// other failure is one too, with a warning.
+fn usable<T>(file: &Path, read: io::Result<Option<T>>) -> Option<T> {
     match read {
         Ok(found) => found,
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -308,9 +300,7 @@ pub fn stage_acked(
         path: file.to_owned(),
         source,
     };
-    let dir = file.parent().unwrap_or(Path::new("."));
-    make_dir(dir).map_err(write)?;
-    let mut tmp = TempFile::new_in(dir).map_err(write)?;
+    let mut tmp = temp_beside(file).map_err(write)?;
     let out = io::BufWriter::with_capacity(256 << 10, tmp.file());
     let id = list_file::write_list(out, algorithm, owner, entries).map_err(write)?;
     Ok(StagedList {
@@ -327,6 +317,14 @@ pub fn forget_acked(file: &Path) {
     {
         tracing::warn!("failed to remove {}: {e}", file.display());
     }
+}
+
+/// A private temporary file in the directory of the state file `file` (made if missing), to
+/// be renamed over it once written.
+fn temp_beside(file: &Path) -> io::Result<TempFile> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    make_dir(dir)?;
+    TempFile::new_in(dir)
 }
 
 /// A state directory, private, with its missing parents.

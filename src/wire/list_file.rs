@@ -21,8 +21,6 @@ const MAGIC: &[u8; 8] = b"SSACKED1";
 /// Magic, algorithm, owner, count.
 pub const HEAD_LEN: usize = 8 + 1 + 16 + 8;
 pub const ID_LEN: usize = 32;
-/// A block larger than this is damage (512 entries of at most a few KiB each).
-const MAX_BLOCK: usize = 8 << 20;
 
 /// What names a file list: the BLAKE3 of its entries' encodings, in order.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -244,8 +242,10 @@ pub fn read_list_bytes<R: Read>(
     if head.algorithm != algorithm || head.owner != owner {
         return Ok(None);
     }
-    // Sized by the count: about 80 bytes an entry, so that the read rarely reallocates.
-    let mut rest = Vec::with_capacity((head.count.min(10_000_000) as usize) * 80 + 4096);
+    // Sized by the count (about 80 bytes an entry), so that the read rarely reallocates; but
+    // a count is not trusted with more than 16 MiB before the bytes are there.
+    let mut rest =
+        Vec::with_capacity((head.count as usize).saturating_mul(80).min(16 << 20) + 4096);
     r.read_to_end(&mut rest)?;
     let Some(body_len) = rest.len().checked_sub(ID_LEN) else {
         return Err(damaged("truncated"));
@@ -283,53 +283,19 @@ fn damaged(what: &str) -> io::Error {
 /// well formed, the ID at its end the one its entries hash to. `Ok(None)` when it is another
 /// algorithm's or owner's; an error of kind `InvalidData` when it is damaged.
 pub fn read_list<R: Read>(
-    mut r: R,
+    r: R,
     algorithm: HashAlgorithm,
     owner: u128,
 ) -> io::Result<Option<(ListId, Vec<Entry>)>> {
-    let mut head = [0u8; HEAD_LEN];
-    r.read_exact(&mut head)?;
-    let head = ListHead::parse(&head).ok_or_else(|| damaged("not a list file"))?;
-    if head.algorithm != algorithm || head.owner != owner {
+    let Some((id, bytes)) = read_list_bytes(r, algorithm, owner)? else {
         return Ok(None);
+    };
+    let mut reader = Reader { buf: &bytes };
+    let mut entries = Vec::with_capacity(bytes.len() / 64);
+    while !reader.buf.is_empty() {
+        entries.push(reader.entry().map_err(|e| damaged(&e.to_string()))?);
     }
-    let mut sum = blake3::Hasher::new();
-    let mut entries = Vec::with_capacity(head.count.min(10_000_000) as usize);
-    let mut block = Vec::new();
-    while (entries.len() as u64) < head.count {
-        let mut len = [0u8; 4];
-        r.read_exact(&mut len)?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_BLOCK {
-            return Err(damaged("block too long"));
-        }
-        block.resize(len, 0);
-        r.read_exact(&mut block)?;
-        sum.update(&block);
-        let mut reader = Reader { buf: &block };
-        for _ in 0..BATCH {
-            if reader.buf.is_empty() {
-                break;
-            }
-            entries.push(reader.entry().map_err(|e| damaged(&e.to_string()))?);
-        }
-        if !reader.buf.is_empty() || block.is_empty() {
-            return Err(damaged("a block of too many entries, or none"));
-        }
-    }
-    if entries.len() as u64 != head.count {
-        return Err(damaged("more entries than counted"));
-    }
-    let mut id = [0u8; ID_LEN];
-    r.read_exact(&mut id)?;
-    if *sum.finalize().as_bytes() != id {
-        return Err(damaged("its entries do not match its ID"));
-    }
-    let mut rest = [0u8; 1];
-    if r.read(&mut rest)? != 0 {
-        return Err(damaged("bytes after the ID"));
-    }
-    Ok(Some((ListId(id), entries)))
+    Ok(Some((id, entries)))
 }
 
 #[cfg(test)]
