@@ -4,6 +4,7 @@
 pub mod hash;
 pub mod identity;
 pub mod manifest;
+pub mod merge;
 pub mod plan;
 pub mod stamp;
 pub mod text;

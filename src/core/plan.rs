@@ -502,14 +502,14 @@ impl fmt::Display for Plan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Parses a compact tree: entries separated by `;`, each `f PATH CONTENT`, `d PATH`,
     /// `l PATH TARGET`, `h PATH SIZE` (unhashed file), `u PATH` (unreadable) or `s PATH`
     /// (special), optionally followed by `m=MODE` (octal) and `t=MTIME`.
     /// Defaults: files 644, dirs 755, mtime 0.
-    fn tree(spec: &str) -> Manifest {
+    pub(crate) fn tree(spec: &str) -> Manifest {
         let entries = spec
             .split(';')
             .map(str::trim)
