@@ -422,6 +422,67 @@ impl Merger<'_> {
     }
 }
 
+/// One path's change to the base after a round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BaseChange {
+    Set(Entry),
+    Remove(RelPath),
+}
+
+impl BaseChange {
+    pub fn path(&self) -> &RelPath {
+        match self {
+            BaseChange::Set(e) => &e.path,
+            BaseChange::Remove(p) => p,
+        }
+    }
+}
+
+/// What the base becomes after a round that made `target` on both sides, except at the
+/// `unsettled` paths (and below them): those one side failed to make, or left alone. The base
+/// takes the target's state at every other path, one change per path that differs from `old`
+/// (in component order); at the unsettled ones it keeps what it had, so the next round sees
+/// there what it saw in this one. Only files, directories and links are ever agreed on.
+pub fn settle(old: &[Entry], target: &Manifest, unsettled: &[RelPath]) -> Vec<BaseChange> {
+    let mut unsettled = unsettled.to_vec();
+    unsettled.sort();
+    let is_unsettled = |p: &RelPath| {
+        !unsettled.is_empty()
+            && std::iter::successors(Some(p.clone()), RelPath::parent)
+                .any(|a| unsettled.binary_search(&a).is_ok())
+    };
+    let agreed = |e: &Entry| matches!(e.kind, Kind::File { .. } | Kind::Dir | Kind::Symlink { .. });
+    let mut changes = Vec::new();
+    let (mut old, mut new) = (old.iter().peekable(), target.iter().peekable());
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(o), Some(n)) => o.path.cmp(&n.path),
+        };
+        let change = match order {
+            Ordering::Less => Some(BaseChange::Remove(old.next().expect("peeked").path.clone())),
+            Ordering::Greater => {
+                let n = new.next().expect("peeked");
+                agreed(n).then(|| BaseChange::Set(n.clone()))
+            }
+            Ordering::Equal => {
+                let (o, n) = (old.next().expect("peeked"), new.next().expect("peeked"));
+                match (o == n, agreed(n)) {
+                    (true, _) => None,
+                    (false, true) => Some(BaseChange::Set(n.clone())),
+                    (false, false) => Some(BaseChange::Remove(o.path.clone())),
+                }
+            }
+        };
+        if let Some(c) = change.filter(|c| !is_unsettled(c.path())) {
+            changes.push(c);
+        }
+    }
+    changes
+}
+
 /// `NAME.sync-conflict-YYYYMMDD-HHMMSS-ID.EXT` beside `path`, the date the version's mtime in
 /// UTC; the `n`th name, when earlier ones are taken, has `-n` after the ID. A name too long
 /// for a path component loses the end of its stem.

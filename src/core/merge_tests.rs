@@ -346,7 +346,7 @@ mod model {
     struct World {
         replicas: Vec<Replica>,
         /// Per client (replica 1…), the base it shares with the server.
-        bases: Vec<Option<Manifest>>,
+        bases: Vec<Option<Vec<Entry>>>,
         clock: i64,
         next_version: u64,
         hashes: HashMap<ContentHash, u64>,
@@ -493,12 +493,13 @@ mod model {
         }
 
         /// One round between client `c` and the server (replica 0). `cut`: 0 runs it whole;
-        /// 1 stops after the server applied the merge; 2 stops before either did.
-        fn sync(&mut self, c: usize, cut: usize) -> bool {
+        /// 1 stops after the server applied the merge; 2 stops before either did; 3 runs it
+        /// whole but the client fails to make one top-level path (it keeps what it had there).
+        fn sync(&mut self, rng: &mut Rng, c: usize, cut: usize) -> bool {
             let (client, server) = (self.manifest(c), self.manifest(0));
             let client_id = format!("C{c}");
             let merged = merge(
-                self.bases[c].as_ref().map(Manifest::entries),
+                self.bases[c].as_deref(),
                 Sides {
                     client: &client,
                     server: &server,
@@ -509,15 +510,49 @@ mod model {
             let target = self.replica_of(&merged.target);
             let changed = self.replicas[c] != target || self.replicas[0] != target;
             self.log.push(format!("sync client {c} cut {cut}"));
-            if cut < 2 {
+            if cut < 2 || cut == 3 {
                 self.replicas[0] = target.clone();
             }
-            if cut == 0 {
-                self.replicas[c] = target;
-                self.bases[c] = Some(merged.target);
+            let mut unsettled = Vec::new();
+            if cut == 3 {
+                let differing: Vec<RelPath> = (target.keys().chain(self.replicas[c].keys()))
+                    .filter(|p| target.get(*p) != self.replicas[c].get(*p))
+                    .map(|p| RelPath::new(p.as_str().split('/').next().unwrap()).unwrap())
+                    .collect();
+                if let Some(top) = rng.pick(&differing) {
+                    self.log.push(format!("  client {c} fails {top}"));
+                    unsettled.push(top.clone());
+                }
+            }
+            if cut == 0 || cut == 3 {
+                let kept: Vec<(RelPath, Node)> = (self.replicas[c].iter())
+                    .filter(|(p, _)| unsettled.iter().any(|u| p.is_within(u)))
+                    .map(|(p, n)| (p.clone(), n.clone()))
+                    .collect();
+                let mut next: Replica = (target.into_iter())
+                    .filter(|(p, _)| !unsettled.iter().any(|u| p.is_within(u)))
+                    .collect();
+                next.extend(kept);
+                self.replicas[c] = next;
+                let old = self.bases[c].take().unwrap_or_default();
+                let changes = settle(&old, &merged.target, &unsettled);
+                self.bases[c] = Some(applied(old, changes));
             }
             changed
         }
+    }
+
+    /// A base with `changes` (from [`settle`]) made.
+    fn applied(old: Vec<Entry>, changes: Vec<BaseChange>) -> Vec<Entry> {
+        let mut map: BTreeMap<RelPath, Entry> =
+            old.into_iter().map(|e| (e.path.clone(), e)).collect();
+        for c in changes {
+            match c {
+                BaseChange::Set(e) => map.insert(e.path.clone(), e),
+                BaseChange::Remove(p) => map.remove(&p),
+            };
+        }
+        map.into_values().collect()
     }
 
     fn entry(p: &RelPath, n: &Node) -> Entry {
@@ -569,8 +604,8 @@ mod model {
                 }
                 _ => {
                     let c = 1 + rng.below(clients);
-                    let cut = [0, 0, 0, 1, 2][rng.below(5)];
-                    w.sync(c, cut);
+                    let cut = [0, 0, 0, 1, 2, 3][rng.below(6)];
+                    w.sync(&mut rng, c, cut);
                 }
             }
         }
@@ -578,7 +613,7 @@ mod model {
         for _ in 0..8 {
             let mut changed = false;
             for c in 1..=clients {
-                changed |= w.sync(c, 0);
+                changed |= w.sync(&mut rng, c, 0);
             }
             if !changed {
                 quiet = true;
@@ -624,4 +659,43 @@ mod model {
             }
         }
     }
+}
+
+/// The base changes a round makes: `old` and `target` as trees, `unsettled` paths
+/// `,`-separated, the changes as `set PATH` / `remove PATH`.
+fn check_settle(old: &str, target: &str, unsettled: &str, expected: &str) {
+    let unsettled: Vec<RelPath> = (unsettled.split(',').map(str::trim))
+        .filter(|s| !s.is_empty())
+        .map(|s| RelPath::new(s).unwrap())
+        .collect();
+    let got: Vec<String> = settle(tree(old).entries(), &tree(target), &unsettled)
+        .iter()
+        .map(|c| match c {
+            BaseChange::Set(e) => format!("set {}", e.path),
+            BaseChange::Remove(p) => format!("remove {p}"),
+        })
+        .collect();
+    assert_eq!(got.join("; "), expected, "\nold: {old}\ntarget: {target}");
+}
+
+#[test]
+fn the_base_takes_the_target_where_both_sides_made_it() {
+    check_settle("f a x", "f a x", "", "");
+    check_settle("", "d d; f d/a x", "", "set d; set d/a");
+    check_settle(
+        "d d; f d/a x; f b y",
+        "f b y2",
+        "",
+        "set b; remove d; remove d/a",
+    );
+    // One side failed to make d/a: the base keeps what it had there, and only there.
+    check_settle(
+        "d d; f d/a x; f b y",
+        "d d; f d/a x2; f b y2",
+        "d/a",
+        "set b",
+    );
+    check_settle("d d; f d/a x", "f d z", "d", "");
+    // What is never agreed on stays out of the base.
+    check_settle("f a x", "u a; s b", "", "remove a");
 }
