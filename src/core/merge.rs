@@ -72,15 +72,11 @@ impl fmt::Display for Resolution {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use crate::core::text::Escaped;
         match self {
-            Resolution::Copy {
-                path,
-                kept_as,
-                winner,
-            } => write!(
+            // The server's log line is `Conflict: ` and this (issue 10's wording).
+            Resolution::Copy { path, kept_as, .. } => write!(
                 f,
-                "{} (kept the {} version as {})",
+                "{} (kept the other version as {})",
                 Escaped(path.as_str()),
-                other(*winner),
                 Escaped(kept_as.as_str())
             ),
             Resolution::Kept { path, kept_from } => write!(

@@ -108,14 +108,14 @@ fn two_versions_keep_both_names_by_mtime_then_side() {
         "f a.txt c t=1764676800",
         "f a.txt s t=2",
         "f a.txt c t=1764676800; f a.sync-conflict-19700101-000002-S.txt s t=2",
-        "a.txt (kept the server version as a.sync-conflict-19700101-000002-S.txt)",
+        "a.txt (kept the other version as a.sync-conflict-19700101-000002-S.txt)",
     );
     check(
         Some("f a.txt x t=1"),
         "f a.txt c t=2",
         "f a.txt s t=1764676800",
         "f a.txt s t=1764676800; f a.sync-conflict-19700101-000002-C.txt c t=2",
-        "a.txt (kept the client version as a.sync-conflict-19700101-000002-C.txt)",
+        "a.txt (kept the other version as a.sync-conflict-19700101-000002-C.txt)",
     );
     // A tie goes to the larger side ID ("S" > "C").
     check(
@@ -123,7 +123,7 @@ fn two_versions_keep_both_names_by_mtime_then_side() {
         "f a c t=5",
         "f a s t=5",
         "f a s t=5; f a.sync-conflict-19700101-000005-C c t=5",
-        "a (kept the client version as a.sync-conflict-19700101-000005-C)",
+        "a (kept the other version as a.sync-conflict-19700101-000005-C)",
     );
     // Both added the same new path.
     check(
@@ -131,7 +131,7 @@ fn two_versions_keep_both_names_by_mtime_then_side() {
         "f .bashrc c t=1764676800",
         "f .bashrc s t=1",
         "f .bashrc c t=1764676800; f .bashrc.sync-conflict-19700101-000001-S s t=1",
-        ".bashrc (kept the server version as .bashrc.sync-conflict-19700101-000001-S)",
+        ".bashrc (kept the other version as .bashrc.sync-conflict-19700101-000001-S)",
     );
     // Links are versions too.
     check(
@@ -139,7 +139,7 @@ fn two_versions_keep_both_names_by_mtime_then_side() {
         "l l t1 t=3",
         "l l t2 t=2",
         "l l t1 t=3; l l.sync-conflict-19700101-000002-S t2 t=2",
-        "l (kept the server version as l.sync-conflict-19700101-000002-S)",
+        "l (kept the other version as l.sync-conflict-19700101-000002-S)",
     );
 }
 
@@ -188,7 +188,7 @@ fn a_file_against_a_directory_keeps_both_the_file_as_the_copy() {
         "f p c t=9",
         "d p; f p/in s",
         "d p; f p/in s; f p.sync-conflict-19700101-000009-C c t=9",
-        "p (kept the client version as p.sync-conflict-19700101-000009-C)",
+        "p (kept the other version as p.sync-conflict-19700101-000009-C)",
     );
     // The client made a directory a file; the server added to the directory meanwhile.
     check(
@@ -196,7 +196,7 @@ fn a_file_against_a_directory_keeps_both_the_file_as_the_copy() {
         "f p c t=9",
         "d p; f p/old x; f p/new y",
         "d p; f p/new y; f p.sync-conflict-19700101-000009-C c t=9",
-        "p (kept the client version as p.sync-conflict-19700101-000009-C)",
+        "p (kept the other version as p.sync-conflict-19700101-000009-C)",
     );
     // …and nothing added: the file wins, the directory's old contents go.
     check(
@@ -233,7 +233,7 @@ fn without_a_base_nothing_is_deleted_and_differences_are_conflicts() {
         "f a c t=2",
         "f a s t=1",
         "f a c t=2; f a.sync-conflict-19700101-000001-S s t=1",
-        "a (kept the server version as a.sync-conflict-19700101-000001-S)",
+        "a (kept the other version as a.sync-conflict-19700101-000001-S)",
     );
 }
 
@@ -245,7 +245,7 @@ fn a_round_run_again_makes_no_second_copy() {
         "f a c t=1",
         "f a s t=2; f a.sync-conflict-19700101-000001-C c t=1",
         "f a s t=2; f a.sync-conflict-19700101-000001-C c t=1",
-        "a (kept the client version as a.sync-conflict-19700101-000001-C)",
+        "a (kept the other version as a.sync-conflict-19700101-000001-C)",
     );
     // A name taken by other content: the copy gets a number.
     check(
@@ -253,7 +253,7 @@ fn a_round_run_again_makes_no_second_copy() {
         "f a c t=1; f a.sync-conflict-19700101-000001-C other",
         "f a s t=2; f a.sync-conflict-19700101-000001-C other",
         "f a s t=2; f a.sync-conflict-19700101-000001-C other; f a.sync-conflict-19700101-000001-C-2 c t=1",
-        "a (kept the client version as a.sync-conflict-19700101-000001-C-2)",
+        "a (kept the other version as a.sync-conflict-19700101-000001-C-2)",
     );
 }
 
@@ -363,7 +363,7 @@ mod model {
             self.clock += 1;
             self.next_version += 1;
             self.written.insert(self.next_version);
-            let hash = HashAlgorithm::Blake3.of(&self.next_version.to_le_bytes());
+            let hash = HashAlgorithm::Blake3.of(format!("v{}", self.next_version).as_bytes());
             self.hashes.insert(hash, self.next_version);
             Node::File {
                 version: self.next_version,
@@ -569,7 +569,7 @@ mod model {
                 path: p.clone(),
                 kind: Kind::File {
                     size: 8,
-                    hash: HashAlgorithm::Blake3.of(&version.to_le_bytes()),
+                    hash: HashAlgorithm::Blake3.of(format!("v{version}").as_bytes()),
                 },
                 meta: Meta {
                     mode: 0o644,

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod cache;
+pub mod db;
 mod local;
 pub mod read;
 pub mod root;

@@ -23,12 +23,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec};
 use rustix::io::Errno;
 
-use crate::core::manifest::{Meta, RelPath, TEMP_PREFIX};
+use crate::core::manifest::{Entry, Kind, Meta, RelPath, TEMP_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootError {
     #[error("{path}: parent {ancestor} is a symlink or not a directory; refusing to go through it")]
     UnsafeParent { path: RelPath, ancestor: String },
+    #[error("{path}: changed since it was scanned; left for the next round")]
+    Changed { path: RelPath },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -429,6 +431,73 @@ impl Root {
         Ok(file)
     }
 
+    /// [`Root::place`], only if `rel` still holds what was scanned there (`None`: nothing):
+    /// checked on the parent's descriptor right before the rename, so a version a local
+    /// process wrote since the scan is never replaced (two-way sync's promise; the window
+    /// left is that between one `lstat` and one `rename`).
+    pub fn place_unchanged(
+        &self,
+        mut tmp: TempFile,
+        rel: &RelPath,
+        scanned: Option<&Entry>,
+    ) -> Result<(), RootError> {
+        let (parent, name) = self.open_parent(rel)?;
+        self.check_unchanged(&parent, name, rel, scanned)?;
+        tmp.file.take();
+        self.in_parent(&parent, WRITE, || {
+            Ok(rustix::fs::renameat(
+                &*tmp.dir,
+                tmp.name.as_str(),
+                &*parent.fd,
+                name,
+            )?)
+        })
+        .map_err(|e| RootError::io(rel, e))?;
+        tmp.forget();
+        Ok(())
+    }
+
+    /// [`Root::remove`], only if `rel` still holds what was scanned there.
+    pub fn remove_unchanged(&self, rel: &RelPath, scanned: &Entry) -> Result<bool, RootError> {
+        let (parent, name) = self.open_parent(rel)?;
+        self.check_unchanged(&parent, name, rel, Some(scanned))?;
+        let flags = match scanned.kind {
+            Kind::Dir => AtFlags::REMOVEDIR,
+            _ => AtFlags::empty(),
+        };
+        self.in_parent(&parent, WRITE, || {
+            Ok(rustix::fs::unlinkat(parent.fd.as_fd(), name, flags)?)
+        })
+        .map_err(|e| RootError::io(rel, e))?;
+        Ok(scanned.kind == Kind::Dir)
+    }
+
+    fn check_unchanged(
+        &self,
+        parent: &Parent,
+        name: &str,
+        rel: &RelPath,
+        scanned: Option<&Entry>,
+    ) -> Result<(), RootError> {
+        let fd = parent.fd.as_fd();
+        let now = match rustix::fs::statat(fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Some(st),
+            Err(Errno::NOENT) => None,
+            Err(e) => return Err(RootError::io(rel, e)),
+        };
+        let link = |st: &Stat| {
+            (FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
+                .then(|| rustix::fs::readlinkat(fd, name, Vec::new()).ok())
+                .flatten()
+                .map(|t| t.to_string_lossy().into_owned())
+        };
+        if holds(now.as_ref(), scanned, link) {
+            Ok(())
+        } else {
+            Err(RootError::Changed { path: rel.clone() })
+        }
+    }
+
     /// Removes a file, symlink or (empty) directory; a missing entry is not an error.
     /// Returns whether it was a directory.
     pub fn remove(&self, rel: &RelPath) -> Result<bool, RootError> {
@@ -822,6 +891,31 @@ fn depth(rel: &str) -> usize {
     }
 }
 
+/// Whether what `lstat` found (`None`: nothing) is still the entry a scan listed: same kind;
+/// a file of the same size and mtime (what the hash cache trusts too); a link to the same
+/// target. `link` reads a link's target.
+fn holds(
+    now: Option<&Stat>,
+    scanned: Option<&Entry>,
+    link: impl Fn(&Stat) -> Option<String>,
+) -> bool {
+    let (Some(st), Some(e)) = (now, scanned) else {
+        return now.is_none() && scanned.is_none();
+    };
+    let file_type = FileType::from_raw_mode(st.st_mode);
+    match &e.kind {
+        Kind::Dir => file_type == FileType::Directory,
+        Kind::File { size, .. } | Kind::Unhashed { size } => {
+            file_type == FileType::RegularFile
+                && st.st_size as u64 == *size
+                && st.st_mtime == e.meta.mtime_secs
+                && st.st_mtime_nsec as u32 == e.meta.mtime_nanos
+        }
+        Kind::Symlink { target } => link(st).as_deref() == Some(target.as_str()),
+        Kind::Unreadable { .. } | Kind::Special { .. } => false,
+    }
+}
+
 fn is_dir(st: Stat) -> bool {
     FileType::from_raw_mode(st.st_mode) == FileType::Directory
 }
@@ -1147,6 +1241,88 @@ mod tests {
     fn both(dir: &Path) -> [Root; 2] {
         static QUIET: Notice = Notice::new();
         [Root::new(dir), Root::with_checks_only(dir, &QUIET)]
+    }
+
+    /// What a scan lists for `path` under `dir` now (files unhashed: the guard needs no hash).
+    fn scanned(dir: &Path, path: &str) -> Option<Entry> {
+        let m = fs::symlink_metadata(dir.join(path)).ok()?;
+        let kind = if m.is_dir() {
+            Kind::Dir
+        } else if m.file_type().is_symlink() {
+            let target = fs::read_link(dir.join(path)).unwrap();
+            Kind::Symlink {
+                target: target.to_string_lossy().into_owned(),
+            }
+        } else {
+            Kind::Unhashed { size: m.len() }
+        };
+        let meta = Meta {
+            mode: m.mode() & 0o7777,
+            mtime_secs: m.mtime(),
+            mtime_nanos: m.mtime_nsec() as u32,
+        };
+        Some(Entry {
+            path: p(path),
+            kind,
+            meta,
+        })
+    }
+
+    #[test]
+    fn a_path_changed_since_its_scan_is_neither_replaced_nor_removed() {
+        for i in 0..2 {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().to_path_buf();
+            let root = both(&dir).into_iter().nth(i).unwrap();
+            fs::write(dir.join("f"), "scanned").unwrap();
+            fs::create_dir(dir.join("d")).unwrap();
+            symlink("t", dir.join("l")).unwrap();
+            let [f, d, l] = ["f", "d", "l"].map(|x| scanned(&dir, x).unwrap());
+            let new = |root: &Root| {
+                let mut t = root.temp_for(&p("f")).unwrap();
+                t.file().write_all(b"new").unwrap();
+                t
+            };
+
+            // Written by a local process after the scan (same size, later mtime; or longer).
+            fs::write(dir.join("f"), "SCANNED").unwrap();
+            let set = fs::File::options().write(true).open(dir.join("f")).unwrap();
+            set.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+                .unwrap();
+            let err = root
+                .place_unchanged(new(&root), &p("f"), Some(&f))
+                .unwrap_err();
+            assert!(matches!(err, RootError::Changed { .. }), "{err}");
+            assert!(root.remove_unchanged(&p("f"), &f).is_err());
+            assert_eq!(fs::read_to_string(dir.join("f")).unwrap(), "SCANNED");
+            // Unchanged since its (new) scan: replaced.
+            let f = scanned(&dir, "f").unwrap();
+            root.place_unchanged(new(&root), &p("f"), Some(&f)).unwrap();
+            assert_eq!(fs::read_to_string(dir.join("f")).unwrap(), "new");
+
+            // A path that was empty at the scan and is not any more.
+            fs::write(dir.join("g"), "made meanwhile").unwrap();
+            assert!(root.place_unchanged(new(&root), &p("g"), None).is_err());
+            assert_eq!(fs::read_to_string(dir.join("g")).unwrap(), "made meanwhile");
+
+            // A link retargeted, a directory swapped for a file.
+            fs::remove_file(dir.join("l")).unwrap();
+            symlink("u", dir.join("l")).unwrap();
+            assert!(root.remove_unchanged(&p("l"), &l).is_err());
+            fs::remove_dir(dir.join("d")).unwrap();
+            fs::write(dir.join("d"), "").unwrap();
+            assert!(root.remove_unchanged(&p("d"), &d).is_err());
+            assert!(fs::symlink_metadata(dir.join("l")).is_ok() && dir.join("d").is_file());
+            // Unchanged: removed.
+            let l = scanned(&dir, "l").unwrap();
+            assert!(!root.remove_unchanged(&p("l"), &l).unwrap());
+            assert!(fs::symlink_metadata(dir.join("l")).is_err());
+            assert_eq!(
+                fs::read_dir(&dir).unwrap().count(),
+                3,
+                "no temp file is left behind"
+            );
+        }
     }
 
     #[test]
