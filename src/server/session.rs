@@ -874,7 +874,7 @@ async fn plan_and_apply(
     let (root, events) = (shared.root.clone(), shared.events.clone());
     let planning = tokio::task::spawn_blocking(move || {
         let plan = plan::plan(&client, &server);
-        (root.apply(&plan, &*events), plan, client)
+        (root.apply(&plan, None, &*events), plan, client)
     });
     keepalive(shared.keepalive, conn, planning)
         .await

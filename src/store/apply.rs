@@ -1,5 +1,7 @@
-//! Carries out the local part of a plan on the server's directory: staged copies and moves,
+//! Carries out the local part of a plan on the synced directory: staged copies and moves,
 //! deletes, new directories, symlinks, and metadata. Blocking; run it off the async runtime.
+//! A mirror's tree is the client's to overwrite; a two-way side passes the tree as it scanned
+//! it, and a path a local process changed since is left for the next round.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -7,11 +9,10 @@ use std::io::{self, Read, Write};
 use tracing::warn;
 
 use crate::core::hash::{ContentHash, HashAlgorithm};
-use crate::core::manifest::RelPath;
-use crate::core::manifest::Wanted;
+use crate::core::manifest::{Manifest, RelPath, Wanted};
 use crate::core::plan::{LocalCopy, Plan};
 use crate::events::{Event, EventSink};
-use crate::store::root::{Root, Stage, TempFile};
+use crate::store::root::{Root, RootError, Stage, TempFile};
 use crate::wire::Failure;
 
 /// What the local phases did. Failures are recorded and the rest goes on.
@@ -23,9 +24,32 @@ pub struct Outcome {
     pub failed: Vec<Failure>,
     /// Local copies that could not be made (source gone or changed): ask the client instead.
     pub refetch: Vec<Wanted>,
+    /// Paths left as they were because they changed since the scan (two-way only): not
+    /// failures, but not made as planned either.
+    pub changed: Vec<RelPath>,
 }
 
 impl Outcome {
+    /// Records an error, or a path found changed since the scan.
+    fn fail_or_changed(
+        &mut self,
+        events: &dyn EventSink,
+        action: &'static str,
+        path: &RelPath,
+        err: RootError,
+    ) {
+        match err {
+            RootError::Changed { path } => {
+                warn!(
+                    "{}: changed since it was scanned, left for the next round",
+                    crate::core::text::Escaped(path.as_str())
+                );
+                self.changed.push(path);
+            }
+            err => self.fail(events, action, path, err),
+        }
+    }
+
     fn fail(
         &mut self,
         events: &dyn EventSink,
@@ -46,8 +70,15 @@ impl Outcome {
     }
 }
 
-/// Phases 1 to 4 of [`Plan`]: everything that needs nothing from the client.
-pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome {
+/// Phases 1 to 4 of [`Plan`]: everything that needs nothing from the other side. `scanned`:
+/// the tree as this side scanned it, when nothing that changed since may be overwritten or
+/// deleted (each path is checked right before); `None` in a mirror.
+pub fn apply_local(
+    root: &Root,
+    plan: &Plan,
+    scanned: Option<&Manifest>,
+    events: &dyn EventSink,
+) -> Outcome {
     let mut out = Outcome::default();
     let mut staged: Vec<(&LocalCopy, TempFile)> = Vec::new();
     let stage = if plan.copies.is_empty() && plan.dir_moves.is_empty() {
@@ -99,7 +130,14 @@ pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome 
     }
 
     for path in &plan.deletes {
-        match root.remove(path) {
+        let removed = match scanned {
+            None => root.remove(path),
+            Some(m) => match m.get(path) {
+                Some(e) => root.remove_unchanged(path, e),
+                None => Err(RootError::Changed { path: path.clone() }),
+            },
+        };
+        match removed {
             Ok(dir) => {
                 events.emit(Event::Deleted {
                     path: path.clone(),
@@ -107,7 +145,7 @@ pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome 
                 });
                 out.deleted += 1;
             }
-            Err(e) => out.fail(events, "delete", path, e),
+            Err(e) => out.fail_or_changed(events, "delete", path, e),
         }
     }
 
@@ -119,7 +157,7 @@ pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome 
     }
 
     for (from, to, tmp) in taken {
-        match root.place(tmp, to) {
+        match place(root, tmp, to, scanned) {
             Ok(()) => {
                 events.emit(Event::DirMoved {
                     src: from.clone(),
@@ -127,12 +165,12 @@ pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome 
                 });
                 out.renamed += 1;
             }
-            Err(e) => out.fail(events, "move directory to", to, e),
+            Err(e) => out.fail_or_changed(events, "move directory to", to, e),
         }
     }
 
     for (c, tmp) in staged {
-        match root.place(tmp, &c.dst) {
+        match place(root, tmp, &c.dst, scanned) {
             Ok(()) if c.is_move => {
                 events.emit(Event::Moved {
                     src: c.src.clone(),
@@ -147,20 +185,39 @@ pub fn apply_local(root: &Root, plan: &Plan, events: &dyn EventSink) -> Outcome 
                 });
                 out.copied += 1;
             }
-            Err(e) => out.fail(events, "place", &c.dst, e),
+            Err(e) => out.fail_or_changed(events, "place", &c.dst, e),
         }
     }
 
     for (path, target) in &plan.symlinks {
-        match root.symlink(path, target) {
+        let made = match scanned {
+            Some(m) => root
+                .check_unchanged(path, m.get(path))
+                .and_then(|()| root.symlink(path, target)),
+            None => root.symlink(path, target),
+        };
+        match made {
             Ok(()) => events.emit(Event::SymlinkCreated {
                 path: path.clone(),
                 target: target.clone(),
             }),
-            Err(e) => out.fail(events, "create symlink", path, e),
+            Err(e) => out.fail_or_changed(events, "create symlink", path, e),
         }
     }
     out
+}
+
+/// Renames a staged file or directory onto `to`: checked against the scan when there is one.
+fn place(
+    root: &Root,
+    tmp: TempFile,
+    to: &RelPath,
+    scanned: Option<&Manifest>,
+) -> Result<(), RootError> {
+    match scanned {
+        Some(m) => root.place_unchanged(tmp, to, m.get(to)),
+        None => root.place(tmp, to),
+    }
 }
 
 /// Phase 6 of [`Plan`]: metadata of entries whose content was already right, then
@@ -241,4 +298,92 @@ fn check_hash(got: ContentHash, want: ContentHash) -> io::Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::core::manifest::{Entry, Kind};
+    use crate::core::plan::plan;
+    use crate::events::Recorder;
+    use crate::store::Store;
+    use crate::store::scan::Options;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    /// The tree `dir` holds now, hashed.
+    fn scan(root: &Root) -> Manifest {
+        let scan = root
+            .list(None, Options::new(HashAlgorithm::Blake3))
+            .unwrap();
+        Manifest::from_entries(scan.entries).unwrap()
+    }
+
+    fn file(path: &str, content: &str, like: &Entry) -> Entry {
+        Entry {
+            path: p(path),
+            kind: Kind::File {
+                size: content.len() as u64,
+                hash: HashAlgorithm::Blake3.of(content.as_bytes()),
+            },
+            meta: like.meta,
+        }
+    }
+
+    #[test]
+    fn with_the_scan_as_guard_nothing_changed_since_is_overwritten_or_deleted() {
+        for guarded in [true, false] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path();
+            fs::write(dir.join("a"), "x").unwrap();
+            fs::write(dir.join("b"), "y").unwrap();
+            fs::write(dir.join("gone"), "z").unwrap();
+            fs::write(dir.join("keep"), "k").unwrap();
+            fs::create_dir(dir.join("d")).unwrap();
+            fs::write(dir.join("d/old"), "o").unwrap();
+            let root = Root::new(dir);
+            let scanned = scan(&root);
+            let like = scanned.get(&p("a")).unwrap().clone();
+            // The other side's tree: a takes b's content, c keep's; gone and d go.
+            let target = Manifest::from_entries([
+                file("a", "y", &like),
+                file("b", "y", &like),
+                file("c", "k", &like),
+                file("keep", "k", &like),
+            ])
+            .unwrap();
+            let plan = plan(&target, &scanned);
+
+            // A local process, after the scan.
+            fs::write(dir.join("a"), "local edit").unwrap();
+            fs::write(dir.join("gone"), "changed").unwrap();
+            fs::write(dir.join("d/new"), "new").unwrap();
+
+            let events = Recorder::default();
+            let out = apply_local(&root, &plan, guarded.then_some(&scanned), &events);
+            let read = |f: &str| fs::read_to_string(dir.join(f)).ok();
+            assert_eq!(read("c").as_deref(), Some("k"), "copied either way");
+            if guarded {
+                assert_eq!(read("a").as_deref(), Some("local edit"));
+                assert_eq!(read("gone").as_deref(), Some("changed"));
+                assert_eq!(read("d/new").as_deref(), Some("new"));
+                assert_eq!(read("d/old"), None, "unchanged: deleted");
+                let mut changed = out.changed.clone();
+                changed.sort();
+                assert_eq!(changed, vec![p("a"), p("gone")]);
+                // `d` is not empty any more: its removal fails, as it must.
+                assert_eq!(out.failed.len(), 1, "{:?}", out.failed);
+                assert!(out.failed[0].path == "d", "{:?}", out.failed);
+            } else {
+                // A mirror overwrites: the tree is the client's.
+                assert_eq!(read("a").as_deref(), Some("y"));
+                assert_eq!(read("gone"), None);
+                assert!(out.changed.is_empty());
+            }
+        }
+    }
 }

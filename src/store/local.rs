@@ -4,7 +4,7 @@ use std::fs::{File, Metadata};
 use std::io;
 use std::path::PathBuf;
 
-use crate::core::manifest::{Meta, RelPath};
+use crate::core::manifest::{Manifest, Meta, RelPath};
 use crate::core::plan::Plan;
 use crate::core::stamp::Stamp;
 use crate::events::EventSink;
@@ -49,8 +49,8 @@ impl Store for Root {
             .filter(|s| s.settled_own_write(now_ns())))
     }
 
-    fn apply(&self, plan: &Plan, events: &dyn EventSink) -> Outcome {
-        apply::apply_local(self, plan, events)
+    fn apply(&self, plan: &Plan, scanned: Option<&Manifest>, events: &dyn EventSink) -> Outcome {
+        apply::apply_local(self, plan, scanned, events)
     }
 
     fn finish(&self, plan: &Plan, out: &mut Outcome, events: &dyn EventSink) {

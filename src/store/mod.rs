@@ -15,7 +15,7 @@ use std::fs::{File, Metadata};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::core::manifest::{Meta, RelPath};
+use crate::core::manifest::{Manifest, Meta, RelPath};
 use crate::core::plan::Plan;
 use crate::core::stamp::Stamp;
 use crate::events::EventSink;
@@ -52,8 +52,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// has in place when the hash cache may trust it at once.
     fn commit(&self, staged: Self::Staged, rel: &RelPath) -> Result<Option<Stamp>, RootError>;
     /// The local phases of a plan: copies and moves (staged before anything is destroyed),
-    /// deletes, new directories, symlinks.
-    fn apply(&self, plan: &Plan, events: &dyn EventSink) -> Outcome;
+    /// deletes, new directories, symlinks. `scanned`: the tree as scanned, when a path that
+    /// changed since must be left alone (two-way sync); `None` in a mirror.
+    fn apply(&self, plan: &Plan, scanned: Option<&Manifest>, events: &dyn EventSink) -> Outcome;
     /// The last phase of a plan: metadata, directories deepest first, modes put back.
     fn finish(&self, plan: &Plan, out: &mut Outcome, events: &dyn EventSink);
     /// Gives the tree's top directory the client's mtime.

@@ -442,7 +442,7 @@ impl Root {
         scanned: Option<&Entry>,
     ) -> Result<(), RootError> {
         let (parent, name) = self.open_parent(rel)?;
-        self.check_unchanged(&parent, name, rel, scanned)?;
+        self.check_unchanged_in(&parent, name, rel, scanned)?;
         tmp.file.take();
         self.in_parent(&parent, WRITE, || {
             Ok(rustix::fs::renameat(
@@ -460,7 +460,7 @@ impl Root {
     /// [`Root::remove`], only if `rel` still holds what was scanned there.
     pub fn remove_unchanged(&self, rel: &RelPath, scanned: &Entry) -> Result<bool, RootError> {
         let (parent, name) = self.open_parent(rel)?;
-        self.check_unchanged(&parent, name, rel, Some(scanned))?;
+        self.check_unchanged_in(&parent, name, rel, Some(scanned))?;
         let flags = match scanned.kind {
             Kind::Dir => AtFlags::REMOVEDIR,
             _ => AtFlags::empty(),
@@ -472,7 +472,14 @@ impl Root {
         Ok(scanned.kind == Kind::Dir)
     }
 
-    fn check_unchanged(
+    /// Whether `rel` still holds what was scanned there (`RootError::Changed` if not): for
+    /// changes that have no single system call to check right before (a link replaced).
+    pub fn check_unchanged(&self, rel: &RelPath, scanned: Option<&Entry>) -> Result<(), RootError> {
+        let (parent, name) = self.open_parent(rel)?;
+        self.check_unchanged_in(&parent, name, rel, scanned)
+    }
+
+    fn check_unchanged_in(
         &self,
         parent: &Parent,
         name: &str,

@@ -502,6 +502,7 @@ mod tests {
         fn apply(
             &self,
             _: &crate::core::plan::Plan,
+            _: Option<&crate::core::manifest::Manifest>,
             _: &dyn EventSink,
         ) -> crate::store::apply::Outcome {
             crate::store::apply::Outcome::default()
