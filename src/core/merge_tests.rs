@@ -316,23 +316,7 @@ mod model {
     use super::*;
     use crate::core::hash::{ContentHash, HashAlgorithm};
 
-    /// splitmix64: deterministic from the seed, no dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
-            (!v.is_empty()).then(|| &v[self.below(v.len())])
-        }
-    }
+    use xtask::testkit::SplitMix as Rng;
 
     #[derive(Clone, Debug, PartialEq, Eq)]
     enum Node {
@@ -640,6 +624,30 @@ mod model {
                 "version {v} was lost\n  {history}\n  final: {:?}",
                 w.replicas[0]
             );
+        }
+
+        // Once all agree, a deletion anywhere reaches everyone, and nothing else changes.
+        let agreed = w.replicas[0].clone();
+        let files: Vec<RelPath> = (agreed.iter())
+            .filter(|(_, n)| matches!(n, Node::File { .. }))
+            .map(|(p, _)| p.clone())
+            .collect();
+        if let Some(p) = rng.pick(&files).cloned() {
+            let r = rng.below(clients + 1);
+            w.user_remove(r, &p);
+            for _ in 0..2 {
+                for c in 1..=clients {
+                    w.sync(&mut rng, c, 0);
+                }
+            }
+            let mut expected = agreed;
+            expected.remove(&p);
+            for r in 0..=clients {
+                assert_eq!(
+                    w.replicas[r], expected,
+                    "replica {r} after deleting {p}\n  {history}"
+                );
+            }
         }
     }
 
