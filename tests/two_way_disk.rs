@@ -7,15 +7,15 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use server_sync::core::hash::{ContentHash, HashAlgorithm};
+use server_sync::core::hash::HashAlgorithm;
 use server_sync::core::manifest::{Entry, Kind, Manifest, RelPath};
-use server_sync::core::merge::{Sides, merge, settle};
+use server_sync::core::merge::{Sides, merge, name_sources, settle};
 use server_sync::core::plan::plan;
 use server_sync::events::Recorder;
 use server_sync::store::Store;
@@ -175,12 +175,12 @@ impl World {
         let events = Recorder::default();
         let plan = plan(target, scanned);
         let mut out = apply_local(root, &plan, Some(scanned), &events);
-        let by_hash: HashMap<ContentHash, &RelPath> = (source.iter())
-            .filter_map(|e| Some((e.hash()?, &e.path)))
-            .collect();
-        for w in plan.requests.iter().chain(&out.refetch.clone()) {
-            let src = by_hash[&w.hash.unwrap()];
-            let data = fs::read(src.to_path(&self.replicas[from].dir)).unwrap();
+        let mut requests = plan.requests.clone();
+        requests.extend(out.refetch.iter().cloned());
+        name_sources(&mut requests, source);
+        for w in &requests {
+            // What a transfer does: the sender reads what was asked for.
+            let data = fs::read(w.asked().to_path(&self.replicas[from].dir)).unwrap();
             let mut tmp = root.temp_for(&w.path).unwrap();
             tmp.file().write_all(&data).unwrap();
             tmp.set_meta(&w.meta).unwrap();

@@ -247,6 +247,17 @@ pub struct Wanted {
     /// `None` for a file announced unhashed: its hash comes with its content.
     pub hash: Option<ContentHash>,
     pub meta: Meta,
+    /// The path the sender holds this content at, when it is not `path`: in two-way sync a
+    /// conflict copy of the sender's version is new to both sides, and is asked for by the
+    /// name the sender has it under (which it listed), then placed under its own.
+    pub from: Option<RelPath>,
+}
+
+impl Wanted {
+    /// The path to ask the sender for.
+    pub fn asked(&self) -> &RelPath {
+        self.from.as_ref().unwrap_or(&self.path)
+    }
 }
 
 /// The entry for `path` in `entries`, which must be in component order (as a scan lists them).

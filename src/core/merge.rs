@@ -21,10 +21,11 @@
 //! run again makes the same copies rather than new ones.
 
 use std::cmp::Ordering;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use crate::core::manifest::{Entry, Kind, Manifest, ManifestError, Meta, RelPath};
+use crate::core::hash::ContentHash;
+use crate::core::manifest::{Entry, Kind, Manifest, ManifestError, Meta, RelPath, Wanted};
 
 /// One of the two sides of a pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -477,6 +478,25 @@ pub fn settle(old: &[Entry], target: &Manifest, unsettled: &[RelPath]) -> Vec<Ba
         }
     }
     changes
+}
+
+/// Names, for each file a side must get from the other, where the other holds its content
+/// when not at the same path (a conflict copy of the sender's version, new on both sides):
+/// `Wanted::from`. A request the sender cannot answer at all is left as it is and fails.
+pub fn name_sources(requests: &mut [Wanted], sender: &Manifest) {
+    let mut by_hash: Option<HashMap<ContentHash, &RelPath>> = None;
+    for w in requests {
+        let Some(hash) = w.hash else { continue };
+        if sender.get(&w.path).and_then(Entry::hash) == Some(hash) {
+            continue;
+        }
+        let index = by_hash.get_or_insert_with(|| {
+            (sender.iter())
+                .filter_map(|e| Some((e.hash()?, &e.path)))
+                .collect()
+        });
+        w.from = index.get(&hash).map(|p| (*p).clone());
+    }
 }
 
 /// `NAME.sync-conflict-YYYYMMDD-HHMMSS-ID.EXT` beside `path`, the date the version's mtime in

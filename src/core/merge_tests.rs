@@ -707,3 +707,24 @@ fn the_base_takes_the_target_where_both_sides_made_it() {
     // What is never agreed on stays out of the base.
     check_settle("f a x", "u a; s b", "", "remove a");
 }
+
+#[test]
+fn a_conflict_copy_is_asked_for_where_the_sender_has_it() {
+    let sender = tree("f a theirs; f b same");
+    let target = tree("f a ours; f a.sync-conflict-19700101-000000-C theirs; f b same; f n new");
+    let server = tree("f a ours");
+    let mut requests = crate::core::plan::plan(&target, &server).requests;
+    name_sources(&mut requests, &sender);
+    let asked: Vec<(&str, &str)> = (requests.iter())
+        .map(|w| (w.path.as_str(), w.asked().as_str()))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            ("a.sync-conflict-19700101-000000-C", "a"),
+            ("b", "b"),
+            // Nowhere on the sender: asked for as it is, and it fails there.
+            ("n", "n"),
+        ]
+    );
+}

@@ -312,6 +312,7 @@ fn find_content(
                     size,
                     hash: None,
                     meta: c.meta,
+                    from: None,
                 });
                 continue;
             }
@@ -357,6 +358,7 @@ fn find_content(
                 size,
                 hash: Some(hash),
                 meta: c.meta,
+                from: None,
             }),
         }
     }

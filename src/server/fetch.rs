@@ -75,7 +75,7 @@ pub async fn fetch(
                 });
             }
             let id = id as u32;
-            let paths = batch.iter().map(|r| r.path.clone()).collect();
+            let paths = batch.iter().map(|r| r.asked().clone()).collect();
             conn.send(&ControlMessage::FileRequest { id, paths })
                 .await?;
             asked.insert(id, batch);
@@ -165,6 +165,7 @@ mod tests {
                 size,
                 hash: Some(HashAlgorithm::Blake3.of(b"")),
                 meta: Meta::default(),
+                from: None,
             })
             .collect();
         let got: Vec<usize> = batches(requests, transfers).map(|b| b.len()).collect();

@@ -110,6 +110,7 @@ pub fn apply_local(
                     size: c.size,
                     hash: Some(c.hash),
                     meta: c.meta,
+                    from: None,
                 });
             }
         }

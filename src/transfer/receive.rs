@@ -113,7 +113,7 @@ pub fn receive<R: Read, S: Store>(
     algorithm: HashAlgorithm,
     events: &dyn EventSink,
 ) -> Result<Received, ProtocolError> {
-    let mut pending: HashMap<&RelPath, &Wanted> = wanted.iter().map(|r| (&r.path, r)).collect();
+    let mut pending: HashMap<&RelPath, &Wanted> = wanted.iter().map(|r| (r.asked(), r)).collect();
     let mut out = Received::default();
     let mut cur: Option<Incoming<S::Staged>> = None;
     // Files of a request come sorted, so directory by directory: each is reached once.
@@ -303,6 +303,7 @@ mod tests {
                 mode: 0o640,
                 ..Meta::default()
             },
+            from: None,
         };
         let mut wire = Vec::new();
         for m in [
@@ -384,6 +385,7 @@ mod tests {
                 mode: 0o644,
                 ..Meta::default()
             },
+            from: None,
         };
         let mut wire = Vec::new();
         for m in [
@@ -523,17 +525,32 @@ mod tests {
     }
 
     #[test]
-    fn any_store_receives_only_verified_files() {
+    fn any_store_receives_only_verified_files_under_the_names_wanted() {
         let store = Memory::default();
         let want = |path: &str, content: &[u8]| Wanted {
             path: RelPath::new(path).unwrap(),
             size: content.len() as u64,
             hash: Some(B3.of(content)),
             meta: Meta::default(),
+            from: None,
         };
-        let wanted = [want("good", b"hole then data"), want("bad", b"promised")];
+        // A conflict copy: asked for by the name the sender has it under.
+        let copy = Wanted {
+            from: Some(RelPath::new("d/mine.txt").unwrap()),
+            ..want("d/mine.sync-conflict-19700101-000000-C.txt", b"theirs")
+        };
+        let wanted = [
+            want("good", b"hole then data"),
+            want("bad", b"promised"),
+            copy,
+        ];
         let mut wire = Vec::new();
         for m in [
+            DataMessage::FileBegin {
+                path: RelPath::new("d/mine.txt").unwrap(),
+            },
+            DataMessage::Chunk(Bytes::from_static(b"theirs")),
+            DataMessage::FileEnd { hash: None },
             DataMessage::FileBegin {
                 path: RelPath::new("good").unwrap(),
             },
@@ -557,8 +574,18 @@ mod tests {
             &*events,
         )
         .unwrap();
-        assert_eq!((got.files, got.failed.len()), (1, 1));
+        assert_eq!((got.files, got.failed.len()), (2, 1));
         let held = store.0.lock().unwrap();
+        assert_eq!(
+            held.get("d/mine.sync-conflict-19700101-000000-C.txt")
+                .map(Vec::as_slice),
+            Some(&b"theirs"[..]),
+            "placed under its own name"
+        );
+        assert!(
+            !held.contains_key("d/mine.txt"),
+            "not under the name asked for"
+        );
         assert_eq!(
             held.get("good").map(Vec::as_slice),
             Some(&b"hole then data"[..])
